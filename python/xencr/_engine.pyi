@@ -1,0 +1,192 @@
+"""Typed stub of the Rust engine (`rust/python.rs`).
+
+Every call releases the GIL for its whole duration and moves whole files or streams; there are no
+per-block callbacks. Format problems raise :class:`VhdError`; operating-system failures raise
+``OSError``.
+
+``parents`` arguments name the ancestors of a differencing disk explicitly, nearest first. When
+omitted, each parent is found through the child's parent locators (relative to the child's folder),
+then its header's parent name; either way ``child.header.parent_uuid`` must equal the parent's
+footer UUID.
+
+``src`` / ``dst`` arguments that take ``int`` take an open file descriptor (a file, a pipe or a
+socket); the engine never closes it.
+"""
+
+from typing import Any, Literal, TypedDict
+
+__version__: str
+
+SECTOR_SIZE: int
+DEFAULT_BLOCK_SIZE: int
+DIGEST_ALGORITHM: str
+
+class VhdError(Exception):
+    """A typed engine error; ``str(err)`` is one readable line."""
+
+    kind: str
+    """Stable machine code: ``bad_cookie``, ``bad_checksum``, ``bad_version``, ``bad_disk_type``,
+    ``bad_data_offset``, ``footer_mismatch``, ``bad_block_size``, ``table_too_small``,
+    ``bat_out_of_bounds``, ``bat_misaligned``, ``bat_overlap``, ``locator_out_of_bounds``,
+    ``truncated``, ``too_large``, ``parent_not_found``, ``parent_mismatch``, ``not_differencing``,
+    ``unsupported``, ``bad_range``, ``stream_order``, ``stream_length``, ``partial_bitmap``,
+    ``batmap``, ``merge_state``, ``size_mismatch``, ``io``."""
+    structure: str | None
+    """``footer``, ``header``, ``bat``, ``bitmap``, ``locator``, ``batmap``, ``stream``, ``chain``..."""
+    offset: int | None
+    """Byte offset in the file or stream where the problem is, when there is one."""
+
+class StreamReport(TypedDict):
+    bytes_in: int
+    bytes_out: int
+    blocks: int
+    """Blocks carried (read from the input or written to the output)."""
+    zero_blocks_dropped: int
+    sectors_written: int
+    virtual_size: int
+    block_size: int
+    disk_type: str
+    """``dynamic`` (full) or ``differencing`` (delta)."""
+    parent_uuid: str | None
+    digest_algorithm: str
+    digests: list[tuple[int, str]]
+    """(block index, hex digest of the block's data as carried), ascending block index."""
+
+class MergeReport(TypedDict):
+    child: str
+    parent: str
+    result: str
+    blocks_merged: int
+    sectors_merged: int
+    bytes_merged: int
+    resumed: bool
+
+class DiffReport(TypedDict):
+    granularity: int
+    virtual_size: int
+    units: int
+    changed: list[int]
+    """Indices of changed units (unit = granularity bytes), ascending."""
+    changed_bytes: int
+    bytes_compared: int
+
+def info(path: str, parents: list[str] | None = None) -> dict[str, Any]:
+    """Every footer/header/locator field, BAT statistics and the resolved chain (JSON-able)."""
+
+def check(path: str, parents: list[str] | None = None) -> list[str]:
+    """Every problem found, one readable line each; ``[]`` means valid. Raises only ``OSError``."""
+
+def chain(path: str, parents: list[str] | None = None) -> list[str]:
+    """Paths of the chain, leaf first."""
+
+def virtual_size(path: str) -> int: ...
+def read(path: str, offset: int, length: int, parents: list[str] | None = None) -> bytes:
+    """Virtual content of ``[offset, offset+length)`` read sector-exactly through the chain."""
+
+def sha256(path: str, parents: list[str] | None = None) -> str:
+    """Hex sha256 of the whole virtual content."""
+
+def cat(path: str, dst: int | str, parents: list[str] | None = None) -> int:
+    """Write the virtual content to ``dst`` (fd or path); returns bytes written."""
+
+def create(
+    path: str,
+    size: int,
+    *,
+    parent: str | None = None,
+    block_size: int = 2097152,
+    uuid: str | None = None,
+) -> str:
+    """Create a dynamic disk, or a differencing child of ``parent``; returns its UUID."""
+
+def write(path: str, offset: int, data: bytes, parents: list[str] | None = None) -> None:
+    """Write bytes at a virtual offset into the leaf (dynamic or differencing); any alignment."""
+
+def set_uuid(path: str, uuid: str) -> None: ...
+def set_parent(path: str, parent: str) -> None:
+    """Re-point a differencing disk at ``parent`` (UUID, timestamp, name, locators)."""
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    src_format: Literal["raw", "vhd"] = "vhd",
+    dst_format: Literal["raw", "dynamic", "fixed"] = "dynamic",
+    parents: list[str] | None = None,
+    block_size: int = 2097152,
+) -> dict[str, int]:
+    """Convert; zero blocks are never allocated in a dynamic output."""
+
+def stream_length(
+    path: str,
+    base: str | None = None,
+    *,
+    parents: list[str] | None = None,
+    base_parents: list[str] | None = None,
+    skip_zero_blocks: bool = False,
+) -> int:
+    """Exact byte length of :func:`export_stream` with the same arguments."""
+
+def export_stream(
+    path: str,
+    dst: int | str,
+    base: str | None = None,
+    *,
+    parents: list[str] | None = None,
+    base_parents: list[str] | None = None,
+    skip_zero_blocks: bool = False,
+    rate_limit: int | None = None,
+) -> StreamReport:
+    """XAPI-style export stream (vhd-tool layout): full, or delta against ``base``'s chain."""
+
+def apply_stream(
+    src: int | str,
+    target: str,
+    *,
+    target_format: Literal["raw", "vhd"] = "vhd",
+    length: int | None = None,
+    prefix: bytes = b"",
+    require_full_bitmaps: bool = False,
+    parents: list[str] | None = None,
+) -> StreamReport:
+    """Consume a stream forward-only as XAPI's import does: only sectors whose bit is set are
+    written, into a raw file or a VHD leaf. All metadata is validated before the first write."""
+
+def transform(
+    src: int | str,
+    dst: int | str,
+    *,
+    length: int | None = None,
+    prefix: bytes = b"",
+    rate_limit: int | None = None,
+    require_full_bitmaps: bool = True,
+) -> StreamReport:
+    """Pass a stream through unchanged while validating it, digesting each block and throttling
+    (blocking the reader when over ``rate_limit`` bytes/s)."""
+
+def coalesce(child: str, parent: str | None = None) -> MergeReport:
+    """Merge ``child`` into its parent sector-exactly, crash-safe; the merged disk takes the
+    child's path and UUID. An interrupted merge is resumed by calling again."""
+
+def diff(
+    a: str,
+    b: str,
+    *,
+    granularity: int = 2097152,
+    a_format: Literal["raw", "vhd"] = "vhd",
+    b_format: Literal["raw", "vhd"] = "vhd",
+    a_parents: list[str] | None = None,
+    b_parents: list[str] | None = None,
+) -> DiffReport: ...
+def diff_stream(
+    a: str,
+    b: str,
+    dst: int | str,
+    *,
+    granularity: int = 2097152,
+    a_format: Literal["raw", "vhd"] = "vhd",
+    b_format: Literal["raw", "vhd"] = "vhd",
+    a_parents: list[str] | None = None,
+    b_parents: list[str] | None = None,
+) -> StreamReport:
+    """A differencing stream that, applied onto ``a``'s content, yields ``b``'s."""
