@@ -1,0 +1,1 @@
+"""The `xencr` command line (Typer): one module per command group."""
