@@ -1,2 +1,12 @@
-//! xencr's VHD engine: pure format code, image I/O through chains, XAPI-style streams,
-//! coalesce and diff. The PyO3 seam lives in `python.rs`, behind the `python` feature.
+//! xencr's VHD engine: pure format code (`format`), image I/O through chains (`image`),
+//! XAPI-style streams (`stream`), coalesce and diff. The PyO3 seam lives in `python.rs`,
+//! behind the `python` feature, so the engine itself links and tests without libpython.
+
+pub mod error;
+pub mod format;
+pub mod image;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Result, VhdError};

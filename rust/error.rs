@@ -1,0 +1,243 @@
+//! The engine's one error type. Every format failure names the structure, the byte offset and
+//! what was expected, so a user gets one readable line and a program gets a stable `kind()`.
+
+use thiserror::Error;
+
+pub type Result<T> = std::result::Result<T, VhdError>;
+
+#[derive(Debug, Error)]
+pub enum VhdError {
+    #[error("{structure} at offset {offset}: bad cookie {found:?}, expected {expected:?}")]
+    BadCookie {
+        structure: &'static str,
+        offset: u64,
+        expected: &'static str,
+        found: String,
+    },
+
+    #[error(
+        "{structure} at offset {offset}: checksum is {found:#010x}, computed {expected:#010x}"
+    )]
+    BadChecksum {
+        structure: &'static str,
+        offset: u64,
+        expected: u32,
+        found: u32,
+    },
+
+    #[error(
+        "{structure} at offset {offset}: unsupported version {found:#010x}, expected 0x00010000"
+    )]
+    BadVersion {
+        structure: &'static str,
+        offset: u64,
+        found: u32,
+    },
+
+    #[error("footer at offset {offset}: disk type {found} is not fixed (2), dynamic (3) or differencing (4)")]
+    BadDiskType { offset: u64, found: u32 },
+
+    #[error("{structure} at offset {offset}: data offset {found:#x}, expected {expected}")]
+    BadDataOffset {
+        structure: &'static str,
+        offset: u64,
+        found: u64,
+        expected: &'static str,
+    },
+
+    #[error("footer copy at offset 0 differs from the footer at offset {offset}")]
+    FooterMismatch { offset: u64 },
+
+    #[error("header at offset {offset}: block size {found} is not a power of two of at least 512 bytes (and at most 256 MiB)")]
+    BadBlockSize { offset: u64, found: u32 },
+
+    #[error("header at offset {offset}: {entries} table entries cover {covered} bytes, less than the disk size {size}")]
+    TableTooSmall {
+        offset: u64,
+        entries: u32,
+        covered: u64,
+        size: u64,
+    },
+
+    #[error("BAT entry {index} at offset {offset}: block at byte {block_offset} (+{block_len}) lies outside the file ({file_size} bytes of data)")]
+    BatOutOfBounds {
+        index: u32,
+        offset: u64,
+        block_offset: u64,
+        block_len: u64,
+        file_size: u64,
+    },
+
+    #[error("BAT entry {index} at offset {offset}: block at byte {block_offset} overlaps {other}")]
+    BatOverlap {
+        index: u32,
+        offset: u64,
+        block_offset: u64,
+        other: String,
+    },
+
+    #[error("parent locator {index} at offset {offset}: data at byte {data_offset} (+{data_len}) {problem}")]
+    LocatorOutOfBounds {
+        index: usize,
+        offset: u64,
+        data_offset: u64,
+        data_len: u64,
+        problem: String,
+    },
+
+    #[error("{structure} at offset {offset}: file ends at {file_size}, {needed} bytes needed")]
+    Truncated {
+        structure: &'static str,
+        offset: u64,
+        needed: u64,
+        file_size: u64,
+    },
+
+    #[error("{structure} at offset {offset}: {what} is {found}, over the limit {limit}")]
+    TooLarge {
+        structure: &'static str,
+        offset: u64,
+        what: &'static str,
+        found: u64,
+        limit: u64,
+    },
+
+    #[error("parent of {child} not found: {detail}")]
+    ParentNotFound { child: String, detail: String },
+
+    #[error("parent {parent} has UUID {found}, but {child} expects {expected}")]
+    ParentMismatch {
+        child: String,
+        parent: String,
+        expected: String,
+        found: String,
+    },
+
+    #[error("{path} is not a differencing disk")]
+    NotDifferencing { path: String },
+
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    #[error("bad range: {0}")]
+    BadRange(String),
+
+    #[error("stream at offset {offset}: {detail}")]
+    StreamOrder { offset: u64, detail: String },
+
+    #[error("stream: {detail}")]
+    StreamLength { detail: String },
+
+    #[error("stream bitmap of block {block} at offset {offset} is not full, as an XAPI export's must be")]
+    PartialBitmap { block: u32, offset: u64 },
+
+    #[error("batmap at offset {offset}: {detail}")]
+    Batmap { offset: u64, detail: String },
+
+    #[error("merge state {path}: {detail}")]
+    MergeState { path: String, detail: String },
+
+    #[error("size mismatch: {0}")]
+    SizeMismatch(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl VhdError {
+    /// Stable machine-readable code (mirrored in `_engine.pyi`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VhdError::BadCookie { .. } => "bad_cookie",
+            VhdError::BadChecksum { .. } => "bad_checksum",
+            VhdError::BadVersion { .. } => "bad_version",
+            VhdError::BadDiskType { .. } => "bad_disk_type",
+            VhdError::BadDataOffset { .. } => "bad_data_offset",
+            VhdError::FooterMismatch { .. } => "footer_mismatch",
+            VhdError::BadBlockSize { .. } => "bad_block_size",
+            VhdError::TableTooSmall { .. } => "table_too_small",
+            VhdError::BatOutOfBounds { .. } => "bat_out_of_bounds",
+            VhdError::BatOverlap { .. } => "bat_overlap",
+            VhdError::LocatorOutOfBounds { .. } => "locator_out_of_bounds",
+            VhdError::Truncated { .. } => "truncated",
+            VhdError::TooLarge { .. } => "too_large",
+            VhdError::ParentNotFound { .. } => "parent_not_found",
+            VhdError::ParentMismatch { .. } => "parent_mismatch",
+            VhdError::NotDifferencing { .. } => "not_differencing",
+            VhdError::Unsupported(_) => "unsupported",
+            VhdError::BadRange(_) => "bad_range",
+            VhdError::StreamOrder { .. } => "stream_order",
+            VhdError::StreamLength { .. } => "stream_length",
+            VhdError::PartialBitmap { .. } => "partial_bitmap",
+            VhdError::Batmap { .. } => "batmap",
+            VhdError::MergeState { .. } => "merge_state",
+            VhdError::SizeMismatch(_) => "size_mismatch",
+            VhdError::Io { .. } => "io",
+        }
+    }
+
+    /// The on-disk structure concerned, when there is one.
+    pub fn structure(&self) -> Option<&'static str> {
+        match self {
+            VhdError::BadCookie { structure, .. }
+            | VhdError::BadChecksum { structure, .. }
+            | VhdError::BadVersion { structure, .. }
+            | VhdError::BadDataOffset { structure, .. }
+            | VhdError::Truncated { structure, .. }
+            | VhdError::TooLarge { structure, .. } => Some(structure),
+            VhdError::BadDiskType { .. } | VhdError::FooterMismatch { .. } => Some("footer"),
+            VhdError::BadBlockSize { .. } | VhdError::TableTooSmall { .. } => Some("header"),
+            VhdError::BatOutOfBounds { .. } | VhdError::BatOverlap { .. } => Some("bat"),
+            VhdError::LocatorOutOfBounds { .. } => Some("locator"),
+            VhdError::ParentNotFound { .. } | VhdError::ParentMismatch { .. } => Some("chain"),
+            VhdError::StreamOrder { .. } | VhdError::StreamLength { .. } => Some("stream"),
+            VhdError::PartialBitmap { .. } => Some("bitmap"),
+            VhdError::Batmap { .. } => Some("batmap"),
+            _ => None,
+        }
+    }
+
+    /// The byte offset concerned, when there is one.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            VhdError::BadCookie { offset, .. }
+            | VhdError::BadChecksum { offset, .. }
+            | VhdError::BadVersion { offset, .. }
+            | VhdError::BadDiskType { offset, .. }
+            | VhdError::BadDataOffset { offset, .. }
+            | VhdError::FooterMismatch { offset }
+            | VhdError::BadBlockSize { offset, .. }
+            | VhdError::TableTooSmall { offset, .. }
+            | VhdError::BatOutOfBounds { offset, .. }
+            | VhdError::BatOverlap { offset, .. }
+            | VhdError::LocatorOutOfBounds { offset, .. }
+            | VhdError::Truncated { offset, .. }
+            | VhdError::TooLarge { offset, .. }
+            | VhdError::StreamOrder { offset, .. }
+            | VhdError::PartialBitmap { offset, .. }
+            | VhdError::Batmap { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        VhdError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Attach a context string to `std::io::Result`s.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| VhdError::io(context(), e))
+    }
+}

@@ -1,0 +1,470 @@
+//! One VHD file on disk: opened with full validation, read and written with positional I/O.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result, VhdError};
+use crate::format::batmap::{self, BatmapHeader};
+use crate::format::layout::{self, Region};
+use crate::format::{bat, bitmap, DiskType, Footer, Header, FOOTER_SIZE, HEADER_SIZE, UNALLOCATED};
+
+/// A fixed disk is addressed in virtual blocks of this size (it has no BAT of its own).
+pub const FIXED_BLOCK_SIZE: u32 = crate::format::DEFAULT_BLOCK_SIZE;
+
+#[derive(Debug, Clone)]
+pub struct Batmap {
+    pub header_offset: u64,
+    pub header: BatmapHeader,
+    pub map: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct VhdFile {
+    pub path: PathBuf,
+    file: File,
+    pub footer: Footer,
+    pub header: Option<Header>,
+    pub bat: Vec<u32>,
+    pub batmap: Option<Batmap>,
+    pub file_size: u64,
+    writable: bool,
+}
+
+/// What `inspect` found: the parsed structures as far as they could be read, and every problem.
+pub struct Inspection {
+    pub file: Option<VhdFile>,
+    pub problems: Vec<VhdError>,
+}
+
+impl VhdFile {
+    /// Open with strict validation: the first problem is the error.
+    pub fn open(path: &Path, writable: bool) -> Result<VhdFile> {
+        let mut insp = Self::inspect_with(path, writable)?;
+        if !insp.problems.is_empty() {
+            return Err(insp.problems.swap_remove(0));
+        }
+        insp.file
+            .ok_or_else(|| VhdError::Unsupported("unreadable image".into()))
+    }
+
+    /// Every problem found. Only OS errors (missing file...) are returned as `Err`.
+    pub fn inspect(path: &Path) -> Result<Inspection> {
+        Self::inspect_with(path, false)
+    }
+
+    fn inspect_with(path: &Path, writable: bool) -> Result<Inspection> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .ctx(|| format!("cannot open {}", path.display()))?;
+        let file_size = file
+            .metadata()
+            .ctx(|| format!("cannot stat {}", path.display()))?
+            .len();
+        let fail = |e: VhdError| {
+            Ok(Inspection {
+                file: None,
+                problems: vec![e],
+            })
+        };
+        if file_size < FOOTER_SIZE {
+            return fail(VhdError::Truncated {
+                structure: "footer",
+                offset: 0,
+                needed: FOOTER_SIZE,
+                file_size,
+            });
+        }
+        let mut buf = [0u8; 512];
+        let footer_at = file_size - FOOTER_SIZE;
+        file.read_exact_at(&mut buf, footer_at)
+            .ctx(|| format!("cannot read {}", path.display()))?;
+        let footer = match Footer::parse(&buf, footer_at) {
+            Ok(f) => f,
+            Err(e) => return fail(e),
+        };
+        let mut problems = Vec::new();
+        let mut vf = VhdFile {
+            path: path.to_path_buf(),
+            file,
+            footer,
+            header: None,
+            bat: Vec::new(),
+            batmap: None,
+            file_size,
+            writable,
+        };
+        if vf.footer.disk_type == DiskType::Fixed {
+            if file_size - FOOTER_SIZE < vf.footer.current_size {
+                problems.push(VhdError::Truncated {
+                    structure: "data",
+                    offset: 0,
+                    needed: vf.footer.current_size + FOOTER_SIZE,
+                    file_size,
+                });
+            }
+            return Ok(Inspection {
+                file: Some(vf),
+                problems,
+            });
+        }
+        // Dynamic and differencing: footer copy at 0, header, BAT.
+        let mut copy = [0u8; 512];
+        vf.read_exact_at(&mut copy, 0)?;
+        if copy != buf {
+            problems.push(VhdError::FooterMismatch { offset: footer_at });
+        }
+        let hdr_at = vf.footer.data_offset;
+        if hdr_at
+            .checked_add(HEADER_SIZE)
+            .is_none_or(|e| e > footer_at)
+        {
+            problems.push(VhdError::Truncated {
+                structure: "header",
+                offset: hdr_at,
+                needed: HEADER_SIZE,
+                file_size,
+            });
+            return Ok(Inspection {
+                file: None,
+                problems,
+            });
+        }
+        let mut hb = [0u8; 1024];
+        vf.read_exact_at(&mut hb, hdr_at)?;
+        let header = match Header::parse(&hb, hdr_at) {
+            Ok(h) => h,
+            Err(e) => {
+                problems.push(e);
+                return Ok(Inspection {
+                    file: None,
+                    problems,
+                });
+            }
+        };
+        if let Err(e) = layout::check_header(&vf.footer, &header, file_size) {
+            problems.push(e);
+            return Ok(Inspection {
+                file: None,
+                problems,
+            });
+        }
+        let mut table = vec![0u8; bat::padded_size(header.max_table_entries) as usize];
+        vf.read_exact_at(&mut table, header.table_offset)?;
+        vf.bat = bat::parse(&table, header.max_table_entries);
+        let mut extra = Vec::new();
+        if vf.footer.may_have_batmap() {
+            match vf.read_batmap(&header) {
+                Ok(Some(bm)) => {
+                    extra.push(Region {
+                        start: bm.header_offset,
+                        end: bm.header.batmap_offset + u64::from(bm.header.batmap_size) * 512,
+                        what: "the batmap".into(),
+                    });
+                    vf.batmap = Some(bm);
+                }
+                Ok(None) => {}
+                Err(e) => problems.push(e),
+            }
+        }
+        problems.extend(layout::check_regions(
+            &vf.footer, &header, &vf.bat, &extra, file_size,
+        ));
+        vf.header = Some(header);
+        Ok(Inspection {
+            file: Some(vf),
+            problems,
+        })
+    }
+
+    fn read_batmap(&self, header: &Header) -> Result<Option<Batmap>> {
+        let at = header.table_offset + bat::padded_size(header.max_table_entries);
+        if at + 512 > self.file_size - FOOTER_SIZE {
+            return Ok(None);
+        }
+        let mut hb = [0u8; 512];
+        self.read_exact_at(&mut hb, at)?;
+        let Some(h) = BatmapHeader::parse(&hb) else {
+            return Ok(None);
+        };
+        let len = u64::from(h.batmap_size) * 512;
+        let needed_bits = u64::from(header.max_table_entries);
+        if h.batmap_offset < at + 512
+            || h.batmap_offset
+                .checked_add(len)
+                .is_none_or(|e| e > self.file_size - FOOTER_SIZE)
+            || len * 8 < needed_bits
+        {
+            return Err(VhdError::Batmap {
+                offset: at,
+                detail: format!(
+                    "map at byte {} (+{len}) does not fit the file or cover the table",
+                    h.batmap_offset
+                ),
+            });
+        }
+        let mut map = vec![0u8; len as usize];
+        self.read_exact_at(&mut map, h.batmap_offset)?;
+        let sum = batmap::checksum(&map, h.version);
+        if sum != h.checksum {
+            return Err(VhdError::BadChecksum {
+                structure: "batmap",
+                offset: at,
+                expected: sum,
+                found: h.checksum,
+            });
+        }
+        Ok(Some(Batmap {
+            header_offset: at,
+            header: h,
+            map,
+        }))
+    }
+
+    pub fn read_exact_at(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, at)
+            .ctx(|| format!("cannot read {} at {at}", self.path.display()))
+    }
+
+    pub fn write_all_at(&self, buf: &[u8], at: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, at)
+            .ctx(|| format!("cannot write {} at {at}", self.path.display()))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.footer.current_size
+    }
+
+    pub fn disk_type(&self) -> DiskType {
+        self.footer.disk_type
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.header
+            .as_ref()
+            .map_or(FIXED_BLOCK_SIZE, |h| h.block_size)
+    }
+
+    /// Blocks that cover the virtual size.
+    pub fn block_count(&self) -> u32 {
+        layout::blocks_needed(self.size(), self.block_size()) as u32
+    }
+
+    pub fn bitmap_bytes(&self) -> u64 {
+        self.header.as_ref().map_or(0, Header::bitmap_bytes)
+    }
+
+    /// Byte offset of a block's bitmap, if allocated (dynamic/differencing only).
+    pub fn block_offset(&self, block: u32) -> Option<u64> {
+        match self.bat.get(block as usize) {
+            Some(&e) if e != UNALLOCATED && block < self.block_count() => Some(u64::from(e) * 512),
+            _ => None,
+        }
+    }
+
+    /// Is the block present in this file? A fixed disk holds every block.
+    pub fn is_allocated(&self, block: u32) -> bool {
+        match self.footer.disk_type {
+            DiskType::Fixed => block < self.block_count(),
+            _ => self.block_offset(block).is_some(),
+        }
+    }
+
+    pub fn allocated_blocks(&self) -> Vec<u32> {
+        (0..self.block_count())
+            .filter(|&b| self.is_allocated(b))
+            .collect()
+    }
+
+    pub fn read_bitmap(&self, block: u32, buf: &mut [u8]) -> Result<bool> {
+        match self.block_offset(block) {
+            Some(at) => {
+                self.read_exact_at(&mut buf[..self.bitmap_bytes() as usize], at)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The byte offset in the file where this data-region location lives.
+    pub fn data_offset(&self, block: u32, byte_in_block: u64) -> Option<u64> {
+        match self.footer.disk_type {
+            DiskType::Fixed => Some(u64::from(block) * u64::from(FIXED_BLOCK_SIZE) + byte_in_block),
+            _ => self
+                .block_offset(block)
+                .map(|at| at + self.bitmap_bytes() + byte_in_block),
+        }
+    }
+
+    // ---- writing -------------------------------------------------------------------------
+
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(VhdError::Unsupported(format!(
+                "{} is open read-only",
+                self.path.display()
+            )))
+        }
+    }
+
+    /// Allocate a block at the end of the data: write the footer at the new end first, then the
+    /// bitmap, and only then the BAT entry, so a kill at any point leaves a valid file (at worst
+    /// with unreferenced space). Returns the block's bitmap offset.
+    pub fn allocate_block(&mut self, block: u32, bitmap_fill: u8) -> Result<u64> {
+        self.require_writable()?;
+        if self.footer.disk_type == DiskType::Fixed {
+            return Err(VhdError::Unsupported(
+                "allocating a block in a fixed disk".into(),
+            ));
+        }
+        if block >= self.block_count() || block as usize >= self.bat.len() {
+            return Err(VhdError::BadRange(format!(
+                "block {block} is beyond the disk"
+            )));
+        }
+        let at = self.file_size - FOOTER_SIZE;
+        if at / 512 >= u64::from(UNALLOCATED) {
+            return Err(VhdError::TooLarge {
+                structure: "bat",
+                offset: at,
+                what: "block offset",
+                found: at,
+                limit: u64::from(UNALLOCATED) * 512,
+            });
+        }
+        let bitmap_len = self.bitmap_bytes();
+        let new_size = at + bitmap_len + u64::from(self.block_size()) + FOOTER_SIZE;
+        let footer = self.footer.to_bytes();
+        self.write_all_at(&footer, new_size - FOOTER_SIZE)?;
+        // The bitmap (at least one sector) covers the old footer; the data area beyond it was
+        // just added to the file and reads as zeros.
+        self.write_all_at(&vec![bitmap_fill; bitmap_len as usize], at)?;
+        self.file_size = new_size;
+        self.set_bat_entry(block, (at / 512) as u32)?;
+        Ok(at)
+    }
+
+    fn set_bat_entry(&mut self, block: u32, sector: u32) -> Result<()> {
+        let Some(h) = self.header.as_ref() else {
+            return Err(VhdError::Unsupported("no BAT".into()));
+        };
+        let at = h.table_offset + 4 * u64::from(block);
+        self.write_all_at(&sector.to_be_bytes(), at)?;
+        self.bat[block as usize] = sector;
+        Ok(())
+    }
+
+    /// Keep blktap's batmap consistent with a block's bitmap after we changed it.
+    pub fn update_batmap(&mut self, block: u32, full: bool) -> Result<()> {
+        let Some(bm) = self.batmap.as_mut() else {
+            return Ok(());
+        };
+        let byte = (block / 8) as usize;
+        if byte >= bm.map.len() {
+            return Ok(());
+        }
+        let mask = 0x80u8 >> (block & 7);
+        let was = bm.map[byte] & mask != 0;
+        if was == full {
+            return Ok(());
+        }
+        if full {
+            bm.map[byte] |= mask;
+        } else {
+            bm.map[byte] &= !mask;
+        }
+        bm.header.checksum = batmap::checksum(&bm.map, bm.header.version);
+        let sector_start = byte / 512 * 512;
+        let sector = bm.map[sector_start..sector_start + 512].to_vec();
+        let (map_at, hdr_at, hdr) = (
+            bm.header.batmap_offset,
+            bm.header_offset,
+            bm.header.to_bytes(),
+        );
+        self.write_all_at(&sector, map_at + sector_start as u64)?;
+        self.write_all_at(&hdr, hdr_at)
+    }
+
+    /// Write whole sectors `[first, first+n)` of a block from `data`, allocating the block if
+    /// needed, then mark them in the bitmap (data before bitmap: a kill never exposes garbage).
+    pub fn write_block_sectors(&mut self, block: u32, first: u64, data: &[u8]) -> Result<()> {
+        self.require_writable()?;
+        let n = data.len() as u64 / 512;
+        if self.footer.disk_type == DiskType::Fixed {
+            let at = u64::from(block) * u64::from(FIXED_BLOCK_SIZE) + first * 512;
+            return self.write_all_at(data, at);
+        }
+        let spb = u64::from(self.block_size()) / 512;
+        if first + n > spb {
+            return Err(VhdError::BadRange(format!(
+                "sectors {first}+{n} exceed the block"
+            )));
+        }
+        let at = match self.block_offset(block) {
+            Some(at) => at,
+            // A dynamic disk's fresh block is all zeros, so all-ones is exact (as ocaml-vhd and
+            // qemu do); a differencing one must keep reading the parent where we do not write.
+            None => {
+                let fill = if self.footer.disk_type == DiskType::Dynamic {
+                    0xFF
+                } else {
+                    0
+                };
+                self.allocate_block(block, fill)?
+            }
+        };
+        let bitmap_len = self.bitmap_bytes() as usize;
+        self.write_all_at(data, at + bitmap_len as u64 + first * 512)?;
+        let mut bm = vec![0u8; bitmap_len];
+        self.read_exact_at(&mut bm, at)?;
+        let before = bm.clone();
+        bitmap::set_range(&mut bm, first as usize, n as usize);
+        if bm != before {
+            // Only the bitmap bytes that changed: one small write.
+            let lo = (first / 8) as usize;
+            let hi = ((first + n).div_ceil(8)) as usize;
+            self.write_all_at(&bm[lo..hi], at + lo as u64)?;
+        }
+        let full = bitmap::is_full(&bm, spb as usize);
+        self.update_batmap(block, full)
+    }
+
+    /// Rewrite both footers (after changing `self.footer`).
+    pub fn write_footers(&mut self) -> Result<()> {
+        self.require_writable()?;
+        let b = self.footer.to_bytes();
+        if self.footer.disk_type != DiskType::Fixed {
+            self.write_all_at(&b, 0)?;
+        }
+        self.write_all_at(&b, self.file_size - FOOTER_SIZE)
+    }
+
+    pub fn write_header(&mut self) -> Result<()> {
+        self.require_writable()?;
+        let Some(h) = self.header.as_ref() else {
+            return Err(VhdError::Unsupported("no header".into()));
+        };
+        let b = h.to_bytes();
+        self.write_all_at(&b, self.footer.data_offset)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_all()
+            .ctx(|| format!("cannot sync {}", self.path.display()))
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}

@@ -1,0 +1,267 @@
+//! The PyO3 seam: a few coarse calls that take paths or file descriptors, release the GIL for
+//! their whole duration and return plain dicts. Typed stub: `python/xencr/_engine.pyi`.
+
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyException, PyOSError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::error::{IoContext, VhdError as Error};
+use crate::format::{uuid_from_str, uuid_to_string, DEFAULT_BLOCK_SIZE, SECTOR};
+use crate::image::{self, convert as conv, create as make, Chain, Source, VhdFile};
+
+pyo3::create_exception!(
+    _engine,
+    VhdError,
+    PyException,
+    "A typed engine error; str(err) is one readable line."
+);
+
+type PyRes<T> = PyResult<T>;
+
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    if let Error::Io { context, source } = &e {
+        let msg = format!("{context}: {source}");
+        return match source.raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, msg)),
+            None => PyOSError::new_err(msg),
+        };
+    }
+    let err = VhdError::new_err(e.to_string());
+    let value = err.value(py);
+    // Attribute setting on a fresh exception instance cannot fail in practice; ignore if it does.
+    let _ = value.setattr("kind", e.kind());
+    let _ = value.setattr("structure", e.structure());
+    let _ = value.setattr("offset", e.offset());
+    err
+}
+
+/// Run `f` without the GIL and map its error.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyRes<T> {
+    py.detach(f).map_err(|e| to_py(py, e))
+}
+
+fn paths(v: Option<Vec<PathBuf>>) -> Vec<PathBuf> {
+    v.unwrap_or_default()
+}
+
+/// A file descriptor owned by the caller, or a path we open ourselves.
+#[derive(FromPyObject)]
+pub enum Endpoint {
+    Fd(i32),
+    Path(PathBuf),
+}
+
+/// Borrow a caller's file descriptor as a `File` that is never closed by us.
+pub fn borrow_fd(fd: i32) -> ManuallyDrop<File> {
+    // SAFETY: the caller (Python) owns `fd` and keeps it open for the duration of the call,
+    // which holds a reference to the object that owns it; ManuallyDrop guarantees we never
+    // close it, so no double close or use-after-close can come from this side.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyRes<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (v.to_string(),))
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, parents=None))]
+fn info<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    parents: Option<Vec<PathBuf>>,
+) -> PyRes<Bound<'py, PyAny>> {
+    let v = detached(py, || {
+        let parents = paths(parents);
+        let leaf = VhdFile::open(&path, false)?;
+        // A differencing disk whose parent cannot be found is still described, alone.
+        match Chain::open(&path, &parents, false) {
+            Ok(c) => image::info::describe(&c),
+            Err(Error::ParentNotFound { .. }) if parents.is_empty() => {
+                let mut v = image::info::describe_file(&leaf)?;
+                v["chain"] = serde_json::json!([path.display().to_string()]);
+                Ok(v)
+            }
+            Err(e) => Err(e),
+        }
+    })?;
+    json_to_py(py, &v)
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, parents=None))]
+fn check(py: Python<'_>, path: PathBuf, parents: Option<Vec<PathBuf>>) -> PyRes<Vec<String>> {
+    detached(py, || {
+        let insp = VhdFile::inspect(&path)?;
+        let mut out: Vec<String> = insp.problems.iter().map(ToString::to_string).collect();
+        if out.is_empty() {
+            if let Some(p) = parents.filter(|p| !p.is_empty()) {
+                if let Err(e) = Chain::open(&path, &p, false) {
+                    out.push(e.to_string());
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, parents=None))]
+fn chain(py: Python<'_>, path: PathBuf, parents: Option<Vec<PathBuf>>) -> PyRes<Vec<String>> {
+    detached(py, || {
+        let c = Chain::open(&path, &paths(parents), false)?;
+        Ok(c.layers
+            .iter()
+            .map(|l| l.path.display().to_string())
+            .collect())
+    })
+}
+
+#[pyfunction]
+fn virtual_size(py: Python<'_>, path: PathBuf) -> PyRes<u64> {
+    detached(py, || Ok(VhdFile::open(&path, false)?.size()))
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, offset, length, parents=None))]
+fn read<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    offset: u64,
+    length: usize,
+    parents: Option<Vec<PathBuf>>,
+) -> PyRes<Bound<'py, PyBytes>> {
+    let data = detached(py, || {
+        let c = Chain::open(&path, &paths(parents), false)?;
+        let mut buf = vec![0u8; length];
+        c.read_at(offset, &mut buf)?;
+        Ok(buf)
+    })?;
+    Ok(PyBytes::new(py, &data))
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, parents=None))]
+fn sha256(py: Python<'_>, path: PathBuf, parents: Option<Vec<PathBuf>>) -> PyRes<String> {
+    detached(py, || {
+        image::sha256_hex(&Source::Vhd(Chain::open(&path, &paths(parents), false)?))
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, dst, parents=None))]
+fn cat(py: Python<'_>, path: PathBuf, dst: Endpoint, parents: Option<Vec<PathBuf>>) -> PyRes<u64> {
+    detached(py, || {
+        let src = Source::Vhd(Chain::open(&path, &paths(parents), false)?);
+        match dst {
+            Endpoint::Fd(fd) => image::cat(&src, &mut borrow_fd(fd), false),
+            Endpoint::Path(p) => {
+                let mut f = File::create(&p).ctx(|| format!("cannot create {}", p.display()))?;
+                image::cat(&src, &mut f, true)
+            }
+        }
+    })
+}
+
+fn parse_uuid(s: &str) -> crate::Result<[u8; 16]> {
+    uuid_from_str(s).ok_or_else(|| Error::BadRange(format!("{s:?} is not a UUID")))
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, size, *, parent=None, block_size=DEFAULT_BLOCK_SIZE, uuid=None))]
+fn create(
+    py: Python<'_>,
+    path: PathBuf,
+    size: u64,
+    parent: Option<PathBuf>,
+    block_size: u32,
+    uuid: Option<String>,
+) -> PyRes<String> {
+    detached(py, || {
+        let uuid = uuid.as_deref().map(parse_uuid).transpose()?;
+        let u = make::create(&path, size, block_size, uuid, parent.as_deref())?;
+        Ok(uuid_to_string(&u))
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, offset, data, parents=None))]
+fn write(
+    py: Python<'_>,
+    path: PathBuf,
+    offset: u64,
+    data: Vec<u8>,
+    parents: Option<Vec<PathBuf>>,
+) -> PyRes<()> {
+    detached(py, || {
+        let mut c = Chain::open(&path, &paths(parents), true)?;
+        c.write_at(offset, &data)
+    })
+}
+
+#[pyfunction]
+fn set_uuid(py: Python<'_>, path: PathBuf, uuid: String) -> PyRes<()> {
+    detached(py, || make::set_uuid(&path, parse_uuid(&uuid)?))
+}
+
+#[pyfunction]
+fn set_parent(py: Python<'_>, path: PathBuf, parent: PathBuf) -> PyRes<()> {
+    detached(py, || make::set_parent(&path, &parent))
+}
+
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, src_format="vhd".to_string(), dst_format="dynamic".to_string(), parents=None, block_size=DEFAULT_BLOCK_SIZE))]
+fn convert<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+    src_format: String,
+    dst_format: String,
+    parents: Option<Vec<PathBuf>>,
+    block_size: u32,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || {
+        conv::convert(
+            &src,
+            &dst,
+            &src_format,
+            &dst_format,
+            &paths(parents),
+            block_size,
+        )
+    })?;
+    let d = PyDict::new(py);
+    d.set_item("virtual_size", r.virtual_size)?;
+    d.set_item("bytes_read", r.bytes_read)?;
+    d.set_item("bytes_written", r.bytes_written)?;
+    d.set_item("blocks_written", r.blocks_written)?;
+    d.set_item("zero_blocks_skipped", r.zero_blocks_skipped)?;
+    Ok(d)
+}
+
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SECTOR_SIZE", SECTOR)?;
+    m.add("DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
+    m.add("DIGEST_ALGORITHM", "xxh3-128")?;
+    m.add("VhdError", py.get_type::<VhdError>())?;
+    m.add_function(wrap_pyfunction!(info, m)?)?;
+    m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(chain, m)?)?;
+    m.add_function(wrap_pyfunction!(virtual_size, m)?)?;
+    m.add_function(wrap_pyfunction!(read, m)?)?;
+    m.add_function(wrap_pyfunction!(sha256, m)?)?;
+    m.add_function(wrap_pyfunction!(cat, m)?)?;
+    m.add_function(wrap_pyfunction!(create, m)?)?;
+    m.add_function(wrap_pyfunction!(write, m)?)?;
+    m.add_function(wrap_pyfunction!(set_uuid, m)?)?;
+    m.add_function(wrap_pyfunction!(set_parent, m)?)?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    Ok(())
+}
