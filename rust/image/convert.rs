@@ -8,6 +8,9 @@ use super::create::{create, create_fixed};
 use super::{is_zero, Source, VhdFile};
 use crate::error::{IoContext, Result, VhdError};
 
+/// Writes one block's worth of content at a virtual offset into the output.
+type BlockWriter = Box<dyn FnMut(u64, &[u8]) -> Result<()>>;
+
 #[derive(Debug, Default, Clone)]
 pub struct ConvertReport {
     pub virtual_size: u64,
@@ -39,7 +42,7 @@ pub fn convert(
         ..Default::default()
     };
     let mut buf = vec![0u8; bs as usize];
-    let mut out: Box<dyn FnMut(u64, &[u8]) -> Result<()>> = match dst_format {
+    let mut out: BlockWriter = match dst_format {
         "raw" => {
             let f = OpenOptions::new()
                 .write(true)
