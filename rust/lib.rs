@@ -5,6 +5,7 @@
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod stream;
 
 #[cfg(feature = "python")]
 mod python;

@@ -13,6 +13,9 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::error::{IoContext, VhdError as Error};
 use crate::format::{uuid_from_str, uuid_to_string, DEFAULT_BLOCK_SIZE, SECTOR};
 use crate::image::{self, convert as conv, create as make, Chain, Source, VhdFile};
+use crate::stream::apply::{apply, Target};
+use crate::stream::parse::ParseOptions;
+use crate::stream::{digest, export, transform as tr, StreamReport};
 
 pyo3::create_exception!(
     _engine,
@@ -243,6 +246,191 @@ fn convert<'py>(
     Ok(d)
 }
 
+fn report_to_py<'py>(py: Python<'py>, r: &StreamReport) -> PyRes<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("bytes_in", r.bytes_in)?;
+    d.set_item("bytes_out", r.bytes_out)?;
+    d.set_item("blocks", r.blocks)?;
+    d.set_item("zero_blocks_dropped", r.zero_blocks_dropped)?;
+    d.set_item("sectors_written", r.sectors_written)?;
+    d.set_item("virtual_size", r.virtual_size)?;
+    d.set_item("block_size", r.block_size)?;
+    d.set_item("disk_type", r.disk_type.name())?;
+    d.set_item("parent_uuid", r.parent_uuid.as_ref().map(uuid_to_string))?;
+    d.set_item("digest_algorithm", digest::ALGORITHM)?;
+    let digests: Vec<(u32, String)> = r
+        .digests
+        .iter()
+        .map(|(b, h)| (*b, digest::hex(*h)))
+        .collect();
+    d.set_item("digests", digests)?;
+    Ok(d)
+}
+
+/// Open the disk to export and, for a delta, its base chain.
+fn export_chains(
+    path: &std::path::Path,
+    parents: Vec<PathBuf>,
+    base: Option<&std::path::Path>,
+    base_parents: Vec<PathBuf>,
+) -> crate::Result<(Chain, Option<Chain>)> {
+    let chain = Chain::open(path, &parents, false)?;
+    let base = base
+        .map(|b| Chain::open(b, &base_parents, false))
+        .transpose()?;
+    Ok((chain, base))
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, base=None, *, parents=None, base_parents=None, skip_zero_blocks=false))]
+fn stream_length(
+    py: Python<'_>,
+    path: PathBuf,
+    base: Option<PathBuf>,
+    parents: Option<Vec<PathBuf>>,
+    base_parents: Option<Vec<PathBuf>>,
+    skip_zero_blocks: bool,
+) -> PyRes<u64> {
+    detached(py, || {
+        let (chain, base_chain) =
+            export_chains(&path, paths(parents), base.as_deref(), paths(base_parents))?;
+        let b = base_chain.as_ref().zip(base.as_deref());
+        Ok(export::plan(&chain, b, skip_zero_blocks)?.length())
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, dst, base=None, *, parents=None, base_parents=None, skip_zero_blocks=false, rate_limit=None))]
+#[allow(clippy::too_many_arguments)]
+fn export_stream<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    dst: Endpoint,
+    base: Option<PathBuf>,
+    parents: Option<Vec<PathBuf>>,
+    base_parents: Option<Vec<PathBuf>>,
+    skip_zero_blocks: bool,
+    rate_limit: Option<u64>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || {
+        let (chain, base_chain) =
+            export_chains(&path, paths(parents), base.as_deref(), paths(base_parents))?;
+        let b = base_chain.as_ref().zip(base.as_deref());
+        match dst {
+            Endpoint::Fd(fd) => {
+                let mut f = borrow_fd(fd);
+                export::export(&chain, b, &mut *f, skip_zero_blocks, rate_limit)
+            }
+            Endpoint::Path(p) => {
+                let f = File::create(&p).ctx(|| format!("cannot create {}", p.display()))?;
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                export::export(&chain, b, &mut w, skip_zero_blocks, rate_limit)
+            }
+        }
+    })?;
+    report_to_py(py, &r)
+}
+
+/// The stream's source: caller's prefix bytes (already read off the socket), then the rest.
+fn open_source(
+    src: Endpoint,
+    prefix: Vec<u8>,
+    length: Option<u64>,
+) -> crate::Result<Box<dyn std::io::Read + Send>> {
+    use std::io::Read;
+    let rest: Box<dyn Read + Send> = match src {
+        Endpoint::Fd(fd) => Box::new(FdReader(borrow_fd(fd))),
+        Endpoint::Path(p) => {
+            Box::new(File::open(&p).ctx(|| format!("cannot open {}", p.display()))?)
+        }
+    };
+    let joined = std::io::Cursor::new(prefix).chain(rest);
+    Ok(match length {
+        // Never read past the announced length: the socket may carry more after it.
+        Some(n) => Box::new(joined.take(n)),
+        None => Box::new(joined),
+    })
+}
+
+/// `Read` over a borrowed descriptor.
+struct FdReader(ManuallyDrop<File>);
+impl std::io::Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Read::read(&mut *self.0, buf)
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (src, target, *, target_format="vhd".to_string(), length=None, prefix=Vec::new(), require_full_bitmaps=false, parents=None))]
+#[allow(clippy::too_many_arguments)]
+fn apply_stream<'py>(
+    py: Python<'py>,
+    src: Endpoint,
+    target: PathBuf,
+    target_format: String,
+    length: Option<u64>,
+    prefix: Vec<u8>,
+    require_full_bitmaps: bool,
+    parents: Option<Vec<PathBuf>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || {
+        let t = match target_format.as_str() {
+            "raw" => Target::Raw(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&target)
+                    .ctx(|| format!("cannot open {}", target.display()))?,
+            ),
+            "vhd" => Target::Vhd(Chain::open(&target, &paths(parents), true)?),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "target format {other:?} (raw or vhd)"
+                )))
+            }
+        };
+        let source = open_source(src, prefix, length)?;
+        apply(
+            source,
+            t,
+            ParseOptions {
+                length,
+                require_full_bitmaps,
+            },
+        )
+    })?;
+    report_to_py(py, &r)
+}
+
+#[pyfunction]
+#[pyo3(signature = (src, dst, *, length=None, prefix=Vec::new(), rate_limit=None, require_full_bitmaps=true))]
+fn transform<'py>(
+    py: Python<'py>,
+    src: Endpoint,
+    dst: Endpoint,
+    length: Option<u64>,
+    prefix: Vec<u8>,
+    rate_limit: Option<u64>,
+    require_full_bitmaps: bool,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || {
+        let source = open_source(src, prefix, length)?;
+        let opts = ParseOptions {
+            length,
+            require_full_bitmaps,
+        };
+        match dst {
+            Endpoint::Fd(fd) => tr::transform(source, &mut *borrow_fd(fd), opts, rate_limit),
+            Endpoint::Path(p) => {
+                let mut f = File::create(&p).ctx(|| format!("cannot create {}", p.display()))?;
+                tr::transform(source, &mut f, opts, rate_limit)
+            }
+        }
+    })?;
+    report_to_py(py, &r)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -263,5 +451,9 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_uuid, m)?)?;
     m.add_function(wrap_pyfunction!(set_parent, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_length, m)?)?;
+    m.add_function(wrap_pyfunction!(export_stream, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_stream, m)?)?;
+    m.add_function(wrap_pyfunction!(transform, m)?)?;
     Ok(())
 }

@@ -238,7 +238,7 @@ pub fn relative_path(child: &Path, parent: &Path) -> Result<String> {
     Ok(parts.join("/"))
 }
 
-fn normalise(p: &Path) -> PathBuf {
+pub(crate) fn normalise(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {
