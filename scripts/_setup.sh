@@ -1,0 +1,39 @@
+# Sourced by the other scripts: make sure the tools and the venv exist, and that the Rust
+# extension is built from the current sources. Installs only what is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { echo "==> $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    say "installing the Rust toolchain (rustup)"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+if ! command -v qemu-img >/dev/null 2>&1; then
+  say "installing qemu-utils (qemu-img is an independent VHD reader for the tests)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+
+if ! .venv/bin/python -c 'import xencr._engine, maturin' >/dev/null 2>&1; then
+  say "installing xencr and its test dependencies (maturin builds the Rust extension)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q maturin
+  .venv/bin/pip install -q -e '.[test]'
+fi
+# Rebuild the extension when the Rust sources changed (cargo makes this a no-op otherwise).
+say "building the engine (maturin develop --release)"
+.venv/bin/maturin develop --release -q

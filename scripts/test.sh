@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every test, failing fast: Rust format, lints and tests, then Python lints, types and pytest.
+set -euo pipefail
+source "$(dirname "$0")/_setup.sh"
+
+run() { say "$*"; "$@"; }
+
+run cargo fmt --check
+run cargo clippy --all-targets -- -D warnings
+run cargo test --release
+run .venv/bin/ruff check python tests
+run .venv/bin/ruff format --check python tests
+run .venv/bin/mypy
+say "pytest"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+.venv/bin/python -m pytest -q "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+closing="$(grep -E '^=*.* in [0-9.]+s' "$log" | tail -1 || true)"
+if [ "$status" -ne 0 ]; then
+  echo "FAILED: pytest exited $status" >&2
+  exit "$status"
+fi
+# pytest exits 5 when it collects nothing; also refuse a run where nothing passed.
+if ! grep -qE '[0-9]+ passed' <<<"$closing"; then
+  echo "FAILED: no tests ran ($closing)" >&2
+  exit 1
+fi
+echo "all tests passed: $closing"
