@@ -2,6 +2,8 @@
 //! XAPI-style streams (`stream`), coalesce and diff. The PyO3 seam lives in `python.rs`,
 //! behind the `python` feature, so the engine itself links and tests without libpython.
 
+pub mod coalesce;
+pub mod diff;
 pub mod error;
 pub mod format;
 pub mod image;

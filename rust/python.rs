@@ -431,6 +431,118 @@ fn transform<'py>(
     report_to_py(py, &r)
 }
 
+#[pyfunction]
+#[pyo3(signature = (child, parent=None))]
+fn coalesce<'py>(
+    py: Python<'py>,
+    child: PathBuf,
+    parent: Option<PathBuf>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || crate::coalesce::coalesce(&child, parent.as_deref()))?;
+    let d = PyDict::new(py);
+    d.set_item("child", r.child.display().to_string())?;
+    d.set_item("parent", r.parent.display().to_string())?;
+    d.set_item("result", r.result.display().to_string())?;
+    d.set_item("blocks_merged", r.blocks_merged)?;
+    d.set_item("sectors_merged", r.sectors_merged)?;
+    d.set_item("bytes_merged", r.sectors_merged * 512)?;
+    d.set_item("resumed", r.resumed)?;
+    Ok(d)
+}
+
+fn diff_sources(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    a_format: &str,
+    b_format: &str,
+    a_parents: Vec<PathBuf>,
+    b_parents: Vec<PathBuf>,
+) -> crate::Result<(Source, Source)> {
+    Ok((
+        Source::open(a, a_format, &a_parents)?,
+        Source::open(b, b_format, &b_parents)?,
+    ))
+}
+
+fn diff_to_py<'py>(py: Python<'py>, r: &crate::diff::DiffReport) -> PyRes<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("granularity", r.granularity)?;
+    d.set_item("virtual_size", r.virtual_size)?;
+    d.set_item("units", r.units)?;
+    d.set_item("changed", &r.changed)?;
+    d.set_item("changed_bytes", r.changed_bytes())?;
+    d.set_item("bytes_compared", r.bytes_compared)?;
+    Ok(d)
+}
+
+#[pyfunction]
+#[pyo3(signature = (a, b, *, granularity=2097152, a_format="vhd".to_string(), b_format="vhd".to_string(), a_parents=None, b_parents=None))]
+#[allow(clippy::too_many_arguments)]
+fn diff<'py>(
+    py: Python<'py>,
+    a: PathBuf,
+    b: PathBuf,
+    granularity: u64,
+    a_format: String,
+    b_format: String,
+    a_parents: Option<Vec<PathBuf>>,
+    b_parents: Option<Vec<PathBuf>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || {
+        let (sa, sb) = diff_sources(
+            &a,
+            &b,
+            &a_format,
+            &b_format,
+            paths(a_parents),
+            paths(b_parents),
+        )?;
+        crate::diff::diff(&sa, &sb, granularity)
+    })?;
+    diff_to_py(py, &r)
+}
+
+#[pyfunction]
+#[pyo3(signature = (a, b, dst, *, granularity=2097152, a_format="vhd".to_string(), b_format="vhd".to_string(), a_parents=None, b_parents=None))]
+#[allow(clippy::too_many_arguments)]
+fn diff_stream<'py>(
+    py: Python<'py>,
+    a: PathBuf,
+    b: PathBuf,
+    dst: Endpoint,
+    granularity: u64,
+    a_format: String,
+    b_format: String,
+    a_parents: Option<Vec<PathBuf>>,
+    b_parents: Option<Vec<PathBuf>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let r = detached(py, || {
+        let (sa, sb) = diff_sources(
+            &a,
+            &b,
+            &a_format,
+            &b_format,
+            paths(a_parents),
+            paths(b_parents),
+        )?;
+        match dst {
+            Endpoint::Fd(fd) => {
+                crate::diff::diff_stream(&sa, &sb, granularity, &mut *borrow_fd(fd))
+            }
+            Endpoint::Path(p) => {
+                let f = File::create(&p).ctx(|| format!("cannot create {}", p.display()))?;
+                crate::diff::diff_stream(
+                    &sa,
+                    &sb,
+                    granularity,
+                    &mut std::io::BufWriter::with_capacity(1 << 20, f),
+                )
+            }
+        }
+    })?;
+    report_to_py(py, &r.1)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -455,5 +567,8 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(export_stream, m)?)?;
     m.add_function(wrap_pyfunction!(apply_stream, m)?)?;
     m.add_function(wrap_pyfunction!(transform, m)?)?;
+    m.add_function(wrap_pyfunction!(coalesce, m)?)?;
+    m.add_function(wrap_pyfunction!(diff, m)?)?;
+    m.add_function(wrap_pyfunction!(diff_stream, m)?)?;
     Ok(())
 }
