@@ -57,7 +57,7 @@ fn interrupted_during_the_copy_resumes() {
     );
     std::fs::write(state_path(&child), st).unwrap();
     {
-        let c = Chain::open(&child, &[base.clone()], false).unwrap();
+        let c = Chain::open(&child, std::slice::from_ref(&base), false).unwrap();
         let mut buf = vec![0u8; 8 * 512];
         c.read_at((4100) * 512, &mut buf).unwrap();
         let mut p = Chain::open(&base, &[], true).unwrap();
