@@ -1,0 +1,16 @@
+"""Per-class message handlers; importing this package registers them all with the dispatcher."""
+
+from xencr.sim.api import (  # noqa: F401 - imported for registration
+    appliance,
+    event,
+    host_pool,
+    network,
+    session,
+    sim,
+    sr,
+    task,
+    vbd,
+    vdi,
+    vif,
+    vm,
+)

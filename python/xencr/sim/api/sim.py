@@ -1,0 +1,145 @@
+"""Sim-only calls (``sim.*``): guest writes, hashes, fault injection, GC. Not part of XAPI.
+
+They take a valid session (so the SDK can call ``session.xenapi.sim.fault_fail_next_call(...)``)
+or the control token written in ``<state>/server.json`` (used by ``xencr sim`` commands).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from xencr.sim.errors import XapiError
+from xencr.sim.guest import pattern
+
+if TYPE_CHECKING:
+    from xencr.sim.pool_state import PoolState
+
+SimFn = Callable[..., Any]
+SIM_CALLS: dict[str, SimFn] = {}
+
+
+def sim_call(name: str) -> Callable[[SimFn], SimFn]:
+    def register(fn: SimFn) -> SimFn:
+        SIM_CALLS[name] = fn
+        return fn
+
+    return register
+
+
+def dispatch_sim(pool: PoolState, method: str, params: list[Any]) -> Any:
+    fn = SIM_CALLS.get(method)
+    if fn is None:
+        raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
+    if not params or not isinstance(params[0], str):
+        raise XapiError("SESSION_INVALID", "")
+    credential = params[0]
+    if not (pool.control_token and credential == pool.control_token):
+        pool.check_session(credential)
+    try:
+        result = fn(pool, *params[1:])
+    except TypeError as err:
+        raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, str(err), len(params) - 1) from None
+    pool.save()
+    return "" if result is None else result
+
+
+def _vdi(pool: PoolState, vdi_uuid: str) -> str:
+    with pool.db.lock:
+        return str(pool.db.ref_of("VDI", vdi_uuid))
+
+
+def write_vdi(pool: PoolState, vdi_uuid: str, offset: int, length: int, seed: str) -> None:
+    """A guest write of ``length`` pattern bytes at ``offset`` into the VDI's leaf."""
+    vdi = _vdi(pool, vdi_uuid)
+    for pos, chunk in pattern(seed, offset, length):
+        with pool.db.lock:
+            pool.storage.write(vdi, pos, chunk)
+    with pool.db.lock:
+        pool.storage.refresh(pool.db.get("VDI", vdi)["SR"])
+    pool.log.info("guest write: VDI %s offset %d length %d seed %s", vdi_uuid, offset, length, seed)
+
+
+@sim_call("sim.write")
+def _write(pool: PoolState, vdi_uuid: str, offset: Any, length: Any, seed: str = "xencr") -> str:
+    write_vdi(pool, vdi_uuid, int(offset), int(length), seed)
+    return ""
+
+
+@sim_call("sim.hash")
+def _hash(pool: PoolState, vdi_uuid: str) -> str:
+    vdi = _vdi(pool, vdi_uuid)
+    return pool.storage.sha256(vdi)
+
+
+@sim_call("sim.fault_fail_next_call")
+def _fail_next(pool: PoolState, method: str, description: list[str]) -> str:
+    if not description:
+        raise XapiError("INVALID_VALUE", "description", "[]")
+    pool.faults.fail_next_call(method, [str(x) for x in description])
+    return ""
+
+
+@sim_call("sim.fault_drop_after")
+def _drop(pool: PoolState, kind: str, nbytes: Any) -> str:
+    _kind(kind)
+    pool.faults.drop_transfer_after(kind, int(nbytes))
+    return ""
+
+
+@sim_call("sim.fault_flip_byte")
+def _flip(pool: PoolState, kind: str, offset: Any) -> str:
+    _kind(kind)
+    pool.faults.flip_byte(kind, int(offset))
+    return ""
+
+
+@sim_call("sim.fault_rate")
+def _rate(pool: PoolState, rate: Any) -> str:
+    pool.faults.set_rate(int(rate) or None)
+    return ""
+
+
+@sim_call("sim.fault_fill_sr")
+def _fill(pool: PoolState, sr_uuid: str, nbytes: Any) -> str:
+    with pool.db.lock:
+        sr = pool.db.by_uuid("SR", sr_uuid)
+        n = int(nbytes)
+        if n < 0:  # "fill completely": leave no free space at all
+            pool.faults.fill_sr(sr_uuid, 0)
+            n = max(0, pool.storage.free(sr))
+        pool.faults.fill_sr(sr_uuid, n)
+        pool.storage.refresh(sr)
+    return ""
+
+
+@sim_call("sim.fault_unreachable")
+def _unreachable(pool: PoolState, flag: bool) -> str:
+    pool.faults.set_unreachable(bool(flag))
+    return ""
+
+
+@sim_call("sim.fault_clear")
+def _clear(pool: PoolState) -> str:
+    pool.faults.clear()
+    with pool.db.lock:
+        for sr in pool.db.refs("SR"):
+            pool.storage.refresh(sr)
+    return ""
+
+
+@sim_call("sim.faults")
+def _faults(pool: PoolState) -> dict[str, Any]:
+    return pool.faults.describe()
+
+
+@sim_call("sim.gc")
+def _gc(pool: PoolState, sr_uuid: str) -> int:
+    with pool.db.lock:
+        sr = pool.db.by_uuid("SR", sr_uuid)
+    return pool.gc.collect(sr)
+
+
+def _kind(kind: str) -> None:
+    if kind not in ("export", "import"):
+        raise XapiError("INVALID_VALUE", "kind", kind)

@@ -1,0 +1,138 @@
+"""Access to a state directory from the command line, with or without a running server.
+
+The server holds an exclusive ``flock`` on ``<state>/lock`` for its lifetime and writes
+``<state>/server.json`` (URLs and a control token, mode 0600). ``sim write``/``sim hash`` and the
+fault commands go through the server's sim-only RPCs when it runs; otherwise they take the lock
+themselves and work on the files, so state is never modified by two processes at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import threading
+import xmlrpc.client
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from xencr.sim.api.sim import SIM_CALLS
+from xencr.sim.errors import XapiError
+from xencr.sim.layout import init_state, pool_count, read_password
+from xencr.sim.pool_state import PoolState
+
+SERVER_FILE = "server.json"
+LOCK_FILE = "lock"
+
+
+class StateBusy(Exception):
+    """Another server already serves this state directory."""
+
+
+@contextmanager
+def state_lock(root: Path, *, wait: bool) -> Iterator[int]:
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise StateBusy(str(root)) from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def running_server(root: Path) -> dict[str, Any] | None:
+    """server.json of a live server (its lock is held), else None."""
+    info = root / SERVER_FILE
+    if not info.exists():
+        return None
+    try:
+        with state_lock(root, wait=False):
+            return None  # nobody holds the lock: a stale file from a killed server
+    except StateBusy:
+        doc: dict[str, Any] = json.loads(info.read_text())
+        return doc
+
+
+def load_pools(root: Path, password: str, *, auth_delay: float) -> list[PoolState]:
+    return [PoolState(root, i, password, auth_delay=auth_delay) for i in range(pool_count(root))]
+
+
+def serve(root: Path, *, pools: int | None, host: str, port: int, password_file: Path | None,
+          auth_delay: float, announce: Callable[[str], None], stop: threading.Event | None = None) -> None:
+    """Serve every pool of ``root`` until SIGTERM/SIGINT (or ``stop`` is set)."""
+    from xencr.sim.server import Simulator
+
+    root.mkdir(parents=True, exist_ok=True)
+    with state_lock(root, wait=False):
+        if pool_count(root) == 0:
+            secret = read_password(root, password_file) if password_file else None
+            init_state(root, pools or 2, password=secret)
+        elif pools is not None and pools != pool_count(root):
+            raise ValueError(f"{root} holds {pool_count(root)} pools, not {pools}")
+        password = read_password(root, password_file)
+        states = load_pools(root, password, auth_delay=auth_delay)
+        token = secrets.token_hex(16)
+        for p in states:
+            p.control_token = token
+        sim = Simulator(states, host, port)
+        info = root / SERVER_FILE
+        fd = os.open(info, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "urls": sim.urls(), "token": token}, f)
+        done = stop or threading.Event()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: done.set())
+        sim.start()
+        try:
+            for i, url in enumerate(sim.urls()):
+                announce(f"pool{i} {url}")
+            done.wait()
+        finally:
+            sim.stop()
+            info.unlink(missing_ok=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def sim_call(root: Path, method: str, *params: Any, vdi_uuid: str | None = None,
+             pool_index: int | None = None) -> Any:
+    """Run a sim-only call on the pool holding ``vdi_uuid`` (or pool ``pool_index``, default 0)."""
+    server = running_server(root)
+    if server is not None:
+        urls = server["urls"]
+        indexes = [pool_index] if pool_index is not None else list(range(len(urls)))
+        last: Exception | None = None
+        for i in indexes:
+            proxy = xmlrpc.client.ServerProxy(urls[i] + "/", allow_none=False)
+            reply = getattr(proxy, method)(server["token"], *params)
+            if reply.get("Status") == "Success":
+                return reply["Value"]
+            err = XapiError(*reply["ErrorDescription"])
+            if err.code == "UUID_INVALID" and vdi_uuid is not None:
+                last = err
+                continue
+            raise err
+        raise last or XapiError("UUID_INVALID", "VDI", vdi_uuid or "")
+    with state_lock(root, wait=True):
+        password = read_password(root)
+        states = load_pools(root, password, auth_delay=0)
+        indexes = [pool_index] if pool_index is not None else list(range(len(states)))
+        for i in indexes:
+            pool = states[i]
+            if vdi_uuid is not None:
+                try:
+                    pool.db.by_uuid("VDI", vdi_uuid)
+                except XapiError:
+                    continue
+            result = SIM_CALLS[method](pool, *params)
+            pool.save()
+            return result
+        raise XapiError("UUID_INVALID", "VDI", vdi_uuid or "")

@@ -1,0 +1,89 @@
+"""The SR garbage collector: coalesce hidden base copies left with a single child.
+
+XenServer's GC (sm ``cleanup.py``) merges a hidden VHD with one child so chains do not grow
+without bound; the surviving node keeps the child's identity. Here the engine's crash-safe
+``coalesce`` does the merge; runs in a background thread when kicked, or synchronously via
+the sim-only ``sim.gc`` call. Nothing runs while a transfer uses the SR.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from xencr.sim.storage import engine
+
+if TYPE_CHECKING:
+    from xencr.sim.pool_state import PoolState
+
+
+class Collector:
+    def __init__(self, pool: PoolState) -> None:
+        self.pool = pool
+        self.lock = threading.Lock()  # one collection at a time
+        self.busy: dict[str, int] = {}  # SR ref -> active transfers
+        self.enabled = True
+
+    def transfer(self, sr: str, delta: int) -> None:
+        with self.pool.db.lock:
+            self.busy[sr] = self.busy.get(sr, 0) + delta
+
+    def kick(self, sr: str) -> None:
+        if not self.enabled:
+            return
+        threading.Thread(target=self.collect, args=(sr,), name="sr-gc", daemon=True).start()
+
+    def _candidate(self, sr: str) -> tuple[str, str] | None:
+        """(base copy ref, its only child ref) if one exists and the SR is idle."""
+        db = self.pool.db
+        storage = self.pool.storage
+        if self.busy.get(sr, 0):
+            return None
+        for ref, rec in db.items("VDI"):
+            if rec["SR"] != sr or rec["managed"]:
+                continue
+            children = [r for r, c in db.items("VDI") if c["SR"] == sr and storage.parent_ref(r) == ref]
+            if len(children) == 1 and not any(
+                db.get("VBD", v)["currently_attached"] for v in db.reverse("VDI", "VBDs", children[0])
+            ):
+                return ref, children[0]
+        return None
+
+    def collect(self, sr: str) -> int:
+        """Coalesce until nothing is left to do; returns the number of merges."""
+        merges = 0
+        with self.lock:
+            while True:
+                with self.pool.db.lock:
+                    if not self.pool.db.exists("SR", sr):
+                        return merges
+                    found = self._candidate(sr)
+                    if found is None:
+                        return merges
+                    base, child = found
+                    storage = self.pool.storage
+                    child_row = self.pool.db.get("VDI", child)
+                    base_row = self.pool.db.get("VDI", base)
+                    child_path, base_path = str(storage.path(child)), str(storage.path(base))
+                    lock = storage.file_lock(child_row["uuid"])
+                    self.busy[sr] = self.busy.get(sr, 0) + 1
+                try:
+                    with lock:
+                        engine().coalesce(child_path, base_path)
+                finally:
+                    with self.pool.db.lock:
+                        self.busy[sr] -= 1
+                with self.pool.db.lock:
+                    sm_config = dict(self.pool.db.get("VDI", child)["sm_config"])
+                    grand = base_row["sm_config"].get("vhd-parent")
+                    if grand:
+                        sm_config["vhd-parent"] = grand
+                    else:
+                        sm_config.pop("vhd-parent", None)
+                    self.pool.db.update("VDI", child, sm_config=sm_config)
+                    self.pool.db.delete("VDI", base)
+                    storage.delete_file_path(base_path)
+                    storage.refresh(sr)
+                    self.pool.save()
+                self.pool.log.info("gc: coalesced %s into base copy %s", child_row["uuid"], base_row["uuid"])
+                merges += 1

@@ -1,0 +1,430 @@
+"""``GET /export_raw_vdi`` and ``PUT /import_raw_vdi`` (``ocaml/xapi/export_raw_vdi.ml``,
+``import_raw_vdi.ml``, ``xapi_http.ml``, ``vhd_tool_wrapper.ml``; xapi.md 4.1-4.4).
+
+Data moves between the socket and the VHD files inside the engine (bounded memory, GIL released).
+When a transfer fault is armed (drop after N bytes, flipped byte, rate limit) the stream goes
+through a pipe and a bounded Python copy loop that applies the fault.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from xencr.sim import wire_xmlrpc
+from xencr.sim.errors import HttpFailure, XapiError
+from xencr.sim.storage import engine
+from xencr.sim.values import NULL_REF
+
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler
+
+    from xencr.sim.pool_state import PoolState
+
+COPY_CHUNK = 64 * 1024
+IO_ERROR = XapiError("VDI_IO_ERROR", "Device I/O errors")
+CONTENT_TYPES = {"raw": "application/octet-stream", "vhd": "application/vhd"}
+KNOWN_FORMATS = ("raw", "vhd", "tar", "qcow2")
+
+
+class Transfer:
+    """One request's parsed query, auth and task binding."""
+
+    def __init__(self, pool: PoolState, req: BaseHTTPRequestHandler, task_label: str) -> None:
+        self.pool = pool
+        self.req = req
+        self.query = {k: v[-1] for k, v in parse_qs(urlsplit(req.path).query, keep_blank_values=True).items()}
+        self.temp_session: str | None = None
+        self.session = self._authenticate()
+        self.task_label = task_label
+        self.task: str | None = None
+
+    def _authenticate(self) -> str:
+        """Session from the query or a cookie, else HTTP Basic (temporary session); else 401."""
+        pool = self.pool
+        session = self.query.get("session_id") or self._cookie("session_id")
+        if session:
+            if pool.db.exists("session", session):
+                return session
+            raise HttpFailure(401)
+        auth = self.req.headers.get("Authorization", "")
+        if auth.startswith("Basic "):
+            try:
+                user, _, pwd = base64.b64decode(auth[6:]).decode().partition(":")
+                self.temp_session = pool.login(user, pwd, "http")
+                return self.temp_session
+            except (XapiError, ValueError):
+                raise HttpFailure(401) from None
+        raise HttpFailure(401)
+
+    def _cookie(self, name: str) -> str | None:
+        for part in self.req.headers.get("Cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return None
+
+    def bind_task(self) -> str:
+        """The client's ``task_id`` when given (and valid), else a new task of ours."""
+        task = self.query.get("task_id") or self._cookie("task_id")
+        with self.pool.db.lock:
+            if task and self.pool.db.exists("task", task):
+                self.task = task
+            else:
+                self.task = self.pool.tasks.create(self.session, self.task_label)
+        return self.task
+
+    def fail_client_task(self, err: XapiError) -> None:
+        """Fail the client's task when one was passed (handlers that fail before binding)."""
+        task = self.query.get("task_id")
+        if task and self.pool.db.exists("task", task):
+            self.pool.tasks.fail(task, err)
+
+    def finish(self) -> None:
+        if self.temp_session:
+            self.pool.logout(self.temp_session)
+        self.pool.save()
+
+
+def _send_headers(req: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:
+    req.send_response(status)
+    for k, v in headers.items():
+        req.send_header(k, v)
+    req.end_headers()
+    req.wfile.flush()
+
+
+def _dom0_attach(pool: PoolState, vdi: str) -> str:
+    """An RO VBD of ``vdi`` plugged into the control domain for the transfer (xapi.md 4.2 step 5)."""
+    db = pool.db
+    with db.lock:
+        dom0 = next(r for r, rec in db.items("VM") if rec["is_control_domain"])
+        used = {db.get("VBD", v)["userdevice"] for v in db.reverse("VM", "VBDs", dom0)}
+        slot = next(str(n) for n in range(256) if str(n) not in used)
+        return db.create("VBD", {"VM": dom0, "VDI": vdi, "userdevice": slot, "mode": "RO", "type": "Disk",
+                                 "currently_attached": True,
+                                 "device": f"xvd{chr(ord('a') + int(slot) % 26)}"})
+
+
+def _dom0_detach(pool: PoolState, vbd: str) -> None:
+    with pool.db.lock:
+        if pool.db.exists("VBD", vbd):
+            pool.db.delete("VBD", vbd)
+
+
+def _cancelled(pool: PoolState, task: str) -> bool:
+    """vhd-tool's progress callback polls the task for cancellation (checked before the data)."""
+    with pool.db.lock:
+        return pool.db.exists("task", task) and "cancel" in pool.db.get("task", task)[
+            "current_operations"].values()
+
+
+def _fault_copy(src_fd: int, dst_fd: int, drop: int | None, flip: int | None, rate: int | None,
+                limit: int | None = None) -> int:
+    """Copy ``src_fd`` → ``dst_fd`` in bounded chunks, applying faults; returns bytes copied.
+
+    Raises ``ConnectionAbortedError`` when the drop point is reached."""
+    copied = 0
+    started = time.monotonic()
+    while limit is None or copied < limit:
+        want = COPY_CHUNK if limit is None else min(COPY_CHUNK, limit - copied)
+        if drop is not None:
+            want = min(want, drop - copied)
+            if want <= 0:
+                raise ConnectionAbortedError(f"fault: connection dropped after {copied} bytes")
+        chunk = os.read(src_fd, want)
+        if not chunk:
+            break
+        if flip is not None and copied <= flip < copied + len(chunk):
+            b = bytearray(chunk)
+            b[flip - copied] ^= 0xFF
+            chunk = bytes(b)
+        view = memoryview(chunk)
+        while view:
+            n = os.write(dst_fd, view)
+            view = view[n:]
+        copied += len(chunk)
+        if rate:
+            ahead = copied / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    if drop is not None and copied >= drop:
+        raise ConnectionAbortedError(f"fault: connection dropped after {copied} bytes")
+    return copied
+
+
+def _through_pipe(produce: Callable[[int], Any], consume: Callable[[int], Any]) -> Any:
+    """Run ``produce(write_fd)`` in a thread while ``consume(read_fd)`` runs here."""
+    rfd, wfd = os.pipe()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            produce(wfd)
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            os.close(wfd)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        result = consume(rfd)
+    finally:
+        os.close(rfd)
+        t.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export_raw_vdi(pool: PoolState, req: BaseHTTPRequestHandler) -> None:
+    t = Transfer(pool, req, "VDI.export_raw_vdi")
+    try:
+        _export(t)
+    finally:
+        t.finish()
+
+
+def _export(t: Transfer) -> None:
+    pool, req, q = t.pool, t.req, t.query
+    if "vdi" not in q:
+        raise HttpFailure(500)
+    with pool.db.lock:
+        try:
+            vdi = pool.db.ref_of("VDI", q["vdi"])
+            base = pool.db.ref_of("VDI", q["base"]) if q.get("base") else None
+        except XapiError as err:  # unknown UUID: before the task is bound, HTML 500
+            raise HttpFailure(500, err) from None
+    task = t.bind_task()
+    fmt = q.get("format", "raw")
+    if fmt not in ("raw", "vhd"):
+        message = f"Unknown format {fmt}" if fmt not in KNOWN_FORMATS else f"Format {fmt} is not simulated"
+        pool.tasks.fail(task, XapiError("INTERNAL_ERROR", message))
+        raise HttpFailure(404)
+    with pool.db.lock:
+        row = pool.db.get("VDI", vdi)
+        path, parents = str(pool.storage.path(vdi)), pool.storage.parents(vdi)
+        base_path = str(pool.storage.path(base)) if base else None
+        base_parents = pool.storage.parents(base) if base else None
+        sr = row["SR"]
+    # The VDI (and base) are attached read-only to dom0 before the headers go out.
+    vbds = [_dom0_attach(pool, vdi)] + ([_dom0_attach(pool, base)] if base else [])
+    _send_headers(req, 200, {
+        "task-id": task,
+        "Content-Type": CONTENT_TYPES[fmt],
+        "Content-Disposition": f'attachment; filename="{row["uuid"]}.{fmt}"',
+        "Cache-Control": "no-cache, no-store",
+        "Connection": "close",
+    })
+    req.close_connection = True
+    if fmt == "raw" and base is not None:
+        for vbd in vbds:
+            _dom0_detach(pool, vbd)
+        pool.tasks.fail(task, XapiError("INTERNAL_ERROR", "raw export with base is not simulated"))
+        return
+    pool.gc.transfer(sr, +1)
+    drop, flip, rate = pool.faults.take_transfer("export")
+    if _cancelled(pool, task):
+        pool.gc.transfer(sr, -1)
+        for vbd in vbds:
+            _dom0_detach(pool, vbd)
+        pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
+        return
+    sock_fd = req.connection.fileno()
+    eng = engine()
+
+    def produce(fd: int) -> Any:
+        if fmt == "vhd":
+            return eng.export_stream(path, fd, base=base_path, parents=parents, base_parents=base_parents)
+        return eng.cat(path, fd, parents=parents)
+
+    try:
+        if drop is None and flip is None and rate is None:
+            produce(sock_fd)
+        else:
+            _through_pipe(produce, lambda rfd: _fault_copy(rfd, sock_fd, drop, flip, rate))
+    except (XapiError, OSError, ConnectionError, Exception) as err:
+        pool.log.warning("export of %s failed: %s", row["uuid"], err)
+        pool.tasks.fail(task, IO_ERROR)
+    else:
+        pool.tasks.complete(task, "")
+    finally:
+        pool.gc.transfer(sr, -1)
+        for vbd in vbds:
+            _dom0_detach(pool, vbd)
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+def import_raw_vdi(pool: PoolState, req: BaseHTTPRequestHandler) -> None:
+    t = Transfer(pool, req, "VDI.import")
+    try:
+        _import(t)
+    finally:
+        t.finish()
+
+
+def _import(t: Transfer) -> None:
+    pool, req, q = t.pool, t.req, t.query
+    fmt = q.get("format", "raw")
+    length_header = req.headers.get("Content-Length")
+    length = int(length_header) if length_header is not None else None
+    with pool.db.lock:
+        try:
+            vdi = pool.db.ref_of("VDI", q["vdi"]) if q.get("vdi") else None
+            sr = None
+            if q.get("sr_id"):
+                sr = q["sr_id"] if pool.db.exists("SR", q["sr_id"]) else None
+            elif q.get("sr_uuid"):
+                sr = pool.db.by_uuid("SR", q["sr_uuid"])
+        except XapiError as err:
+            raise HttpFailure(500, err) from None
+        if vdi is None and sr is None:
+            t.fail_client_task(XapiError("VDI_MISSING"))
+            raise HttpFailure(400)
+    task = t.bind_task()
+
+    def refuse(status: int, message: str) -> None:
+        pool.tasks.fail(task, XapiError("INTERNAL_ERROR", message))
+        raise HttpFailure(status)
+
+    if fmt not in KNOWN_FORMATS:
+        refuse(404, f"Unknown format {fmt}")
+    if fmt not in ("raw", "vhd"):
+        refuse(404, f"Format {fmt} is not simulated")
+    if "chunked" in q and fmt != "raw":
+        refuse(404, "Cannot handle chunked VHD")
+    te = req.headers.get("Transfer-Encoding")
+    if te is not None:
+        refuse(404, f"Cannot handle encoding: {te}")
+    if vdi is None:
+        if fmt == "vhd":
+            refuse(400, "Importing a VHD directly into an SR not yet supported")
+        if length is None or sr is None:
+            refuse(400, "Not enough info supplied to import")
+        from xencr.sim.api.vdi import new_vdi
+        from xencr.sim.dispatch import Ctx
+        from xencr.sim.storage import round_vhd_size
+
+        assert sr is not None and length is not None
+        with pool.db.lock:
+            size = round_vhd_size(length)
+            vdi = new_vdi(Ctx(pool, t.session, "VDI.create"), sr, {
+                "name_label": "Imported VDI", "virtual_size": size, "type": "user", "sm_config": {},
+            }, file_size=size)
+    with pool.db.lock:
+        row = pool.db.get("VDI", vdi)
+        path, parents = str(pool.storage.path(vdi)), pool.storage.parents(vdi)
+        sr_ref = row["SR"]
+        virtual_size = int(row["virtual_size"])
+    # xapi answers 200 before reading the body; the outcome is only in the task.
+    _send_headers(req, 200, {"task-id": task, "Content-Type": "application/octet-stream",
+                             "Connection": "close"})
+    req.close_connection = True
+    if _cancelled(pool, task):
+        pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
+        return
+    pool.gc.transfer(sr_ref, +1)
+    drop, flip, rate = pool.faults.take_transfer("import")
+    try:
+        with pool.storage.file_lock(row["uuid"]):
+            _receive(pool, req, fmt, "chunked" in q, path, parents, length, virtual_size, sr_ref,
+                     drop, flip, rate)
+    except Exception as err:
+        pool.log.warning("import into %s failed: %s", row["uuid"], err)
+        pool.tasks.fail(task, IO_ERROR)
+    else:
+        pool.tasks.complete(task, wire_xmlrpc.value(vdi))
+    finally:
+        pool.gc.transfer(sr_ref, -1)
+        with pool.db.lock:
+            if pool.db.exists("SR", sr_ref):
+                pool.storage.refresh(sr_ref)
+
+
+def _buffered_prefix(req: BaseHTTPRequestHandler, length: int | None) -> bytes:
+    """Body bytes the HTTP server already read into its buffer (handed to the engine first)."""
+    if length == 0:
+        return b""
+    rfile: Any = req.rfile
+    peeked: bytes = rfile.peek(1) if hasattr(rfile, "peek") else b""
+    n = len(peeked) if length is None else min(len(peeked), length)
+    data: bytes = rfile.read(n) if n else b""
+    return data
+
+
+def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bool, path: str,
+             parents: list[str], length: int | None, virtual_size: int, sr_ref: str,
+             drop: int | None, flip: int | None, rate: int | None) -> None:
+    eng = engine()
+    prefix = _buffered_prefix(req, length)
+    sock_fd = req.connection.fileno()
+    faulty = drop is not None or flip is not None or rate is not None
+    if length is not None:
+        # A full SR fails the write: room for the incoming data is checked up front.
+        with pool.db.lock:
+            if pool.storage.free(sr_ref) < length:
+                raise OSError("no space left on the SR")
+    if fmt == "vhd" and not faulty:
+        eng.apply_stream(sock_fd, path, target_format="vhd", length=length, prefix=prefix, parents=parents)
+        return
+    if fmt == "vhd":
+        remaining = None if length is None else length - len(prefix)
+
+        def feed(wfd: int) -> None:
+            os.write(wfd, prefix) if prefix else None
+            _fault_copy(sock_fd, wfd, None if drop is None else max(0, drop - len(prefix)),
+                        None if flip is None else flip - len(prefix), rate, remaining)
+            if drop is not None:
+                raise ConnectionAbortedError("dropped")
+
+        _through_pipe(feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents))
+        return
+    if chunked:
+        raise XapiError("INTERNAL_ERROR", "chunked raw import is not simulated")
+    _receive_raw(req, eng, path, parents, prefix, length, virtual_size, drop, flip, rate)
+
+
+def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
+                 length: int | None, virtual_size: int, drop: int | None, flip: int | None,
+                 rate: int | None) -> None:
+    """Raw body written from offset 0, in bounded chunks, through the VHD leaf."""
+    offset = 0
+    pending = bytearray(prefix)
+    started = time.monotonic()
+    while True:
+        want = COPY_CHUNK if length is None else min(COPY_CHUNK, length - offset - len(pending))
+        if want > 0:
+            chunk = req.rfile.read1(want) if hasattr(req.rfile, "read1") else req.rfile.read(want)
+            pending += chunk
+        else:
+            chunk = b"x"
+        if drop is not None and offset + len(pending) >= drop:
+            raise ConnectionAbortedError("fault: connection dropped")
+        if flip is not None and offset <= flip < offset + len(pending):
+            pending[flip - offset] ^= 0xFF
+        if pending:
+            if offset + len(pending) > virtual_size:
+                raise OSError("write beyond the end of the VDI")
+            eng.write(path, offset, bytes(pending), parents=parents)
+            offset += len(pending)
+            pending.clear()
+        if rate:
+            ahead = offset / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        if not chunk or (length is not None and offset >= length):
+            return
+
+
+_ = NULL_REF

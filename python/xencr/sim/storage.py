@@ -1,0 +1,198 @@
+"""File-based VHD SRs (sm ``libs/sm/drivers/FileSR.py``, ``libs/sm/vhdutil.py``; xapi.md 3.9).
+
+Each SR is a directory ``pool<i>/sr-<uuid>/`` of ``<vdi uuid>.vhd`` files. Every managed VDI is a
+leaf file; snapshots and clones turn the leaf into a hidden read-only "base copy" (a VDI record with
+``managed=false``) and hang two differencing leaves under it, exactly as ``FileVDI._snapshot`` does.
+The chain is recorded in ``sm_config["vhd-parent"]`` and handed to the engine explicitly. All VHD
+work goes through :mod:`xencr._engine`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid as uuidlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xencr.sim.errors import XapiError, sr_backend_failure, sr_no_space
+from xencr.sim.values import NULL_REF
+
+if TYPE_CHECKING:
+    from xencr.sim.db import Database
+    from xencr.sim.pool_state import PoolState
+
+MIB = 1024 * 1024
+VHD_BLOCK_SIZE = 2 * MIB  # vhdutil.VHD_BLOCK_SIZE
+MIN_VHD_SIZE = 2 * MIB  # vhdutil.MIN_VHD_SIZE
+MAX_VHD_SIZE = 2040 * 1024 * MIB  # vhdutil.MAX_VHD_SIZE
+MAX_CHAIN_SIZE = 30  # vhdutil.MAX_CHAIN_SIZE
+# Physical room a new VHD's metadata needs (footer copy, header, BAT): checked before creating one.
+METADATA_RESERVE = 64 * 1024
+
+
+def engine() -> Any:
+    """The Rust engine (imported late so the protocol side works while it is being built)."""
+    from xencr import _engine
+
+    return _engine
+
+
+def round_vhd_size(size: int) -> int:
+    """``vhdutil.validate_and_round_vhd_size``: up to 2 MiB blocks, min 2 MiB, max 2040 GiB."""
+    if size < 0 or size > MAX_VHD_SIZE:
+        raise sr_backend_failure(
+            79, f"VDI Invalid size [opterr=VDI size must be between 1 MB and {MAX_VHD_SIZE // MIB} MB]"
+        )
+    size = max(size, MIN_VHD_SIZE)
+    return (size + VHD_BLOCK_SIZE - 1) // VHD_BLOCK_SIZE * VHD_BLOCK_SIZE
+
+
+class Storage:
+    def __init__(self, pool: PoolState) -> None:
+        self.pool = pool
+        # One lock per VDI file: guest writes, imports and merges of one chain never interleave.
+        self._file_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    @property
+    def db(self) -> Database:
+        return self.pool.db
+
+    def file_lock(self, vdi_uuid: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._file_locks.setdefault(vdi_uuid, threading.Lock())
+
+    # ------------------------------------------------------------------ paths and chains
+
+    def sr_dir(self, sr_ref: str) -> Path:
+        path = self.pool.dir / f"sr-{self.db.get('SR', sr_ref)['uuid']}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def path(self, vdi_ref: str) -> Path:
+        row = self.db.get("VDI", vdi_ref)
+        return self.sr_dir(row["SR"]) / f"{row['uuid']}.vhd"
+
+    def parent_ref(self, vdi_ref: str) -> str | None:
+        row = self.db.get("VDI", vdi_ref)
+        parent_uuid = row["sm_config"].get("vhd-parent")
+        if not parent_uuid:
+            return None
+        for ref, rec in self.db.items("VDI"):
+            if rec["uuid"] == parent_uuid and rec["SR"] == row["SR"]:
+                return str(ref)
+        return None
+
+    def chain(self, vdi_ref: str) -> list[str]:
+        """VDI refs from the leaf up to the root."""
+        refs = [vdi_ref]
+        while (parent := self.parent_ref(refs[-1])) is not None:
+            refs.append(parent)
+        return refs
+
+    def parents(self, vdi_ref: str) -> list[str]:
+        return [str(self.path(r)) for r in self.chain(vdi_ref)[1:]]
+
+    def has_file(self, vdi_ref: str) -> bool:
+        return self.path(vdi_ref).exists()
+
+    # ------------------------------------------------------------------ space (xapi.md 3.9)
+
+    def used(self, sr_ref: str) -> int:
+        directory = self.sr_dir(sr_ref)
+        total = sum(p.stat().st_size for p in directory.glob("*.vhd"))
+        return total + self.pool.faults.sr_fill.get(self.db.get("SR", sr_ref)["uuid"], 0)
+
+    def free(self, sr_ref: str) -> int:
+        return int(self.db.get("SR", sr_ref)["physical_size"]) - self.used(sr_ref)
+
+    def ensure_space(self, sr_ref: str, needed: int) -> None:
+        if self.free(sr_ref) < needed:
+            raise sr_no_space()
+
+    def refresh(self, sr_ref: str) -> None:
+        """Recompute physical_utilisation of the SR and its VDIs, and virtual_allocation."""
+        with self.db.lock:
+            for ref, rec in self.db.items("VDI"):
+                if rec["SR"] != sr_ref:
+                    continue
+                path = self.sr_dir(sr_ref) / f"{rec['uuid']}.vhd"
+                size = path.stat().st_size if path.exists() else 0
+                if rec["physical_utilisation"] != size:
+                    self.db.update("VDI", ref, physical_utilisation=size)
+            allocation = sum(
+                int(rec["virtual_size"]) for _, rec in self.db.items("VDI")
+                if rec["SR"] == sr_ref and rec["managed"]
+            )
+            self.db.update("SR", sr_ref, physical_utilisation=self.used(sr_ref),
+                           virtual_allocation=allocation)
+
+    # ------------------------------------------------------------------ file operations
+
+    def create_file(self, sr_ref: str, vdi_uuid: str, size: int) -> None:
+        self.ensure_space(sr_ref, METADATA_RESERVE)
+        engine().create(str(self.sr_dir(sr_ref) / f"{vdi_uuid}.vhd"), size, uuid=vdi_uuid)
+
+    def delete_file(self, vdi_ref: str) -> None:
+        path = self.path(vdi_ref)
+        if path.exists():
+            path.unlink()
+
+    def delete_file_path(self, path: str) -> None:
+        p = Path(path)
+        if p.exists():
+            p.unlink()
+
+    def snapshot_files(self, vdi_ref: str) -> tuple[str, str]:
+        """``FileVDI._snapshot`` with SNAPSHOT_DOUBLE: returns (base copy uuid, new leaf uuid).
+
+        The source file is renamed to the base copy (new UUID in its footer), a differencing child
+        with the source's UUID takes its old path, and a second child becomes the new leaf.
+        """
+        row = self.db.get("VDI", vdi_ref)
+        sr_ref = row["SR"]
+        if len(self.chain(vdi_ref)) >= MAX_CHAIN_SIZE:
+            # XE_SR_ERRORCODES.xml 109 SnapshotChainTooLong
+            raise sr_backend_failure(109, "The snapshot chain is too long")
+        self.ensure_space(sr_ref, 2 * METADATA_RESERVE)
+        eng = engine()
+        directory = self.sr_dir(sr_ref)
+        src = directory / f"{row['uuid']}.vhd"
+        base_uuid, leaf_uuid = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+        base = directory / f"{base_uuid}.vhd"
+        with self.file_lock(row["uuid"]):
+            os.rename(src, base)
+            try:
+                eng.set_uuid(str(base), base_uuid)
+                size = int(eng.virtual_size(str(base)))
+                eng.create(str(src), size, parent=str(base), uuid=row["uuid"])
+                eng.create(str(directory / f"{leaf_uuid}.vhd"), size, parent=str(base), uuid=leaf_uuid)
+            except Exception:
+                if not src.exists():
+                    os.rename(base, src)
+                raise
+        return base_uuid, leaf_uuid
+
+    def write(self, vdi_ref: str, offset: int, data: bytes) -> None:
+        row = self.db.get("VDI", vdi_ref)
+        if offset < 0 or offset + len(data) > int(row["virtual_size"]):
+            raise XapiError("VDI_IO_ERROR", "Device I/O errors")
+        self.ensure_space(row["SR"], len(data) + 2 * VHD_BLOCK_SIZE)
+        with self.file_lock(row["uuid"]):
+            engine().write(str(self.path(vdi_ref)), offset, data, parents=self.parents(vdi_ref))
+
+    def read(self, vdi_ref: str, offset: int, length: int) -> bytes:
+        data: bytes = engine().read(str(self.path(vdi_ref)), offset, length, parents=self.parents(vdi_ref))
+        return data
+
+    def sha256(self, vdi_ref: str) -> str:
+        digest: str = engine().sha256(str(self.path(vdi_ref)), parents=self.parents(vdi_ref))
+        return digest
+
+    def resize(self, vdi_ref: str, size: int) -> None:
+        raise XapiError("NOT_IMPLEMENTED", "VDI.resize (engine has no resize)")
+
+
+def null_or(ref: str) -> str | None:
+    return None if ref == NULL_REF else ref

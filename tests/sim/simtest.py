@@ -1,0 +1,100 @@
+"""Helpers shared by the simulator tests: the in-process simulator and SDK conveniences."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import xmlrpc.client
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import XenAPI
+
+from xencr.sim.control import serve
+
+MIB = 1024 * 1024
+DISK = 8 * MIB
+
+
+@dataclass
+class Sim:
+    state: Path
+    password: str
+    urls: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    sessions: list[Any] = field(default_factory=list)
+
+    def session(self, pool: int = 0) -> Any:
+        """A logged-in official SDK session on pool ``pool`` (logged out at teardown)."""
+        s = XenAPI.Session(self.urls[pool])
+        s.xenapi.login_with_password("root", self.password, "1.0", "xencr-tests")
+        self.sessions.append(s)
+        return s
+
+    def raw(self, pool: int = 0, path: str = "/") -> xmlrpc.client.ServerProxy:
+        """A plain XML-RPC proxy: sees the Status structs the SDK hides."""
+        return xmlrpc.client.ServerProxy(self.urls[pool] + path)
+
+    def start(self) -> None:
+        self.stop = threading.Event()
+        ready = threading.Event()
+        urls: list[str] = []
+
+        def announce(line: str) -> None:
+            urls.append(line.split()[1])
+            if len(urls) == 2:
+                ready.set()
+
+        def run() -> None:
+            serve(self.state, pools=None, host="127.0.0.1", port=0, password_file=None, auth_delay=0.0,
+                  announce=announce, stop=self.stop)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(30), "simulator did not start"
+        self.urls = urls
+
+    def shutdown(self) -> None:
+        for s in self.sessions:
+            with contextlib.suppress(Exception):
+                s.xenapi.session.logout()
+        self.sessions.clear()
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+
+
+def user_vms(x: Any) -> dict[str, dict[str, Any]]:
+    return {r: v for r, v in x.VM.get_all_records().items()
+            if not v["is_control_domain"] and not v["is_a_snapshot"] and not v["is_a_template"]}
+
+
+def first_vm(x: Any, name: str = "vm0") -> str:
+    refs = x.VM.get_by_name_label(name)
+    assert refs, name
+    return str(refs[0])
+
+
+def vm_disk(x: Any, vm: str) -> str:
+    for vbd in x.VM.get_VBDs(vm):
+        if x.VBD.get_type(vbd) == "Disk":
+            return str(x.VBD.get_VDI(vbd))
+    raise AssertionError("no disk")
+
+
+def failure(exc: pytest.ExceptionInfo[Any]) -> list[str]:
+    details: list[str] = exc.value.details
+    return details
+
+
+def wait_task(x: Any, task: str) -> dict[str, Any]:
+    """Wait for a task with event.from (no sleeps), return its record."""
+    token = ""
+    while True:
+        record: dict[str, Any] = x.task.get_record(task)
+        if record["status"] not in ("pending", "cancelling"):
+            return record
+        token = x.event_from([f"task/{task}"], token, 5.0)["token"]
