@@ -8,7 +8,9 @@ connection (the SDK keeps its connection open, event.from long-polls and transfe
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +47,11 @@ class Handler(BaseHTTPRequestHandler):
         # Request lines carry session refs in query strings (secrets): log the path only.
         log.debug("pool%d %s", self.server.pool.index, urlsplit(self.path).path)
 
+    def setup(self) -> None:
+        super().setup()
+        # Replies are written in one piece, and without Nagle's delay (keep-alive RPC latency).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     # ---------------------------------------------------------------- helpers
 
     def _body(self) -> bytes:
@@ -53,13 +60,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: bytes, content_type: str,
                extra: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        """Status line, headers and body in one write (no Nagle/delayed-ACK stall on keep-alive)."""
+        headers = {"Server": self.version_string(), "Date": self.date_time_string(),
+                   "Content-Type": content_type, "Content-Length": str(len(body)), **(extra or {})}
+        if headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+        phrase = HTTPStatus(status).phrase
+        head = f"{self.protocol_version} {status} {phrase}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.wfile.write(head.encode("latin-1") + body)
 
     def _error_page(self, status: int) -> None:
         extra = {"Connection": "close"}
