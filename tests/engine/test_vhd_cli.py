@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,3 +214,50 @@ def test_full_stream_to_stdout_via_process(chain: tuple[str, str], tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert b"full stream" in done.stderr
     assert eng.sha256(str(tmp_path / "full.vhd")) == SPEC_CHAIN
+
+
+def test_merge(chain: tuple[str, str], tmp_path: Path) -> None:
+    child, base = chain
+    code, out, _ = run("vhd", "merge", child)
+    assert code == 0, out
+    assert out.startswith(f"merged {child} into {base}") and "5 blocks" in out
+    assert not os.path.exists(base)
+    assert eng.sha256(child) == SPEC_CHAIN
+    code, _, err = run("vhd", "merge", child)
+    assert code == 1
+    assert "not a differencing disk" in one_error_line(err)
+
+
+def test_merge_json(chain: tuple[str, str]) -> None:
+    child, base = chain
+    code, out, _ = run("vhd", "merge", child, "--parent", base, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["result"] == child and report["blocks_merged"] == 5
+
+
+def test_diff(chain: tuple[str, str], tmp_path: Path) -> None:
+    child, base = chain
+    code, out, _ = run("vhd", "diff", base, child)
+    assert code == 0
+    assert out.splitlines()[0].startswith("5 of 32 units of 2.0 MiB differ")
+    assert out.splitlines()[1] == "changed units: 1, 3, 5-6, 31"
+    code, out, _ = run("vhd", "diff", base, child, "--granularity", "64K", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["granularity"] == 64 << 10 and report["units"] == 1024
+    # The child's writes: sectors 4100+8, 12288+4096, 20490+20, 24576+8, 131064+8.
+    assert report["changed"] == [32, *range(96, 128), 160, 192, 1023]
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(pattern_raw(64 * MiB, 0xBA5E, BASE_EXTENTS))
+    code, out, _ = run("vhd", "diff", str(raw), base)
+    assert code == 0 and out.startswith("0 of 32 units")
+
+
+def test_demo_verifies(tmp_path: Path) -> None:
+    code, out, _ = run("demo", "--keep", str(tmp_path / "demo"))
+    assert code == 0, out
+    assert "$ xencr vhd info child.vhd" in out
+    assert "base.vhd: ok" in out and "child.vhd: ok" in out
+    assert f"chain   sha256 {SPEC_CHAIN}" in out
+    assert out.rstrip().splitlines()[-1].startswith("verified: ")

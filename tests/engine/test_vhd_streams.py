@@ -240,3 +240,14 @@ def test_stream_length_header_fields(chain: tuple[str, str]) -> None:
     leaf, base = chain
     bat = -(-32 * 4 // SECTOR) * SECTOR
     assert eng.stream_length(leaf, base) == 512 + 1024 + 512 + bat + 5 * (SECTOR + 2 * MiB) + 512
+
+
+def test_coalesce_partial_bitmap_vector_is_sector_exact(chain: tuple[str, str], tmp_path: Path) -> None:
+    """Merging the partial-bitmap child keeps the parent's sectors (XO's merge gives 2df6...)."""
+    leaf, base = chain
+    report = eng.coalesce(leaf)
+    assert report["sectors_merged"] == 8 + 4096 + 20 + 8 + 8
+    assert eng.check(leaf) == []
+    assert eng.info(leaf)["disk_type"] == "dynamic"
+    assert eng.sha256(leaf) == SPEC_CHAIN
+    assert not Path(base).exists()
