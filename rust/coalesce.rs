@@ -200,7 +200,10 @@ fn copy_sectors(c: &VhdFile, p: &mut VhdFile) -> Result<(u64, u64)> {
             continue;
         };
         c.read_exact_at(&mut bm, at)?;
-        let limit = std::cmp::min(spb as u64, size_sectors - u64::from(b) * spb as u64) as usize;
+        let limit = std::cmp::min(
+            spb as u64,
+            size_sectors.saturating_sub(u64::from(b) * spb as u64),
+        ) as usize;
         let runs: Vec<_> = bitmap::runs(&bm, 0, limit)
             .into_iter()
             .filter(|r| r.2)

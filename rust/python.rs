@@ -331,24 +331,46 @@ fn export_stream<'py>(
     report_to_py(py, &r)
 }
 
-/// The stream's source: caller's prefix bytes (already read off the socket), then the rest.
+/// The stream's source: caller's prefix bytes (already read off the socket), then the rest,
+/// and its total length: as given, else what a regular file holds, so that every BAT entry is
+/// bounded before the first write. A pipe or socket without a given length stays unbounded.
 fn open_source(
     src: Endpoint,
     prefix: Vec<u8>,
     length: Option<u64>,
-) -> crate::Result<Box<dyn std::io::Read + Send>> {
-    use std::io::Read;
-    let rest: Box<dyn Read + Send> = match src {
-        Endpoint::Fd(fd) => Box::new(FdReader(borrow_fd(fd))),
+) -> crate::Result<(Box<dyn std::io::Read + Send>, Option<u64>)> {
+    use std::io::{Read, Seek};
+    let (rest, remaining): (Box<dyn Read + Send>, Option<u64>) = match src {
+        Endpoint::Fd(fd) => {
+            let mut f = borrow_fd(fd);
+            let meta = f
+                .metadata()
+                .ctx(|| format!("cannot stat descriptor {fd}"))?;
+            let remaining = if meta.is_file() {
+                let pos = f
+                    .stream_position()
+                    .ctx(|| format!("cannot tell descriptor {fd}"))?;
+                Some(meta.len().saturating_sub(pos))
+            } else {
+                None
+            };
+            (Box::new(FdReader(f)), remaining)
+        }
         Endpoint::Path(p) => {
-            Box::new(File::open(&p).ctx(|| format!("cannot open {}", p.display()))?)
+            let f = File::open(&p).ctx(|| format!("cannot open {}", p.display()))?;
+            let len = f
+                .metadata()
+                .ctx(|| format!("cannot stat {}", p.display()))?
+                .len();
+            (Box::new(f), Some(len))
         }
     };
+    let length = length.or(remaining.map(|r| r + prefix.len() as u64));
     let joined = std::io::Cursor::new(prefix).chain(rest);
     Ok(match length {
         // Never read past the announced length: the socket may carry more after it.
-        Some(n) => Box::new(joined.take(n)),
-        None => Box::new(joined),
+        Some(n) => (Box::new(joined.take(n)), Some(n)),
+        None => (Box::new(joined), None),
     })
 }
 
@@ -390,7 +412,7 @@ fn apply_stream<'py>(
                 )))
             }
         };
-        let source = open_source(src, prefix, length)?;
+        let (source, length) = open_source(src, prefix, length)?;
         apply(
             source,
             t,
@@ -415,7 +437,7 @@ fn transform<'py>(
     require_full_bitmaps: bool,
 ) -> PyRes<Bound<'py, PyDict>> {
     let r = detached(py, || {
-        let source = open_source(src, prefix, length)?;
+        let (source, length) = open_source(src, prefix, length)?;
         let opts = ParseOptions {
             length,
             require_full_bitmaps,

@@ -144,7 +144,7 @@ pub fn describe_file(f: &VhdFile) -> Result<Value> {
         "bitmap_empty": empty,
         "blocks_in_ascending_file_order": ascending,
         "first_block_offset": offsets.iter().min(),
-        "end_of_data": offsets.iter().max().map(|m| m + block_len),
+        "end_of_data": offsets.iter().max().map_or(f.file_size - 512, |m| m + block_len),
     });
     if let Some(bm) = &f.batmap {
         v["batmap"] = json!({
