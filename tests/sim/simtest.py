@@ -98,3 +98,20 @@ def wait_task(x: Any, task: str) -> dict[str, Any]:
         if record["status"] not in ("pending", "cancelling"):
             return record
         token = x.event_from([f"task/{task}"], token, 5.0)["token"]
+
+
+def http_request(sim: Sim, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, pool: int = 0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a fresh connection; returns status, headers and the whole body."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(sim.urls[pool])
+    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=60)
+    try:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+    finally:
+        conn.close()

@@ -50,38 +50,34 @@ class Collector:
         return None
 
     def collect(self, sr: str) -> int:
-        """Coalesce until nothing is left to do; returns the number of merges."""
+        """Coalesce until nothing is left to do; returns the number of merges.
+
+        Each merge runs under the pool's database lock (no RPC sees a half-merged chain) and
+        only while no transfer uses the SR."""
         merges = 0
+        db = self.pool.db
+        storage = self.pool.storage
         with self.lock:
             while True:
-                with self.pool.db.lock:
-                    if not self.pool.db.exists("SR", sr):
+                with db.lock:
+                    if not db.exists("SR", sr):
                         return merges
                     found = self._candidate(sr)
                     if found is None:
                         return merges
                     base, child = found
-                    storage = self.pool.storage
-                    child_row = self.pool.db.get("VDI", child)
-                    base_row = self.pool.db.get("VDI", base)
-                    child_path, base_path = str(storage.path(child)), str(storage.path(base))
-                    lock = storage.file_lock(child_row["uuid"])
-                    self.busy[sr] = self.busy.get(sr, 0) + 1
-                try:
-                    with lock:
-                        engine().coalesce(child_path, base_path)
-                finally:
-                    with self.pool.db.lock:
-                        self.busy[sr] -= 1
-                with self.pool.db.lock:
-                    sm_config = dict(self.pool.db.get("VDI", child)["sm_config"])
+                    child_row, base_row = db.get("VDI", child), db.get("VDI", base)
+                    base_path = str(storage.path(base))
+                    with storage.file_lock(child_row["uuid"]):
+                        engine().coalesce(str(storage.path(child)), base_path)
+                    sm_config = dict(child_row["sm_config"])
                     grand = base_row["sm_config"].get("vhd-parent")
                     if grand:
                         sm_config["vhd-parent"] = grand
                     else:
                         sm_config.pop("vhd-parent", None)
-                    self.pool.db.update("VDI", child, sm_config=sm_config)
-                    self.pool.db.delete("VDI", base)
+                    db.update("VDI", child, sm_config=sm_config)
+                    db.delete("VDI", base)
                     storage.delete_file_path(base_path)
                     storage.refresh(sr)
                     self.pool.save()

@@ -216,29 +216,37 @@ def _export(t: Transfer) -> None:
         base_path = str(pool.storage.path(base)) if base else None
         base_parents = pool.storage.parents(base) if base else None
         sr = row["SR"]
-    # The VDI (and base) are attached read-only to dom0 before the headers go out.
-    vbds = [_dom0_attach(pool, vdi)] + ([_dom0_attach(pool, base)] if base else [])
-    _send_headers(req, 200, {
-        "task-id": task,
-        "Content-Type": CONTENT_TYPES[fmt],
-        "Content-Disposition": f'attachment; filename="{row["uuid"]}.{fmt}"',
-        "Cache-Control": "no-cache, no-store",
-        "Connection": "close",
-    })
-    req.close_connection = True
-    if fmt == "raw" and base is not None:
-        for vbd in vbds:
-            _dom0_detach(pool, vbd)
-        pool.tasks.fail(task, XapiError("INTERNAL_ERROR", "raw export with base is not simulated"))
-        return
-    pool.gc.transfer(sr, +1)
-    drop, flip, rate = pool.faults.take_transfer("export")
-    if _cancelled(pool, task):
+        pool.gc.transfer(sr, +1)  # the chains just resolved must not be coalesced meanwhile
+    vbds: list[str] = []
+    try:
+        # The VDI (and base) are attached read-only to dom0 before the headers go out.
+        vbds = [_dom0_attach(pool, vdi)] + ([_dom0_attach(pool, base)] if base else [])
+        _send_headers(req, 200, {
+            "task-id": task,
+            "Content-Type": CONTENT_TYPES[fmt],
+            "Content-Disposition": f'attachment; filename="{row["uuid"]}.{fmt}"',
+            "Cache-Control": "no-cache, no-store",
+            "Connection": "close",
+        })
+        req.close_connection = True
+        if fmt == "raw" and base is not None:
+            pool.tasks.fail(task, XapiError("INTERNAL_ERROR", "raw export with base is not simulated"))
+            return
+        drop, flip, rate = pool.faults.take_transfer("export")
+        if _cancelled(pool, task):
+            pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
+            return
+        _send_export(pool, req, task, row["uuid"], fmt, path, parents, base_path, base_parents,
+                     drop, flip, rate)
+    finally:
         pool.gc.transfer(sr, -1)
         for vbd in vbds:
             _dom0_detach(pool, vbd)
-        pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
-        return
+
+
+def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: str, fmt: str, path: str,
+                 parents: list[str], base_path: str | None, base_parents: list[str] | None,
+                 drop: int | None, flip: int | None, rate: int | None) -> None:
     sock_fd = req.connection.fileno()
     eng = engine()
 
@@ -252,15 +260,11 @@ def _export(t: Transfer) -> None:
             produce(sock_fd)
         else:
             _through_pipe(produce, lambda rfd: _fault_copy(rfd, sock_fd, drop, flip, rate))
-    except (XapiError, OSError, ConnectionError, Exception) as err:
-        pool.log.warning("export of %s failed: %s", row["uuid"], err)
+    except Exception as err:  # vhd-tool failing mid-stream: VDI_IO_ERROR, connection cut
+        pool.log.warning("export of %s failed: %s", uuid, err)
         pool.tasks.fail(task, IO_ERROR)
     else:
         pool.tasks.complete(task, "")
-    finally:
-        pool.gc.transfer(sr, -1)
-        for vbd in vbds:
-            _dom0_detach(pool, vbd)
 
 
 # ------------------------------------------------------------------------------------------ import
@@ -327,24 +331,25 @@ def _import(t: Transfer) -> None:
         path, parents = str(pool.storage.path(vdi)), pool.storage.parents(vdi)
         sr_ref = row["SR"]
         virtual_size = int(row["virtual_size"])
-    # xapi answers 200 before reading the body; the outcome is only in the task.
-    _send_headers(req, 200, {"task-id": task, "Content-Type": "application/octet-stream",
-                             "Connection": "close"})
-    req.close_connection = True
-    if _cancelled(pool, task):
-        pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
-        return
-    pool.gc.transfer(sr_ref, +1)
-    drop, flip, rate = pool.faults.take_transfer("import")
+        pool.gc.transfer(sr_ref, +1)
     try:
-        with pool.storage.file_lock(row["uuid"]):
-            _receive(pool, req, fmt, "chunked" in q, path, parents, length, virtual_size, sr_ref,
-                     drop, flip, rate)
-    except Exception as err:
-        pool.log.warning("import into %s failed: %s", row["uuid"], err)
-        pool.tasks.fail(task, IO_ERROR)
-    else:
-        pool.tasks.complete(task, wire_xmlrpc.value(vdi))
+        # xapi answers 200 before reading the body; the outcome is only in the task.
+        _send_headers(req, 200, {"task-id": task, "Content-Type": "application/octet-stream",
+                                 "Connection": "close"})
+        req.close_connection = True
+        if _cancelled(pool, task):
+            pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
+            return
+        drop, flip, rate = pool.faults.take_transfer("import")
+        try:
+            with pool.storage.file_lock(row["uuid"]):
+                _receive(pool, req, fmt, "chunked" in q, path, parents, length, virtual_size, sr_ref,
+                         drop, flip, rate)
+        except Exception as err:  # any failure after the 200 is VDI_IO_ERROR in the task
+            pool.log.warning("import into %s failed: %s", row["uuid"], err)
+            pool.tasks.fail(task, IO_ERROR)
+        else:
+            pool.tasks.complete(task, wire_xmlrpc.value(vdi))
     finally:
         pool.gc.transfer(sr_ref, -1)
         with pool.db.lock:

@@ -204,8 +204,24 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
         target_path, target_parents = str(storage.path(target)), storage.parents(target)
         base_path = str(storage.path(base_vdi)) if base_vdi != NULL_REF else None
         base_parents = storage.parents(base_vdi) if base_vdi != NULL_REF else None
+        # the chains just resolved must not be coalesced while the copy reads them
+        ctx.pool.gc.transfer(row["SR"], +1)
+        ctx.pool.gc.transfer(target_row["SR"], +1)
     eng = engine()
-    with storage.file_lock(target_row["uuid"]):
+    try:
+        _copy_data(eng, storage.file_lock(target_row["uuid"]), src_path, src_parents, target_path,
+                   target_parents, base_path, base_parents)
+    finally:
+        ctx.pool.gc.transfer(row["SR"], -1)
+        ctx.pool.gc.transfer(target_row["SR"], -1)
+    with db.lock:
+        storage.refresh(target_row["SR"])
+    return target
+
+
+def _copy_data(eng: Any, lock: Any, src_path: str, src_parents: list[str], target_path: str,
+               target_parents: list[str], base_path: str | None, base_parents: list[str] | None) -> None:
+    with lock:
         if base_path is None:
             _pipe_stream(
                 lambda fd: eng.export_stream(src_path, fd, parents=src_parents),
@@ -217,9 +233,6 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
                                            b_parents=src_parents),
                 lambda fd: eng.apply_stream(fd, target_path, parents=target_parents),
             )
-    with db.lock:
-        storage.refresh(target_row["SR"])
-    return target
 
 
 @handler("VDI.copy", locked=False)
