@@ -36,4 +36,7 @@ if ! .venv/bin/python -c 'import xencr._engine, maturin' >/dev/null 2>&1; then
 fi
 # Rebuild the extension when the Rust sources changed (cargo makes this a no-op otherwise).
 say "building the engine (maturin develop --release)"
-.venv/bin/maturin develop --release -q
+if ! log="$(.venv/bin/maturin develop --release 2>&1)"; then
+  echo "$log" >&2
+  exit 1
+fi
