@@ -150,7 +150,11 @@ def apply_stream(
     parents: list[str] | None = None,
 ) -> StreamReport:
     """Consume a stream forward-only as XAPI's import does: only sectors whose bit is set are
-    written, into a raw file or a VHD leaf. All metadata is validated before the first write."""
+    written, into a raw file or a VHD leaf. All metadata is validated before the first write.
+
+    ``length`` is the stream's total size (an HTTP ``Content-Length``, ``prefix`` included); for
+    a path or a regular file it defaults to what the file holds. With a length, every BAT entry
+    is bounded before anything is written; never more than ``length`` bytes are read."""
 
 def transform(
     src: int | str,
