@@ -115,3 +115,40 @@ def http_request(sim: Sim, method: str, path: str, body: bytes | None = None,
         return r.status, {k.lower(): v for k, v in r.getheaders()}, data
     finally:
         conn.close()
+
+
+def put_stream(sim: Sim, path: str, body: bytes, pool: int = 0) -> tuple[int, dict[str, str]]:
+    """PUT the way a streaming client does: read the 200 (sent before the body is consumed), then
+    send the body, tolerating a server that cuts the connection mid-body."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(sim.urls[pool])
+    with socket.create_connection((u.hostname or "", u.port or 80), timeout=60) as sock:
+        request = f"PUT {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        try:
+            sock.sendall(body)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    return status, headers
+
+
+def export_path(session: Any, vdi: str, fmt: str = "vhd", extra: str = "") -> str:
+    return f"/export_raw_vdi?session_id={session._session}&vdi={vdi}&format={fmt}{extra}"
+
+
+def import_path(session: Any, vdi: str, fmt: str = "vhd", extra: str = "") -> str:
+    return f"/import_raw_vdi?session_id={session._session}&vdi={vdi}&format={fmt}{extra}"

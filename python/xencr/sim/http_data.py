@@ -385,13 +385,19 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
         return
     if fmt == "vhd":
         remaining = None if length is None else length - len(prefix)
+        head = bytearray(prefix)
+        if flip is not None and flip < len(head):
+            head[flip] ^= 0xFF
+        if drop is not None and drop < len(head):
+            del head[drop:]
 
         def feed(wfd: int) -> None:
-            os.write(wfd, prefix) if prefix else None
-            _fault_copy(sock_fd, wfd, None if drop is None else max(0, drop - len(prefix)),
-                        None if flip is None else flip - len(prefix), rate, remaining)
-            if drop is not None:
-                raise ConnectionAbortedError("dropped")
+            if head:
+                os.write(wfd, head)
+            if drop is not None and drop <= len(prefix):
+                raise ConnectionAbortedError("fault: connection dropped")
+            _fault_copy(sock_fd, wfd, None if drop is None else drop - len(prefix),
+                        None if flip is None or flip < len(prefix) else flip - len(prefix), rate, remaining)
 
         _through_pipe(feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents))
         return
