@@ -174,13 +174,7 @@ def _corrupt(stream: bytes, where: str) -> bytes:
     return bytes(v.b)
 
 
-# Engine bug (reported to the lead): BAT entries are not bounded by the known stream length
-# before the first write, so an entry flipped to point past the end is only noticed when the
-# stream ends, after the other blocks were written. Strict: a fix makes this pass loudly.
-_BAT_BOUNDS = pytest.mark.xfail(strict=True, reason="engine: BAT not bounded by stream length before writing")
-
-
-@pytest.mark.parametrize("where", ["footer", "header", pytest.param("bat", marks=_BAT_BOUNDS), "bitmap"])
+@pytest.mark.parametrize("where", ["footer", "header", "bat", "bitmap"])
 def test_corrupt_stream_rejected_before_any_write(
     chain: tuple[str, str], tmp_path: Path, base_raw: Path, where: str
 ) -> None:
@@ -251,3 +245,41 @@ def test_coalesce_partial_bitmap_vector_is_sector_exact(chain: tuple[str, str], 
     assert eng.info(leaf)["disk_type"] == "dynamic"
     assert eng.sha256(leaf) == SPEC_CHAIN
     assert not Path(base).exists()
+
+
+def test_every_bat_byte_flip_rejected_before_any_write(
+    chain: tuple[str, str], tmp_path: Path, base_raw: Path
+) -> None:
+    """Any single-bit change of any allocated BAT entry is caught before the first write: the
+    entries are bounded by the stream length and must follow each other without overlap."""
+    leaf, base = chain
+    delta = tmp_path / "delta.vhd"
+    eng.export_stream(leaf, str(delta), base)
+    data = delta.read_bytes()
+    before = base_raw.read_bytes()
+    v = VhdBytes(data)
+    bad = tmp_path / "bad.vhd"
+    for index in v.allocated():
+        for byte in range(4):
+            mutated = bytearray(data)
+            mutated[v.table_offset + 4 * index + byte] ^= 0x01
+            bad.write_bytes(bytes(mutated))
+            with pytest.raises(eng.VhdError):
+                eng.apply_stream(str(bad), str(base_raw), target_format="raw", require_full_bitmaps=True)
+            assert base_raw.read_bytes() == before, (index, byte)
+
+
+def test_last_bitmap_flip_rejected(chain: tuple[str, str], tmp_path: Path, base_raw: Path) -> None:
+    """Rejected, but forward-only with bounded memory: the blocks before it were already
+    written (as with XAPI's own import), so only the first block's case is checked unchanged."""
+    leaf, base = chain
+    delta = tmp_path / "delta.vhd"
+    eng.export_stream(leaf, str(delta), base)
+    v = VhdBytes(delta.read_bytes())
+    last = max(v.bat(i) for i in v.allocated()) * SECTOR
+    v.b[last + 7] ^= 0x10
+    bad = tmp_path / "bad.vhd"
+    v.save(bad)
+    with pytest.raises(eng.VhdError) as err:
+        eng.apply_stream(str(bad), str(base_raw), target_format="raw", require_full_bitmaps=True)
+    assert err.value.kind == "partial_bitmap"

@@ -83,13 +83,7 @@ def test_read_ranges_through_chain(vectors: Path) -> None:
 DERIVED = {"checksum_ok", "cookie_ok", "reserved_nonzero"}
 
 
-# The engine reports blocks.end_of_data = None for a file with no blocks; the dump gives the end
-# of the metadata. Reported to the lead; strict, so a fix makes these pass loudly.
-_NO_BLOCKS = pytest.mark.xfail(strict=True, reason="engine: blocks.end_of_data is None without blocks")
-INFO_CASES = [pytest.param(n, marks=_NO_BLOCKS) if "empty" in n else n for n in FILES]
-
-
-@pytest.mark.parametrize("name", INFO_CASES)
+@pytest.mark.parametrize("name", FILES)
 def test_info_matches_independent_dump(vectors: Path, name: str) -> None:
     dump = parse_inspect(VECTORS_SRC / name.replace(".vhd", ".inspect.txt"))
     info = eng.info(str(vectors / name))
