@@ -173,14 +173,14 @@ def implicit(ctx: Ctx, cls_name: str, msg: schema.Message, values: list[Any]) ->
     db = ctx.pool.db
     name = msg.name
     if name == "get_all":
-        return [r for r in db.refs(cls_name) if visible(ctx, cls_name, r)]
+        return db.refs(cls_name)
     if name == "get_all_records":
-        return {r: db.record(cls_name, r) for r in db.refs(cls_name) if visible(ctx, cls_name, r)}
+        return {r: db.record(cls_name, r) for r in db.refs(cls_name)}
     if name == "get_by_uuid":
         ref = db.by_uuid(cls_name, values[0])
         return ref
     if name == "get_by_name_label":
-        return [r for r in db.find(cls_name, name_label=values[0]) if visible(ctx, cls_name, r)]
+        return db.find(cls_name, name_label=values[0])
     ref = values[0]
     if name == "get_record":
         return db.record(cls_name, ref)
@@ -218,11 +218,6 @@ def implicit(ctx: Ctx, cls_name: str, msg: schema.Message, values: list[Any]) ->
         db.update(cls_name, ref, **{f.name: [x for x in record[f.name] if x != values[1]]})
         return None
     raise XapiError("NOT_IMPLEMENTED", f"{cls_name}.{name}")
-
-
-def visible(ctx: Ctx, cls_name: str, ref: str) -> bool:
-    """Internal rows (a task's hidden owner etc.) are always visible; hook kept for symmetry."""
-    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from urllib.parse import parse_qs, urlsplit
 from xencr.sim import wire_xmlrpc
 from xencr.sim.errors import HttpFailure, XapiError
 from xencr.sim.storage import engine
-from xencr.sim.values import NULL_REF
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler
@@ -212,6 +211,9 @@ def _export(t: Transfer) -> None:
         raise HttpFailure(404)
     with pool.db.lock:
         row = pool.db.get("VDI", vdi)
+        if row["type"] == "cbt_metadata":  # cannot be attached to dom0: no data to send
+            pool.tasks.fail(task, XapiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata"))
+            raise HttpFailure(500)
         path, parents = str(pool.storage.path(vdi)), pool.storage.parents(vdi)
         base_path = str(pool.storage.path(base)) if base else None
         base_parents = pool.storage.parents(base) if base else None
@@ -437,5 +439,3 @@ def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list
         if not chunk or (length is not None and offset >= length):
             return
 
-
-_ = NULL_REF

@@ -12,7 +12,6 @@ from typing import Any
 from xencr.sim.dispatch import Ctx
 from xencr.sim.guest import pattern
 from xencr.sim.pool_state import PoolState
-from xencr.sim.values import NULL_REF
 
 GIB = 1024**3
 MIB = 1024**2
@@ -120,7 +119,6 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
     for sr in srs:
         pool.storage.refresh(sr)
     db.save()
-    _ = NULL_REF
 
 
 def init_state(root: Path, pools: int, *, vms: int = 2, disk_size: int = 16 * MIB,

@@ -15,13 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from xencr.sim import api, http_data, wire_jsonrpc, wire_xmlrpc
+from xencr.sim import api, http_data, wire_jsonrpc, wire_xmlrpc  # noqa: F401 - api registers handlers
 from xencr.sim.api.sim import dispatch_sim
 from xencr.sim.dispatch import dispatch
 from xencr.sim.errors import HttpFailure, XapiError
 from xencr.sim.pool_state import PoolState
 
-_ = api  # registers the handlers
 log = logging.getLogger("xencr.sim.http")
 
 HTML_500 = b"<html><body><h1>HTTP 500 internal server error</h1>An unexpected error occurred; please wait a while and try again. If the problem persists, please contact your support representative.<h1> Additional information </h1></body></html>"  # noqa: E501

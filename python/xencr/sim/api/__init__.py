@@ -2,6 +2,7 @@
 
 from xencr.sim.api import (  # noqa: F401 - imported for registration
     appliance,
+    cbt,
     event,
     host_pool,
     network,

@@ -6,7 +6,6 @@ import os
 import threading
 from typing import Any
 
-from xencr.sim import schema
 from xencr.sim.api.ctor import ctor_fields
 from xencr.sim.db import Database
 from xencr.sim.dispatch import Ctx, handler, require
@@ -180,6 +179,10 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
     storage = ctx.pool.storage
     with db.lock:
         row = require(ctx, "VDI", vdi)
+        if row["type"] == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
+        if row["on_boot"] == "reset":
+            raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
         if sr != NULL_REF:
             require(ctx, "SR", sr)
         if base_vdi != NULL_REF:
@@ -277,5 +280,3 @@ def lookup(db: Database, value: str) -> str:
     ref: str = db.ref_of("VDI", value)
     return ref
 
-
-_ = schema  # the schema module is used by ctor_fields; kept imported for type references

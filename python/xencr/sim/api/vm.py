@@ -9,14 +9,13 @@ from typing import Any
 
 from xencr.sim.api import vdi as vdi_api
 from xencr.sim.api.ctor import ctor_fields
-from xencr.sim.api.vbd import create_vbd, used_slots
+from xencr.sim.api.vbd import used_slots
 from xencr.sim.api.vif import generate_mac
 from xencr.sim.api.vm_checks import assert_operation
 from xencr.sim.dispatch import Ctx, handler, require
 from xencr.sim.errors import XapiError
 from xencr.sim.values import EPOCH, NULL_REF, now
 
-_STATE = {"halted": "Halted", "running": "Running", "paused": "Paused", "suspended": "Suspended"}
 _VBD_COPIED = ("userdevice", "bootable", "mode", "type", "unpluggable", "empty", "other_config",
                "qos_algorithm_type", "qos_algorithm_params")
 _VIF_COPIED = ("device", "network", "MTU", "other_config", "qos_algorithm_type", "qos_algorithm_params",
@@ -444,9 +443,3 @@ def update_allowed_operations(ctx: Ctx, vm: str) -> None:
     _vm(ctx, vm)
     ctx.db.touch("VM", vm)
 
-
-def state_name(lower: str) -> str:
-    return _STATE[lower]
-
-
-_ = create_vbd
