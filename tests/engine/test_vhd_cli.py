@@ -261,3 +261,17 @@ def test_demo_verifies(tmp_path: Path) -> None:
     assert "base.vhd: ok" in out and "child.vhd: ok" in out
     assert f"chain   sha256 {SPEC_CHAIN}" in out
     assert out.rstrip().splitlines()[-1].startswith("verified: ")
+
+
+def test_json_reports_of_convert_stream_apply(chain: tuple[str, str], tmp_path: Path) -> None:
+    child, base = chain
+    code, out, _ = run("vhd", "convert", child, str(tmp_path / "flat.vhd"), "--json")
+    assert code == 0 and json.loads(out)["virtual_size"] == 64 * MiB
+    code, out, _ = run("vhd", "stream", child, "-b", base, "-o", str(tmp_path / "d.vhd"), "--json")
+    assert code == 0 and json.loads(out)["disk_type"] == "differencing"
+    replica = tmp_path / "r.raw"
+    replica.write_bytes(pattern_raw(64 * MiB, 0xBA5E, BASE_EXTENTS))
+    code, out, _ = run("vhd", "apply", str(tmp_path / "d.vhd"), str(replica), "--json")
+    assert code == 0 and json.loads(out)["blocks"] == 5
+    assert file_sha256(replica) == SPEC_CHAIN
+    assert eng.sha256(str(tmp_path / "flat.vhd")) == SPEC_CHAIN

@@ -206,6 +206,7 @@ def convert(
     block_size: Annotated[
         str, typer.Option("--block-size", help="Block size of a dynamic output (power of two).")
     ] = "2M",
+    as_json: JsonFlag = False,
 ) -> None:
     """Convert between raw images and fixed or dynamic VHDs (zero blocks are never allocated).
 
@@ -231,6 +232,9 @@ def convert(
         )
         p.done(int(report.get("bytes_written", 0)))
     details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.items())
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
     typer.echo(f"converted {src} ({src_format}) -> {dst} ({to_format.value}): {details}")
 
 
@@ -263,6 +267,7 @@ def stream(
     rate_limit: Annotated[
         str | None, typer.Option("--rate-limit", metavar="RATE", help="Bytes per second, e.g. 100M.")
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Write an XAPI-style VHD export stream (what /export_raw_vdi?format=vhd sends): full, or a
     delta against --base.
@@ -290,7 +295,8 @@ def stream(
     with Progress(f"stream {node}", total, watch=output) as p:
         report = eng.export_stream(node, dst, base, rate_limit=limit, **kwargs)
         p.done(int(report["bytes_out"]))
-    typer.echo(_stream_summary(report), err=output is None)
+    # The summary goes to stderr when the stream itself is on stdout.
+    typer.echo(json.dumps(report, indent=2) if as_json else _stream_summary(report), err=output is None)
 
 
 @vhd_app.command()
@@ -306,6 +312,7 @@ def apply(
         typer.Option("--require-full-bitmaps", help="Reject partial bitmaps, as XAPI exports have none."),
     ] = False,
     parent: Parents = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Apply a VHD stream with XAPI import semantics: only sectors whose bitmap bit is set are
     written, at their virtual offsets. All metadata is validated before the first write.
@@ -326,6 +333,9 @@ def apply(
             src, target, target_format=fmt, require_full_bitmaps=require_full_bitmaps, parents=parent
         )
         p.done(int(report["bytes_in"]))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
     typer.echo(
         f"applied {report['bytes_in']} bytes, {report['blocks']} blocks, "
         f"{report['sectors_written']} sectors written to {target} ({fmt})"
