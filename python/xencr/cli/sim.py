@@ -57,8 +57,11 @@ def serve(
     password_file: Annotated[Path | None, typer.Option(help="File holding the root password.")] = None,
     auth_delay: Annotated[float, typer.Option(help="Seconds before a failed login answers (xapi: 5).")] = 5.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every fault and request.")] = False,
+    tls: Annotated[bool, typer.Option("--tls", help="Serve HTTPS with a self-signed certificate in DIR/tls.")]
+    = False,
 ) -> None:
-    """Serve the pools until SIGTERM/SIGINT; prints one line per pool URL.
+    """Serve the pools until SIGTERM/SIGINT; prints one line per pool URL (and, with --tls, the
+    certificate's path and SHA-256 fingerprint first).
 
     Example: xencr sim serve --state /tmp/sim --port 8480
     """
@@ -74,7 +77,7 @@ def serve(
 
     try:
         run(state, pools=pools, host=host, port=port, password_file=password_file, auth_delay=auth_delay,
-            announce=announce)
+            announce=announce, tls=tls)
     except StateBusy:
         _fail(f"{state} is already served by another process")
     except (ValueError, OSError) as err:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import threading
 import xmlrpc.client
 from collections.abc import Callable, Iterator
@@ -64,9 +65,11 @@ def load_pools(root: Path, password: str, *, auth_delay: float) -> list[PoolStat
 
 
 def serve(root: Path, *, pools: int | None, host: str, port: int, password_file: Path | None,
-          auth_delay: float, announce: Callable[[str], None], stop: threading.Event | None = None) -> None:
+          auth_delay: float, announce: Callable[[str], None], stop: threading.Event | None = None,
+          tls: bool = False) -> None:
     """Serve every pool of ``root`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     from xencr.sim.server import Simulator
+    from xencr.sim.tls import ensure_certificate, fingerprint, server_context
 
     root.mkdir(parents=True, exist_ok=True)
     with state_lock(root, wait=False):
@@ -80,11 +83,16 @@ def serve(root: Path, *, pools: int | None, host: str, port: int, password_file:
         token = secrets.token_hex(16)
         for p in states:
             p.control_token = token
-        sim = Simulator(states, host, port)
+        context = None
+        if tls:
+            cert, key = ensure_certificate(root, host)
+            context = server_context(cert, key)
+            announce(f"tls {cert} sha256 {fingerprint(cert)}")
+        sim = Simulator(states, host, port, context)
         info = root / SERVER_FILE
         fd = os.open(info, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "urls": sim.urls(), "token": token}, f)
+            json.dump({"pid": os.getpid(), "urls": sim.urls(), "token": token, "tls": tls}, f)
         done = stop or threading.Event()
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -111,7 +119,9 @@ def sim_call(root: Path, method: str, *params: Any, vdi_uuid: str | None = None,
         indexes = [pool_index] if pool_index is not None else list(range(len(urls)))
         last: Exception | None = None
         for i in indexes:
-            proxy = xmlrpc.client.ServerProxy(urls[i] + "/", allow_none=False)
+            context = ssl.create_default_context(cafile=str(root / "tls" / "cert.pem")) \
+                if server.get("tls") else None
+            proxy = xmlrpc.client.ServerProxy(urls[i] + "/", allow_none=False, context=context)
             reply = getattr(proxy, method)(server["token"], *params)
             if reply.get("Status") == "Success":
                 return reply["Value"]

@@ -123,9 +123,9 @@ def _cancelled(pool: PoolState, task: str) -> bool:
             "current_operations"].values()
 
 
-def _fault_copy(src_fd: int, dst_fd: int, drop: int | None, flip: int | None, rate: int | None,
-                limit: int | None = None) -> int:
-    """Copy ``src_fd`` → ``dst_fd`` in bounded chunks, applying faults; returns bytes copied.
+def _fault_copy(read: Callable[[int], bytes], write: Callable[[bytes], None], drop: int | None,
+                flip: int | None, rate: int | None, limit: int | None = None) -> int:
+    """Copy ``read`` → ``write`` in bounded chunks, applying faults; returns bytes copied.
 
     Raises ``ConnectionAbortedError`` when the drop point is reached."""
     copied = 0
@@ -136,17 +136,14 @@ def _fault_copy(src_fd: int, dst_fd: int, drop: int | None, flip: int | None, ra
             want = min(want, drop - copied)
             if want <= 0:
                 raise ConnectionAbortedError(f"fault: connection dropped after {copied} bytes")
-        chunk = os.read(src_fd, want)
+        chunk = read(want)
         if not chunk:
             break
         if flip is not None and copied <= flip < copied + len(chunk):
             b = bytearray(chunk)
             b[flip - copied] ^= 0xFF
             chunk = bytes(b)
-        view = memoryview(chunk)
-        while view:
-            n = os.write(dst_fd, view)
-            view = view[n:]
+        write(chunk)
         copied += len(chunk)
         if rate:
             ahead = copied / rate - (time.monotonic() - started)
@@ -155,6 +152,15 @@ def _fault_copy(src_fd: int, dst_fd: int, drop: int | None, flip: int | None, ra
     if drop is not None and copied >= drop:
         raise ConnectionAbortedError(f"fault: connection dropped after {copied} bytes")
     return copied
+
+
+def _fd_writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return write
 
 
 def _through_pipe(produce: Callable[[int], Any], consume: Callable[[int], Any]) -> Any:
@@ -258,10 +264,12 @@ def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: 
         return eng.cat(path, fd, parents=parents)
 
     try:
-        if drop is None and flip is None and rate is None:
+        if drop is None and flip is None and rate is None and not pool.tls:
             produce(sock_fd)
-        else:
-            _through_pipe(produce, lambda rfd: _fault_copy(rfd, sock_fd, drop, flip, rate))
+        else:  # faults or TLS: bounded Python copy from a pipe to the (possibly TLS) socket
+            sock = req.connection
+            _through_pipe(produce, lambda rfd: _fault_copy(lambda n: os.read(rfd, n), sock.sendall,
+                                                           drop, flip, rate))
     except Exception as err:  # vhd-tool failing mid-stream: VDI_IO_ERROR, connection cut
         pool.log.warning("export of %s failed: %s", uuid, err)
         pool.tasks.fail(task, IO_ERROR)
@@ -376,7 +384,7 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
     eng = engine()
     prefix = _buffered_prefix(req, length)
     sock_fd = req.connection.fileno()
-    faulty = drop is not None or flip is not None or rate is not None
+    faulty = drop is not None or flip is not None or rate is not None or pool.tls
     if length is not None:
         # A full SR fails the write: room for the incoming data is checked up front.
         with pool.db.lock:
@@ -395,10 +403,10 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
 
         def feed(wfd: int) -> None:
             if head:
-                os.write(wfd, head)
+                _fd_writer(wfd)(bytes(head))
             if drop is not None and drop <= len(prefix):
                 raise ConnectionAbortedError("fault: connection dropped")
-            _fault_copy(sock_fd, wfd, None if drop is None else drop - len(prefix),
+            _fault_copy(_body_reader(req), _fd_writer(wfd), None if drop is None else drop - len(prefix),
                         None if flip is None or flip < len(prefix) else flip - len(prefix), rate, remaining)
 
         _through_pipe(feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents))
@@ -406,6 +414,17 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
     if chunked:
         raise XapiError("INTERNAL_ERROR", "chunked raw import is not simulated")
     _receive_raw(req, eng, path, parents, prefix, length, virtual_size, drop, flip, rate)
+
+
+def _body_reader(req: BaseHTTPRequestHandler) -> Callable[[int], bytes]:
+    """Reads of at most n bytes from the request body (plain or TLS socket)."""
+    rfile: Any = req.rfile
+
+    def read(n: int) -> bytes:
+        data: bytes = rfile.read1(n)
+        return data
+
+    return read
 
 
 def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
@@ -418,7 +437,7 @@ def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list
     while True:
         want = COPY_CHUNK if length is None else min(COPY_CHUNK, length - offset - len(pending))
         if want > 0:
-            chunk = req.rfile.read1(want) if hasattr(req.rfile, "read1") else req.rfile.read(want)
+            chunk = _body_reader(req)(want)
             pending += chunk
         else:
             chunk = b"x"

@@ -46,6 +46,7 @@ class PoolState:
         self.address = "127.0.0.1"
         self.port = 0
         self.control_token = ""
+        self.tls = False  # data handlers cannot hand a TLS socket's fd to the engine
 
     @property
     def pool_ref(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +48,10 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("pool%d %s", self.server.pool.index, urlsplit(self.path).path)
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(60)
+            self.request.do_handshake()
+            self.request.settimeout(None)
         super().setup()
         # Replies are written in one piece, and without Nagle's delay (keep-alive RPC latency).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -178,25 +183,36 @@ class PoolServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, pool: PoolState, host: str, port: int) -> None:
+    def __init__(self, pool: PoolState, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.pool = pool
+        self.tls = tls
         super().__init__((host, port), Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.tls is not None:
+            # the handshake runs in the connection's own thread (Handler.setup), not in accept
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
 
 class Simulator:
     """All pools of one state directory, served until :meth:`stop`."""
 
-    def __init__(self, pools: list[PoolState], host: str, base_port: int) -> None:
+    def __init__(self, pools: list[PoolState], host: str, base_port: int,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.pools = pools
+        self.scheme = "https" if tls else "http"
         self.servers: list[PoolServer] = []
         for i, pool in enumerate(pools):
-            server = PoolServer(pool, host, base_port + i if base_port else 0)
+            pool.tls = tls is not None
+            server = PoolServer(pool, host, base_port + i if base_port else 0, tls)
             pool.address, pool.port = host, server.server_address[1]
             self.servers.append(server)
         self.threads: list[threading.Thread] = []
 
     def urls(self) -> list[str]:
-        return [f"http://{p.address}:{p.port}" for p in self.pools]
+        return [f"{self.scheme}://{p.address}:{p.port}" for p in self.pools]
 
     def start(self) -> None:
         for server in self.servers:
@@ -212,7 +228,3 @@ class Simulator:
             t.join()
         for pool in self.pools:
             pool.save()
-
-    def describe(self) -> dict[str, Any]:
-        return {"pools": [{"index": p.index, "url": f"http://{p.address}:{p.port}"} for p in self.pools]}
-
