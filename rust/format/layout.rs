@@ -20,9 +20,9 @@ pub fn blocks_needed(size: u64, block_size: u32) -> u64 {
     size.div_ceil(u64::from(block_size))
 }
 
-/// Checks of the header against the footer and the file size that must pass before the BAT
-/// can be read (so that no allocation is made from an unchecked size).
-pub fn check_header(footer: &Footer, header: &Header, file_size: u64) -> Result<(), VhdError> {
+/// The table's size: capped (so a crafted header cannot make us allocate gigabytes) and large
+/// enough to cover the disk. Shared by files and streams.
+pub fn check_table(footer: &Footer, header: &Header) -> Result<(), VhdError> {
     if header.max_table_entries > MAX_TABLE_ENTRIES {
         return Err(VhdError::TooLarge {
             structure: "header",
@@ -32,9 +32,7 @@ pub fn check_header(footer: &Footer, header: &Header, file_size: u64) -> Result<
             limit: u64::from(MAX_TABLE_ENTRIES),
         });
     }
-    let data_end = file_size.saturating_sub(FOOTER_SIZE);
-    let needed = blocks_needed(footer.current_size, header.block_size);
-    if u64::from(header.max_table_entries) < needed {
+    if u64::from(header.max_table_entries) < blocks_needed(footer.current_size, header.block_size) {
         return Err(VhdError::TableTooSmall {
             offset: footer.data_offset + 28,
             entries: header.max_table_entries,
@@ -42,6 +40,14 @@ pub fn check_header(footer: &Footer, header: &Header, file_size: u64) -> Result<
             size: footer.current_size,
         });
     }
+    Ok(())
+}
+
+/// Checks of the header against the footer and the file size that must pass before the BAT
+/// can be read (so that no allocation is made from an unchecked size).
+pub fn check_header(footer: &Footer, header: &Header, file_size: u64) -> Result<(), VhdError> {
+    check_table(footer, header)?;
+    let data_end = file_size.saturating_sub(FOOTER_SIZE);
     let bat_len = bat::padded_size(header.max_table_entries);
     if header.table_offset % 512 != 0
         || header.table_offset < FOOTER_SIZE

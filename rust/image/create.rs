@@ -29,7 +29,8 @@ pub fn vhd_now() -> u32 {
     unix.saturating_sub(VHD_EPOCH_OFFSET) as u32
 }
 
-fn mtime_vhd(path: &Path) -> u32 {
+/// A file's modification time in the VHD epoch (what parent timestamps hold).
+pub fn mtime_vhd(path: &Path) -> u32 {
     std::fs::metadata(path)
         .and_then(|m| m.modified())
         .ok()

@@ -51,7 +51,7 @@ impl StreamLayout {
         let mut header = Header::new(TABLE_OFFSET, entries, block_size);
         if let Some((pf, path)) = parent {
             header.parent_uuid = pf.uuid;
-            header.parent_timestamp = mtime_vhd(path);
+            header.parent_timestamp = crate::image::create::mtime_vhd(path);
             let name = path.display().to_string();
             header.set_parent_name(&name);
             header.locators[0] = ParentLocator {
@@ -96,16 +96,6 @@ impl StreamLayout {
         out.extend_from_slice(&bat::to_bytes(&entries));
         out
     }
-}
-
-fn mtime_vhd(path: &Path) -> u32 {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| {
-            d.as_secs().saturating_sub(crate::format::VHD_EPOCH_OFFSET) as u32
-        })
 }
 
 /// Identity of a chain layer, as vhd-tool keys them (UUID + file name).

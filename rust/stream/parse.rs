@@ -8,10 +8,8 @@ use std::io::Read;
 use super::digest::block_digest;
 use super::StreamReport;
 use crate::error::{Result, VhdError};
-use crate::format::layout::blocks_needed;
-use crate::format::{
-    bat, bitmap, DiskType, Footer, Header, FOOTER_SIZE, HEADER_SIZE, MAX_TABLE_ENTRIES, UNALLOCATED,
-};
+use crate::format::layout::{blocks_needed, check_table};
+use crate::format::{bat, bitmap, DiskType, Footer, Header, FOOTER_SIZE, HEADER_SIZE, UNALLOCATED};
 
 /// What a stream declares before its first block.
 #[derive(Debug, Clone)]
@@ -149,24 +147,8 @@ fn read_head<R: Read>(r: &mut Forward<R>, opts: &ParseOptions) -> Result<(Stream
     let mut hb = [0u8; 1024];
     r.read_exact(&mut hb, "header")?;
     let header = Header::parse(&hb, footer.data_offset)?;
+    check_table(&footer, &header)?;
     let needed = blocks_needed(footer.current_size, header.block_size);
-    if u64::from(header.max_table_entries) < needed {
-        return Err(VhdError::TableTooSmall {
-            offset: footer.data_offset + 28,
-            entries: header.max_table_entries,
-            covered: u64::from(header.max_table_entries) * u64::from(header.block_size),
-            size: footer.current_size,
-        });
-    }
-    if header.max_table_entries > MAX_TABLE_ENTRIES {
-        return Err(VhdError::TooLarge {
-            structure: "header",
-            offset: footer.data_offset + 28,
-            what: "max table entries",
-            found: u64::from(header.max_table_entries),
-            limit: u64::from(MAX_TABLE_ENTRIES),
-        });
-    }
     let bat_len = bat::padded_size(header.max_table_entries);
     let meta_end = footer.data_offset + HEADER_SIZE;
     if header.table_offset < meta_end || header.table_offset % 512 != 0 {
