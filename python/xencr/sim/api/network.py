@@ -24,6 +24,8 @@ def create(ctx: Ctx, record: dict[str, Any]) -> str:
 @handler("network.destroy")
 def destroy(ctx: Ctx, network: str) -> None:
     require(ctx, "network", network)
-    if any(ctx.db.get("VIF", v)["currently_attached"] for v in ctx.db.reverse("network", "VIFs", network)):
-        raise XapiError("NETWORK_CONTAINS_VIF", *ctx.db.reverse("network", "VIFs", network))
+    vifs = ctx.db.reverse("network", "VIFs", network)
+    connected = [v for v in vifs if ctx.db.get("VIF", v)["currently_attached"]]
+    if connected:  # xapi_network.ml destroy
+        raise XapiError("NETWORK_CONTAINS_VIF", *connected)
     ctx.db.delete("network", network)

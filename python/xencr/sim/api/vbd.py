@@ -54,7 +54,7 @@ def create_vbd(ctx: Ctx, fields: dict[str, Any]) -> str:
     if userdevice == "autodetect":
         free = [n for n in range(MAX_USERDEVICE + 1) if n not in used]
         if not free:
-            raise XapiError("NO_MORE_VBDS_ALLOWED")  # chosen without source
+            raise XapiError("INVALID_DEVICE", userdevice)  # xapi_vbd.ml: no possibility left
         userdevice = str(free[0])
     n = _device_number(userdevice)
     if n is None or n > MAX_USERDEVICE:
@@ -80,29 +80,34 @@ def destroy(ctx: Ctx, vbd: str) -> None:
     ctx.db.delete("VBD", vbd)
 
 
-def _running(ctx: Ctx, vm: str) -> bool:
-    return bool(ctx.db.get("VM", vm)["power_state"] == "Running")
+def _check_plug(ctx: Ctx, vbd: str, op: str) -> dict[str, Any]:
+    """``xapi_vbd_helpers.ml`` check_operation_error for plug/unplug (first error wins)."""
+    row = require(ctx, "VBD", vbd)
+    if op != "plug" and not row["unpluggable"]:
+        raise XapiError("VBD_NOT_UNPLUGGABLE", vbd)
+    power = ctx.db.get("VM", row["VM"])["power_state"]
+    if power != "Running":
+        raise XapiError("VM_BAD_POWER_STATE", row["VM"], "running", power.lower())
+    if op == "plug" and row["currently_attached"]:
+        raise XapiError("DEVICE_ALREADY_ATTACHED", vbd)
+    if op != "plug" and not row["currently_attached"]:
+        raise XapiError("DEVICE_ALREADY_DETACHED", vbd)
+    return row
 
 
 @handler("VBD.plug")
 def plug(ctx: Ctx, vbd: str) -> None:
-    row = require(ctx, "VBD", vbd)
-    if not _running(ctx, row["VM"]):
-        actual = ctx.db.get("VM", row["VM"])["power_state"].lower()
-        raise XapiError("VM_BAD_POWER_STATE", row["VM"], "running", actual)
-    if row["currently_attached"]:
-        raise XapiError("DEVICE_ALREADY_ATTACHED", vbd)
+    _check_plug(ctx, vbd, "plug")
     ctx.db.update("VBD", vbd, currently_attached=True)
 
 
 @handler("VBD.unplug")
 def unplug(ctx: Ctx, vbd: str) -> None:
-    row = require(ctx, "VBD", vbd)
-    if not row["currently_attached"]:
-        raise XapiError("DEVICE_ALREADY_DETACHED", vbd)
+    _check_plug(ctx, vbd, "unplug")
     ctx.db.update("VBD", vbd, currently_attached=False)
 
 
 @handler("VBD.unplug_force")
 def unplug_force(ctx: Ctx, vbd: str) -> None:
-    unplug(ctx, vbd)
+    _check_plug(ctx, vbd, "unplug_force")
+    ctx.db.update("VBD", vbd, currently_attached=False)

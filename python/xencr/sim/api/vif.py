@@ -45,8 +45,8 @@ def create(ctx: Ctx, record: dict[str, Any]) -> str:
 @handler("VIF.destroy")
 def destroy(ctx: Ctx, vif: str) -> None:
     row = require(ctx, "VIF", vif)
-    if row["currently_attached"]:
-        raise XapiError("OPERATION_NOT_ALLOWED", f"VIF '{row['uuid']}' still attached")
+    if row["currently_attached"]:  # xapi_vif_helpers.ml destroy
+        raise XapiError("OPERATION_NOT_ALLOWED", "VIF currently attached to a running VM")
     ctx.db.delete("VIF", vif)
 
 

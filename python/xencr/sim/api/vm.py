@@ -351,8 +351,8 @@ def _halted_setter(ctx: Ctx, vm: str, op: str, **fields: Any) -> None:
 def set_memory_limits(ctx: Ctx, vm: str, static_min: int, static_max: int, dynamic_min: int,
                       dynamic_max: int) -> None:
     if not static_min <= dynamic_min <= dynamic_max <= static_max:
-        raise XapiError("MEMORY_CONSTRAINT_VIOLATION",
-                        "Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max")
+        # xapi_vm_memory_constraints.ml assert_valid
+        raise XapiError("MEMORY_CONSTRAINT_VIOLATION_ORDER")
     _halted_setter(ctx, vm, "changing_memory_limits", memory_static_min=static_min,
                    memory_static_max=static_max, memory_dynamic_min=dynamic_min,
                    memory_dynamic_max=dynamic_max)
