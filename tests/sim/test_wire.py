@@ -170,7 +170,7 @@ def test_alternative_names_and_no_async(sim: Sim) -> None:
     assert reply["Status"] == "Success"
     with pytest.raises(XenAPI.Failure) as exc:
         s.xenapi.Async.VM.get_all()
-    assert failure(exc) == ["Fault", "No async mode for this operation (rpc: Async.VM.get_all)"]
+    assert failure(exc) == ["Fault", "No async mode for this operation (rpc: VM.get_all)"]
 
 
 def test_system_methods_and_malformed_body(sim: Sim) -> None:
@@ -226,3 +226,19 @@ def test_concurrent_keepalive_sessions(sim: Sim) -> None:
     for t in threads:
         t.join(30)
     assert len(results) == 20 and len(set(results)) == 1
+
+
+def test_async_modes_follow_datamodel_flags(sim: Sim) -> None:
+    s = sim.session()
+    vm = first_vm(s.xenapi)
+    with pytest.raises(XenAPI.Failure) as exc:
+        s.xenapi.Async.VM.set_VCPUs_max(vm, "2")  # flagged without `Async in datamodel_vm.ml
+    assert failure(exc) == ["Fault", "No async mode for this operation (rpc: VM.set_VCPUs_max)"]
+    with pytest.raises(XenAPI.Failure) as exc:
+        s.xenapi.Async.task.create("t", "")
+    assert failure(exc) == ["Fault", "No async mode for this operation (rpc: task.create)"]
+    task = s.xenapi.Async.VM.set_order(vm, "1")  # custom setter with an async mode
+    assert task.startswith("OpaqueRef:")
+    # the session is checked before the async mode
+    reply = sim.raw().Async.VM.get_all("OpaqueRef:nope")
+    assert reply["ErrorDescription"] == ["SESSION_INVALID", "OpaqueRef:nope"]
