@@ -18,6 +18,10 @@ if [ ! -d fuzz ]; then
   echo "no fuzz/ directory yet: nothing to fuzz" >&2
   exit 1
 fi
+# Start from small valid inputs (made by the engine) so the fuzzer gets past cookies and checksums.
+if [ -x .venv/bin/python ] && .venv/bin/python -c 'import xencr._engine' 2>/dev/null; then
+  .venv/bin/python scripts/fuzz_seeds.py fuzz/corpus
+fi
 targets="$(cargo +nightly fuzz list)"
 [ -n "$targets" ] || { echo "no fuzz targets found" >&2; exit 1; }
 for t in $targets; do
