@@ -275,3 +275,15 @@ def test_json_reports_of_convert_stream_apply(chain: tuple[str, str], tmp_path: 
     assert code == 0 and json.loads(out)["blocks"] == 5
     assert file_sha256(replica) == SPEC_CHAIN
     assert eng.sha256(str(tmp_path / "flat.vhd")) == SPEC_CHAIN
+
+
+def test_check_requires_the_chain_unless_file_only(vectors: Path, tmp_path: Path) -> None:
+    lone = tmp_path / CHILD
+    shutil.copy(vectors / CHILD, lone)
+    code, out, _ = run("vhd", "check", str(lone))
+    assert code == 1
+    assert out.startswith(f"{lone}: parent of ") and "not found" in out
+    assert run("vhd", "check", str(lone), "--file-only")[0] == 0
+    assert run("vhd", "check", str(lone), "--parent", str(vectors / BASE))[0] == 0
+    code, out, _ = run("vhd", "check", str(lone), "--parent", str(vectors / "qemu-empty-dynamic.vhd"))
+    assert code == 1 and "expects" in out

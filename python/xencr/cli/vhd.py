@@ -129,12 +129,16 @@ def info(
 def check(
     files: Annotated[list[str], typer.Argument(help="VHD files to validate.", metavar="FILE...")],
     parent: Parents = None,
+    file_only: Annotated[
+        bool, typer.Option("--file-only", help="Do not require a differencing disk's parents.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Validate VHD files: exit 0 when all are valid, 1 with one line per problem otherwise.
 
     Checks cookies, versions, both checksums, the footer copy, BAT bounds and overlaps, the block
-    size, the table size and the parent locators (and the chain of a differencing disk).
+    size, the table size and the parent locators, then that a differencing disk's chain opens
+    (its parents found and their UUIDs matching), unless --file-only.
 
     Example:  xencr vhd check base.vhd child.vhd
     """
@@ -142,10 +146,15 @@ def check(
 
     results: dict[str, list[str]] = {}
     for path in files:
+        problems: list[str] = []
         try:
-            results[path] = list(eng.check(path, parent))
-        except OSError as err:
-            results[path] = [describe(err)]
+            problems = list(eng.check(path, parent))
+            if not problems and not file_only:
+                # A valid file whose parent is missing or wrong is not a usable disk.
+                eng.chain(path, parent)
+        except (OSError, eng.VhdError) as err:
+            problems.append(describe(err))
+        results[path] = problems
     if as_json:
         typer.echo(json.dumps({p: {"valid": not pr, "problems": pr} for p, pr in results.items()}, indent=2))
     else:
