@@ -212,3 +212,18 @@ def test_mac_generation_matches_xapi() -> None:
     second = hashlib.md5(data, usedforsecurity=False).digest()
     expected = [(data[0] | 2) & 0xFE, data[1], data[2], data[3], second[1], second[2]]
     assert generate_mac("seed", "1") == ":".join(f"{b:02x}" for b in expected)
+
+
+def test_get_all_records_where(sim: Sim) -> None:
+    x = sim.session().xenapi
+    found = x.VM.get_all_records_where('field "name_label"="vm0" and field "is_a_snapshot"="false"')
+    assert [r["name_label"] for r in found.values()] == ["vm0"]
+    dom0 = x.VM.get_all_records_where('field "is_control_domain"="true"')
+    assert len(dom0) == 1
+    everything = x.VM.get_all_records_where("true")
+    assert set(everything) == set(x.VM.get_all())
+    none = x.VM.get_all_records_where('not (field "power_state"="Halted" or field "power_state"="Running")')
+    assert none == {}
+    with pytest.raises(XenAPI.Failure) as exc:
+        x.VM.get_all_records_where('field "name_label"=')
+    assert exc.value.details[0] == "INTERNAL_ERROR"

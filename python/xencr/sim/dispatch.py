@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from xencr.sim import schema, wire_xmlrpc
+from xencr.sim import schema, where, wire_xmlrpc
 from xencr.sim.errors import XapiError, handle_invalid
 from xencr.sim.values import EPOCH, NULL_REF, now
 
@@ -105,7 +105,9 @@ def resolve(method: str) -> tuple[str, str, bool] | None:
     name = method[len("Async.") :] if is_async else method
     cls_name, dot, msg = name.partition(".")
     if dot:
-        if cls_name in schema.class_names() and msg in schema.cls(cls_name).messages:
+        if cls_name in schema.class_names() and (
+            msg in schema.cls(cls_name).messages or msg == "get_all_records_where"
+        ):
             return cls_name, msg, is_async
         return None
     if is_async:
@@ -114,6 +116,10 @@ def resolve(method: str) -> tuple[str, str, bool] | None:
         if name.startswith(c + "_") and name[len(c) + 1 :] in schema.cls(c).messages:
             return c, name[len(c) + 1 :], False
     return None
+
+
+# Hidden from xenapi.json but generated for every class (xapi.md 1.8).
+GET_ALL_RECORDS_WHERE = schema.Message("get_all_records_where", [("string", "expr")], "records", True)
 
 
 def has_async(cls_name: str, msg: schema.Message) -> bool:
@@ -130,7 +136,7 @@ def dispatch(pool: PoolState, method: str, params: list[Any]) -> Any:
             pool.check_session(params[0])
         raise XapiError("MESSAGE_METHOD_UNKNOWN", method.removeprefix("Async."))
     cls_name, msg_name, is_async = resolved
-    msg = schema.cls(cls_name).messages[msg_name]
+    msg = schema.cls(cls_name).messages.get(msg_name) or GET_ALL_RECORDS_WHERE
     full = f"{cls_name}.{msg_name}"
     has_session = full not in LOGIN_MESSAGES
     args = params[1:] if has_session else list(params)
@@ -193,6 +199,9 @@ def implicit(ctx: Ctx, cls_name: str, msg: schema.Message, values: list[Any]) ->
         return db.refs(cls_name)
     if name == "get_all_records":
         return {r: db.record(cls_name, r) for r in db.refs(cls_name)}
+    if name == "get_all_records_where":
+        predicate = where.parse(values[0])
+        return {r: db.record(cls_name, r) for r in db.refs(cls_name) if predicate(db.get(cls_name, r))}
     if name == "get_by_uuid":
         ref = db.by_uuid(cls_name, values[0])
         return ref
