@@ -305,3 +305,37 @@ def test_vdi_copy_into_with_base(sim: Sim) -> None:
     with pytest.raises(XenAPI.Failure) as exc:
         x.VDI.copy(snap2, "OpaqueRef:NULL", "OpaqueRef:NULL", small)
     assert failure(exc) == ["VDI_TOO_SMALL", small, str(8 * MIB)]
+
+
+def test_import_raw_chunked(sim: Sim) -> None:
+    s = sim.session()
+    x = s.xenapi
+    sr = x.pool.get_default_SR(x.pool.get_all()[0])
+    vdi = x.VDI.create({"SR": sr, "virtual_size": str(4 * MIB), "type": "user", "sharable": False,
+                        "read_only": False, "other_config": {}})
+    a, b = pattern_bytes("chunk-a", 0, 1000), pattern_bytes("chunk-b", 0, 70000)
+
+    def chunk(offset: int, data: bytes) -> bytes:
+        return offset.to_bytes(8, "little") + len(data).to_bytes(4, "little") + data
+
+    body = chunk(512, a) + chunk(3 * MIB, b) + bytes(12)
+    status, headers, _ = put(sim, s, vdi, body, "raw", "&chunked=true")
+    assert status == 200 and wait_task(x, headers["task-id"])["status"] == "success"
+    expected = bytearray(4 * MIB)
+    expected[512:512 + len(a)] = a
+    expected[3 * MIB:3 * MIB + len(b)] = b
+    assert hash_of(x, vdi) == hashlib.sha256(expected).hexdigest()
+
+
+def test_export_raw_with_base_zeroes_unchanged_blocks(sim: Sim) -> None:
+    s = sim.session()
+    x = s.xenapi
+    disk = vm_disk(x, first_vm(x, "vm1"))
+    snap1 = x.VDI.snapshot(disk)
+    x.sim.write(x.VDI.get_uuid(disk), str(2 * BLOCK + 7), "100", "raw-delta")
+    snap2 = x.VDI.snapshot(disk)
+    _, _, full = export(sim, s, snap2, "raw")
+    status, _, delta = export(sim, s, snap2, "raw", base=snap1)
+    assert status == 200 and len(delta) == len(full) == 8 * MIB
+    assert delta[2 * BLOCK:3 * BLOCK] == full[2 * BLOCK:3 * BLOCK]
+    assert delta[:2 * BLOCK] == bytes(2 * BLOCK) and delta[3 * BLOCK:] == bytes(len(full) - 3 * BLOCK)

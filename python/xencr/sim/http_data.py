@@ -237,9 +237,6 @@ def _export(t: Transfer) -> None:
             "Connection": "close",
         })
         req.close_connection = True
-        if fmt == "raw" and base is not None:
-            pool.tasks.fail(task, XapiError("INTERNAL_ERROR", "raw export with base is not simulated"))
-            return
         drop, flip, rate = pool.faults.take_transfer("export")
         if _cancelled(pool, task):
             pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
@@ -261,6 +258,8 @@ def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: 
     def produce(fd: int) -> Any:
         if fmt == "vhd":
             return eng.export_stream(path, fd, base=base_path, parents=parents, base_parents=base_parents)
+        if base_path is not None:
+            return _raw_delta(eng, fd, path, parents, base_path, base_parents)
         return eng.cat(path, fd, parents=parents)
 
     try:
@@ -275,6 +274,22 @@ def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: 
         pool.tasks.fail(task, IO_ERROR)
     else:
         pool.tasks.complete(task, "")
+
+
+def _raw_delta(eng: Any, fd: int, path: str, parents: list[str], base_path: str,
+               base_parents: list[str] | None) -> None:
+    """``format=raw`` with ``base``: vhd-tool writes the whole virtual size, the blocks a VHD delta
+    would carry with their data and everything else as zeros (xapi.md 4.2 step 6)."""
+    with open(os.devnull, "wb") as sink:
+        report = eng.export_stream(path, sink.fileno(), base=base_path, parents=parents,
+                                   base_parents=base_parents)
+    block, size = int(report["block_size"]), int(report["virtual_size"])
+    changed = {index for index, _ in report["digests"]}
+    write = _fd_writer(fd)
+    for index in range((size + block - 1) // block):
+        start = index * block
+        length = min(block, size - start)
+        write(eng.read(path, start, length, parents=parents) if index in changed else bytes(length))
 
 
 # ------------------------------------------------------------------------------------------ import
@@ -412,7 +427,8 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
         _through_pipe(feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents))
         return
     if chunked:
-        raise XapiError("INTERNAL_ERROR", "chunked raw import is not simulated")
+        _receive_chunked(req, eng, path, parents, prefix, virtual_size)
+        return
     _receive_raw(req, eng, path, parents, prefix, length, virtual_size, drop, flip, rate)
 
 
@@ -425,6 +441,44 @@ def _body_reader(req: BaseHTTPRequestHandler) -> Callable[[int], bytes]:
         return data
 
     return read
+
+
+def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = read(n - len(data))
+        if not chunk:
+            raise ConnectionError("body ended early")
+        data += chunk
+    return bytes(data)
+
+
+def _receive_chunked(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
+                     virtual_size: int) -> None:
+    """``chunked=true`` raw upload (vhd-tool ``chunked.ml``): ``{offset u64 LE, len u32 LE}`` headers
+    each followed by ``len`` bytes written at ``offset``, until a ``{0, 0}`` header."""
+    pending = bytearray(prefix)
+    body = _body_reader(req)
+
+    def read(n: int) -> bytes:
+        if pending:
+            out = bytes(pending[:n])
+            del pending[:n]
+            return out
+        return body(n)
+
+    while True:
+        header = _read_exact(read, 12)
+        offset, length = int.from_bytes(header[:8], "little"), int.from_bytes(header[8:], "little")
+        if offset == 0 and length == 0:
+            return
+        if offset + length > virtual_size:
+            raise OSError("chunk beyond the end of the VDI")
+        done = 0
+        while done < length:
+            data = _read_exact(read, min(COPY_CHUNK, length - done))
+            eng.write(path, offset + done, data, parents=parents)
+            done += len(data)
 
 
 def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
