@@ -139,3 +139,15 @@ def test_sim_call_errors(sim: Sim) -> None:
     assert failure(exc) == ["MESSAGE_METHOD_UNKNOWN", "sim.nothing"]
     reply = sim.raw().sim.faults("OpaqueRef:bad")
     assert reply["ErrorDescription"] == ["SESSION_INVALID", "OpaqueRef:bad"]
+
+
+def test_base_copies_are_not_managed(sim: Sim) -> None:
+    x = sim.session().xenapi
+    vdi = new_vdi(x)
+    x.VDI.snapshot(vdi)
+    base = x.VDI.get_by_uuid(x.VDI.get_sm_config(vdi)["vhd-parent"])
+    for call in (x.VDI.destroy, x.VDI.snapshot, x.VDI.clone):
+        with pytest.raises(XenAPI.Failure) as exc:
+            call(base)
+        assert failure(exc) == ["VDI_NOT_MANAGED", base]
+    assert x.VDI.get_allowed_operations(base) == []

@@ -72,9 +72,16 @@ def create(ctx: Ctx, record: dict[str, Any]) -> str:
     return new_vdi(ctx, sr, fields, file_size=size)
 
 
+def assert_managed(row: dict[str, Any], vdi: str) -> None:
+    """``Xapi_vdi_helpers.assert_managed`` (base copies are unmanaged)."""
+    if not row["managed"]:
+        raise XapiError("VDI_NOT_MANAGED", vdi)
+
+
 def destroy_vdi(ctx: Ctx, vdi: str) -> None:
     db = ctx.db
     row = require(ctx, "VDI", vdi)
+    assert_managed(row, vdi)
     assert_not_in_use(db, vdi, "destroy")
     sr = row["SR"]
     ctx.pool.storage.delete_file(vdi)
@@ -96,8 +103,7 @@ def destroy(ctx: Ctx, vdi: str) -> None:
 def _snapshot_or_clone(ctx: Ctx, vdi: str, *, is_snapshot: bool) -> str:
     db = ctx.db
     row = require(ctx, "VDI", vdi)
-    if not row["managed"]:
-        raise XapiError("OPERATION_NOT_ALLOWED", f"VDI {vdi} is not managed")
+    assert_managed(row, vdi)
     if row["type"] == "cbt_metadata":
         raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
     if is_snapshot and row["sharable"]:
@@ -179,6 +185,7 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
     storage = ctx.pool.storage
     with db.lock:
         row = require(ctx, "VDI", vdi)
+        assert_managed(row, vdi)
         if row["type"] == "cbt_metadata":
             raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
         if row["on_boot"] == "reset":
@@ -246,6 +253,7 @@ def copy(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
 @handler("VDI.resize")
 def resize(ctx: Ctx, vdi: str, size: int) -> None:
     row = require(ctx, "VDI", vdi)
+    assert_managed(row, vdi)
     assert_not_in_use(ctx.db, vdi, "resize")
     if size < int(row["virtual_size"]):
         # sm FileSR.resize: XE_SR_ERRORCODES 79 VDISize
