@@ -192,7 +192,6 @@ fn copy_sectors(c: &VhdFile, p: &mut VhdFile) -> Result<(u64, u64)> {
     let spb = c.header.as_ref().map_or(0, |h| h.sectors_per_block()) as usize;
     let bm_len = c.bitmap_bytes() as usize;
     let mut bm = vec![0u8; bm_len];
-    let mut data = vec![0u8; c.block_size() as usize];
     let (mut blocks, mut sectors) = (0u64, 0u64);
     let size_sectors = c.size() / 512;
     for b in 0..c.block_count() {
@@ -212,9 +211,8 @@ fn copy_sectors(c: &VhdFile, p: &mut VhdFile) -> Result<(u64, u64)> {
             continue;
         }
         for (start, len, _) in runs {
-            let buf = &mut data[..len * 512];
-            c.read_exact_at(buf, at + bm_len as u64 + start as u64 * 512)?;
-            p.write_block_sectors(b, start as u64, buf)?;
+            let src_at = at + bm_len as u64 + start as u64 * 512;
+            p.copy_block_sectors(b, start as u64, len as u64, c.file(), src_at)?;
             sectors += len as u64;
         }
         blocks += 1;

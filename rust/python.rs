@@ -565,6 +565,20 @@ fn diff_stream<'py>(
     report_to_py(py, &r.1)
 }
 
+#[pyfunction]
+fn probe_stream_length(py: Python<'_>, prefix: Vec<u8>) -> PyRes<(u64, Option<u64>)> {
+    use crate::stream::parse::{probe_length, HeadProbe};
+    detached(py, || {
+        Ok(match probe_length(&prefix)? {
+            HeadProbe::NeedMore(n) => (n, None),
+            HeadProbe::Complete {
+                head_len,
+                total_len,
+            } => (head_len, Some(total_len)),
+        })
+    })
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -590,6 +604,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_stream, m)?)?;
     m.add_function(wrap_pyfunction!(transform, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_stream_length, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(diff_stream, m)?)?;
     Ok(())

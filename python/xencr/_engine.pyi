@@ -156,6 +156,13 @@ def apply_stream(
     a path or a regular file it defaults to what the file holds. With a length, every BAT entry
     is bounded before anything is written; never more than ``length`` bytes are read."""
 
+def probe_stream_length(prefix: bytes) -> tuple[int, int | None]:
+    """The total length of a stream from its first bytes (footer, header, BAT), validated.
+
+    Returns ``(need, None)`` while ``prefix`` is too short (give at least ``need`` bytes), then
+    ``(head_length, total_length)``. XAPI's export sends no ``Content-Length`` and its import
+    requires one: a relay reads the head, announces the total, then forwards everything."""
+
 def transform(
     src: int | str,
     dst: int | str,

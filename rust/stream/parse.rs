@@ -284,3 +284,46 @@ pub fn parse<R: Read>(
     report.digests.sort_unstable_by_key(|d| d.0);
     Ok(report)
 }
+
+/// What the first bytes of a stream say about its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProbe {
+    /// Give at least this many bytes from the start of the stream.
+    NeedMore(u64),
+    /// The metadata (through the BAT) is `head_len` bytes; the whole stream is `total_len`.
+    Complete { head_len: u64, total_len: u64 },
+}
+
+/// The total length of a stream from its head alone (footer, header, BAT), validated. XAPI's
+/// export sends no `Content-Length` but its import needs one: reading the head first lets a
+/// relay announce the length before forwarding the first byte.
+pub fn probe_length(prefix: &[u8]) -> Result<HeadProbe> {
+    if prefix.len() < 512 {
+        return Ok(HeadProbe::NeedMore(512));
+    }
+    let footer = Footer::parse(prefix, 0)?;
+    let hdr_end = footer.data_offset.saturating_add(HEADER_SIZE);
+    if (prefix.len() as u64) < hdr_end {
+        return Ok(HeadProbe::NeedMore(hdr_end));
+    }
+    let header = Header::parse(&prefix[footer.data_offset as usize..], footer.data_offset)?;
+    check_table(&footer, &header)?;
+    let head_len = header
+        .table_offset
+        .saturating_add(bat::padded_size(header.max_table_entries));
+    if (prefix.len() as u64) < head_len {
+        return Ok(HeadProbe::NeedMore(head_len));
+    }
+    let mut r = Forward {
+        inner: &prefix[..head_len as usize],
+        pos: 0,
+        scratch: vec![0u8; 4096],
+    };
+    let (head, _) = read_head(&mut r, &ParseOptions::default())?;
+    let block_len = head.header.bitmap_bytes() + u64::from(head.header.block_size);
+    let data_end = head.blocks.last().map_or(head_len, |b| b.0 + block_len);
+    Ok(HeadProbe::Complete {
+        head_len,
+        total_len: std::cmp::max(data_end, head_len) + FOOTER_SIZE,
+    })
+}

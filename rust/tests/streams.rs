@@ -145,3 +145,32 @@ fn truncated_stream_is_an_error() {
         );
     }
 }
+
+#[test]
+fn length_is_known_from_the_head() {
+    use xencr_engine::stream::parse::{probe_length, HeadProbe};
+    for name in [
+        "caml-delta-stream.vhd",
+        "caml-full-stream.vhd",
+        "xo-stream-of-caml-diff.vhd",
+    ] {
+        let s = std::fs::read(common::vectors().join(name)).unwrap();
+        let mut have = 0u64;
+        let total = loop {
+            match probe_length(&s[..have as usize]).unwrap() {
+                HeadProbe::NeedMore(n) => {
+                    assert!(n > have, "{name}: progress");
+                    have = n;
+                }
+                HeadProbe::Complete {
+                    total_len,
+                    head_len,
+                } => {
+                    assert!(head_len <= have);
+                    break total_len;
+                }
+            }
+        };
+        assert_eq!(total, s.len() as u64, "{name}");
+    }
+}
