@@ -228,3 +228,16 @@ def test_appliance_start_order(sim: Sim) -> None:
         x.VM_appliance.start(app, False)
     assert failure(exc) == ["OPERATION_PARTIALLY_FAILED", "VM_appliance.start", vms[0]]
     x.VM_appliance.hard_shutdown(app)
+
+
+def test_running_vm_writes_on_its_own(sim: Sim) -> None:
+    x = sim.session().xenapi
+    vm = x.VM.clone(first_vm(x, "vm1"), "busy")
+    disk = vm_disk(x, vm)
+    before = x.sim.hash(x.VDI.get_uuid(disk))
+    x.VM.add_to_other_config(vm, "sim_writes_per_minute", "60")
+    assert x.sim.guest_tick("10") == "0"  # halted VMs do not write
+    x.VM.start(vm, False, False)
+    assert x.sim.guest_tick("3") == "3"  # 60 per minute = 3 writes in 3 s
+    x.VM.hard_shutdown(vm)
+    assert x.sim.hash(x.VDI.get_uuid(disk)) != before

@@ -8,6 +8,7 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
+from xencr.sim.activity import GuestActivity
 from xencr.sim.db import Database
 from xencr.sim.dispatch import TaskRunner
 from xencr.sim.errors import XapiError
@@ -43,6 +44,7 @@ class PoolState:
         self.tasks = TaskRunner(self)
         self.storage = Storage(self)
         self.gc = Collector(self)
+        self.guests = GuestActivity(self)
         self.address = "127.0.0.1"
         self.port = 0
         self.control_token = ""

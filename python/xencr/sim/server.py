@@ -219,8 +219,11 @@ class Simulator:
             t = threading.Thread(target=server.serve_forever, name=f"pool{server.pool.index}", daemon=True)
             t.start()
             self.threads.append(t)
+            server.pool.guests.start()
 
     def stop(self) -> None:
+        for pool in self.pools:
+            pool.guests.close()
         for server in self.servers:
             server.shutdown()
             server.server_close()
