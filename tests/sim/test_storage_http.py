@@ -339,3 +339,13 @@ def test_export_raw_with_base_zeroes_unchanged_blocks(sim: Sim) -> None:
     assert status == 200 and len(delta) == len(full) == 8 * MIB
     assert delta[2 * BLOCK:3 * BLOCK] == full[2 * BLOCK:3 * BLOCK]
     assert delta[:2 * BLOCK] == bytes(2 * BLOCK) and delta[3 * BLOCK:] == bytes(len(full) - 3 * BLOCK)
+
+
+def test_handler_task_labels(sim: Sim) -> None:
+    s = sim.session()
+    x = s.xenapi
+    vdi = vm_disk(x, first_vm(x))
+    _, headers, stream = export(sim, s, vdi, "raw")
+    assert x.task.get_name_label(headers["task-id"]) == "Exporting raw VDI"
+    _, headers, _ = put(sim, s, x.VDI.clone(vdi), stream, "raw")
+    assert x.task.get_name_label(headers["task-id"]) == "Importing raw VDI"

@@ -163,33 +163,29 @@ class Database:
     # ---------------------------------------------------------------- events
 
     def changes_since(self, generation: int, wanted: Callable[[str, str], bool]) -> list[Record]:
-        """One event per object changed after ``generation`` (xapi_event.ml ``from``)."""
-        events: list[Record] = []
+        """One event per object changed after ``generation`` (``xapi_event.ml`` collect_events):
+        an object created since is an ``add`` whose id is its creation generation, else a ``mod``
+        with its last modification; deletions of objects that existed at ``generation`` are
+        ``del`` without a snapshot. Order as xapi builds it: adds, then mods, then dels."""
+        adds: list[Record] = []
+        mods: list[Record] = []
+        dels: list[Record] = []
         for (cls, ref), (created, modified) in list(self.stats.items()):
             if modified > generation and wanted(cls, ref):
-                events.append(
-                    {
-                        "id": str(modified),
-                        "timestamp": "0.0",
-                        "class": cls.lower(),
-                        "operation": "add" if created > generation else "mod",
-                        "ref": ref,
-                        "snapshot": self.record(cls, ref),
-                    }
-                )
+                is_add = created > generation
+                (adds if is_add else mods).append({
+                    "id": str(created if is_add else modified),
+                    "timestamp": "0.0",
+                    "class": cls.lower(),
+                    "operation": "add" if is_add else "mod",
+                    "ref": ref,
+                    "snapshot": self.record(cls, ref),
+                })
         for d in self.deletions:
             if d.generation > generation and d.created <= generation and wanted(d.cls, d.ref):
-                events.append(
-                    {
-                        "id": str(d.generation),
-                        "timestamp": "0.0",
-                        "class": d.cls.lower(),
-                        "operation": "del",
-                        "ref": d.ref,
-                    }
-                )
-        events.sort(key=lambda e: int(e["id"]))
-        return events
+                dels.append({"id": str(d.generation), "timestamp": "0.0", "class": d.cls.lower(),
+                             "operation": "del", "ref": d.ref})
+        return [e for group in (adds, mods, dels) for e in sorted(group, key=lambda e: int(e["id"]))]
 
     # ---------------------------------------------------------------- persistence
 

@@ -192,7 +192,7 @@ def _through_pipe(produce: Callable[[int], Any], consume: Callable[[int], Any]) 
 
 
 def export_raw_vdi(pool: PoolState, req: BaseHTTPRequestHandler) -> None:
-    t = Transfer(pool, req, "VDI.export_raw_vdi")
+    t = Transfer(pool, req, "Exporting raw VDI")  # Xapi_http.with_context label
     try:
         _export(t)
     finally:
@@ -296,7 +296,7 @@ def _raw_delta(eng: Any, fd: int, path: str, parents: list[str], base_path: str,
 
 
 def import_raw_vdi(pool: PoolState, req: BaseHTTPRequestHandler) -> None:
-    t = Transfer(pool, req, "VDI.import")
+    t = Transfer(pool, req, "Importing raw VDI")  # Xapi_http.with_context label
     try:
         _import(t)
     finally:
