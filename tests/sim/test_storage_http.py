@@ -349,3 +349,18 @@ def test_handler_task_labels(sim: Sim) -> None:
     assert x.task.get_name_label(headers["task-id"]) == "Exporting raw VDI"
     _, headers, _ = put(sim, s, x.VDI.clone(vdi), stream, "raw")
     assert x.task.get_name_label(headers["task-id"]) == "Importing raw VDI"
+
+
+def test_resize_grows_and_keeps_content(sim: Sim) -> None:
+    s = sim.session()
+    x = s.xenapi
+    disk = vm_disk(x, first_vm(x, "vm1"))
+    x.VDI.snapshot(disk)  # a differencing leaf under a base copy
+    x.sim.write(x.VDI.get_uuid(disk), str(7 * MIB), str(MIB), "before-resize")
+    _, _, before = export(sim, s, disk, "raw")
+    x.VDI.resize(disk, str(11 * MIB + 5))
+    assert x.VDI.get_virtual_size(disk) == str(12 * MIB)  # rounded up to 2 MiB
+    _, _, after = export(sim, s, disk, "raw")
+    assert after[:8 * MIB] == before and after[8 * MIB:] == bytes(4 * MIB)
+    x.sim.write(x.VDI.get_uuid(disk), str(11 * MIB), str(MIB), "beyond")
+    assert int(x.SR.get_virtual_allocation(x.VDI.get_SR(disk))) >= 12 * MIB

@@ -191,7 +191,41 @@ class Storage:
         return digest
 
     def resize(self, vdi_ref: str, size: int) -> None:
-        raise XapiError("NOT_IMPLEMENTED", "VDI.resize (engine has no resize)")
+        """Grow the leaf (``vhdutil.setSizeVirt``): a new leaf of the new size under the same
+        parent receives the old leaf's own blocks, then takes its place (same path, same UUID)."""
+        row = self.db.get("VDI", vdi_ref)
+        self.ensure_space(row["SR"], int(row["physical_utilisation"]) + METADATA_RESERVE)
+        eng = engine()
+        path = self.path(vdi_ref)
+        parents = self.parents(vdi_ref)
+        fresh = path.with_suffix(".resize")
+        with self.file_lock(row["uuid"]):
+            try:
+                eng.create(str(fresh), size, parent=parents[0] if parents else None, uuid=row["uuid"])
+                rfd, wfd = os.pipe()
+                errors: list[BaseException] = []
+
+                def produce() -> None:
+                    try:
+                        eng.export_stream(str(path), wfd, base=parents[0] if parents else None,
+                                          parents=parents, base_parents=parents[1:] if parents else None)
+                    except BaseException as err:
+                        errors.append(err)
+                    finally:
+                        os.close(wfd)
+
+                t = threading.Thread(target=produce, daemon=True)
+                t.start()
+                try:
+                    eng.apply_stream(rfd, str(fresh), parents=parents)
+                finally:
+                    os.close(rfd)
+                    t.join()
+                if errors:
+                    raise errors[0]
+                os.replace(fresh, path)
+            finally:
+                fresh.unlink(missing_ok=True)
 
 
 def null_or(ref: str) -> str | None:
