@@ -287,3 +287,24 @@ def test_check_requires_the_chain_unless_file_only(vectors: Path, tmp_path: Path
     assert run("vhd", "check", str(lone), "--parent", str(vectors / BASE))[0] == 0
     code, out, _ = run("vhd", "check", str(lone), "--parent", str(vectors / "qemu-empty-dynamic.vhd"))
     assert code == 1 and "expects" in out
+
+
+def test_stream_piped_into_apply(chain: tuple[str, str], tmp_path: Path) -> None:
+    """`xencr vhd stream CHILD --base BASE | xencr vhd apply - REPLICA`: forward-only all the way."""
+    child, base = chain
+    replica = tmp_path / "replica.raw"
+    replica.write_bytes(pattern_raw(64 * MiB, 0xBA5E, BASE_EXTENTS))
+    cli = [sys.executable, "-m", "xencr.cli", "vhd"]
+    producer = subprocess.Popen([*cli, "stream", child, "--base", base], stdout=subprocess.PIPE)
+    assert producer.stdout is not None
+    consumer = subprocess.run(
+        [*cli, "apply", "-", str(replica), "--format", "raw", "--require-full-bitmaps"],
+        stdin=producer.stdout,
+        capture_output=True,
+        text=True,
+    )
+    producer.stdout.close()
+    assert producer.wait() == 0
+    assert consumer.returncode == 0, consumer.stderr
+    assert "5 blocks" in consumer.stdout
+    assert file_sha256(replica) == SPEC_CHAIN
