@@ -250,11 +250,11 @@ def copy(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
     return copy_vdi(ctx, vdi, sr, base_vdi, into_vdi)
 
 
-@handler("VDI.resize")
-def resize(ctx: Ctx, vdi: str, size: int) -> None:
+def _resize(ctx: Ctx, vdi: str, size: int, *, online: bool) -> None:
     row = require(ctx, "VDI", vdi)
     assert_managed(row, vdi)
-    assert_not_in_use(ctx.db, vdi, "resize")
+    if not online:  # resize_online is one of the "live" operations (xapi_vdi.ml)
+        assert_not_in_use(ctx.db, vdi, "resize")
     if size < int(row["virtual_size"]):
         # sm FileSR.resize: XE_SR_ERRORCODES 79 VDISize
         raise XapiError("SR_BACKEND_FAILURE_79", "", "VDI Invalid size [opterr=shrinking not allowed]", "")
@@ -265,9 +265,14 @@ def resize(ctx: Ctx, vdi: str, size: int) -> None:
         ctx.pool.storage.refresh(row["SR"])
 
 
+@handler("VDI.resize")
+def resize(ctx: Ctx, vdi: str, size: int) -> None:
+    _resize(ctx, vdi, size, online=False)
+
+
 @handler("VDI.resize_online")
 def resize_online(ctx: Ctx, vdi: str, size: int) -> None:
-    resize(ctx, vdi, size)
+    _resize(ctx, vdi, size, online=True)
 
 
 @handler("VDI.set_read_only")
