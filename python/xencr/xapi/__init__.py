@@ -1,0 +1,1 @@
+"""The XAPI client: sessions over the official SDK, TLS pinning, tasks, and disk transfers."""

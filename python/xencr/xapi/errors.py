@@ -1,0 +1,46 @@
+"""XAPI failures as typed exceptions, and which of them are worth retrying."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Errors that describe a passing condition of the pool, not a mistake in the request: retried
+# with backoff. Everything else (HANDLE_INVALID, VM_BAD_POWER_STATE, OPERATION_BLOCKED...) is a
+# logic error and surfaces at once.
+TRANSIENT_CODES = frozenset(
+    {
+        "HOST_OFFLINE",
+        "HOST_STILL_BOOTING",
+        "HOST_NOT_ENOUGH_FREE_MEMORY",
+        "TOO_MANY_PENDING_TASKS",
+        "TOO_MANY_STORAGE_MIGRATES",
+        "OTHER_OPERATION_IN_PROGRESS",
+        "SR_BACKEND_FAILURE_46",  # VDIUnavailable: the SM layer is briefly busy
+        "VDI_IN_USE",
+        "CANNOT_CONTACT_HOST",
+    }
+)
+
+
+class XapiError(Exception):
+    """A XAPI failure: ``code`` and ``params`` exactly as the pool sent them."""
+
+    def __init__(self, code: str, params: Sequence[object] = ()) -> None:
+        self.code = code
+        self.params = [str(p) for p in params]
+        super().__init__(code, *self.params)
+
+    def __str__(self) -> str:
+        return f"{self.code} [{', '.join(self.params)}]" if self.params else self.code
+
+    @property
+    def transient(self) -> bool:
+        return self.code in TRANSIENT_CODES
+
+
+class PoolUnreachable(Exception):
+    """The pool could not be reached (connection refused, DNS, timeout, TLS failure)."""
+
+
+class FingerprintMismatch(PoolUnreachable):
+    """The pool's certificate is not the pinned one."""

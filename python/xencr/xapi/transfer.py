@@ -1,0 +1,271 @@
+"""Disk transfers: a VDI's export streamed straight into another VDI's import, through the
+engine's transform (validation, per-block digests, rate limit). No temporary file, one block of
+buffer. XAPI's export sends no ``Content-Length`` and its import requires one, so the stream's
+head (footer, header, BAT) is read first and its total length announced before forwarding.
+
+Plain HTTP: the engine moves bytes socket to socket with no Python in the data path. HTTPS:
+two relay threads carry TLS records between the sockets and pipes the engine reads and writes
+(bounded by the pipes' buffers)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+from xencr import _engine
+from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.session import XapiSession
+from xencr.xapi.tls import check_pin, client_context
+
+# A peer silent for this long is declared dead (kernel-level timeouts: the engine reads and
+# writes the descriptors directly, so Python's socket timeouts do not apply).
+STALL_SECONDS = 300
+_MAX_HEAD = 64 * 1024 * 1024  # far beyond any BAT (2 TiB at 2 MiB blocks needs 4 MiB)
+
+
+class TransferError(Exception):
+    """A transfer failed; ``str()`` is one readable line."""
+
+
+@dataclass
+class TransferReport:
+    stream_length: int
+    bytes_sent: int
+    blocks: int
+    kind: str  # "full" or "delta"
+    seconds: float
+    digests: list[tuple[int, str]] = field(default_factory=list)
+    digest_algorithm: str = _engine.DIGEST_ALGORITHM
+    imported_vdi: str = ""
+
+
+def _connect(session: XapiSession) -> socket.socket:
+    e = session.endpoint
+    try:
+        raw = socket.create_connection((e.host, e.port), timeout=30)
+    except OSError as err:
+        raise PoolUnreachable(f"{e.url}: {err.strerror or err}") from None
+    raw.settimeout(None)
+    # Kernel timeouts, so that a stalled peer fails the engine's blocking read or write too.
+    tv = struct.pack("ll", STALL_SECONDS, 0)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if e.scheme != "https":
+        return raw
+    ctx = client_context(e.fingerprint, e.verify_tls)
+    s = ctx.wrap_socket(raw, server_hostname=e.host if ctx.check_hostname else None)
+    check_pin(s, e.fingerprint, e.url)
+    return s
+
+
+def _send_request(sock: socket.socket, method: str, path: str, host: str, length: int | None) -> None:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "User-Agent: xencr", "Connection: close"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+
+
+def _read_head(sock: socket.socket, where: str) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and whatever body bytes came along."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise TransferError(f"{where}: connection closed before the HTTP response")
+        buf += chunk
+        if len(buf) > 1 << 20:
+            raise TransferError(f"{where}: oversized HTTP response head")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("iso-8859-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise TransferError(f"{where}: bad HTTP status line {lines[0]!r}") from None
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, rest
+
+
+def _read_stream_head(sock: socket.socket, have: bytes) -> tuple[bytes, int]:
+    """Read until the engine knows the stream's total length."""
+    while True:
+        need, total = _engine.probe_stream_length(have)
+        if total is not None:
+            return have, total
+        if need > _MAX_HEAD:
+            raise TransferError(f"export stream head of {need} bytes is implausible")
+        while len(have) < need:
+            chunk = sock.recv(need - len(have))
+            if not chunk:
+                raise TransferError(f"export ended after {len(have)} bytes, inside the VHD header")
+            have += chunk
+
+
+def _query(session: XapiSession, task: str, **params: str) -> str:
+    return urlencode({"session_id": session.ref, "task_id": task, **params})
+
+
+def copy_vdi(
+    src: XapiSession,
+    src_vdi: str,
+    dst: XapiSession,
+    dst_vdi: str,
+    *,
+    base_vdi: str | None = None,
+    rate_limit: int | None = None,
+    timeout: float | None = None,
+) -> TransferReport:
+    """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``."""
+    start = time.monotonic()
+    src_task = str(src.call("task.create", "xencr export", f"export of {src_vdi}"))
+    dst_task = str(dst.call("task.create", "xencr import", f"import into {dst_vdi}"))
+    socks: list[socket.socket] = []
+    done = False
+    try:
+        params = {"vdi": src_vdi, "format": "vhd"}
+        if base_vdi:
+            params["base"] = base_vdi
+        s = _connect(src)
+        socks.append(s)
+        _send_request(s, "GET", "/export_raw_vdi?" + _query(src, src_task, **params), src.endpoint.host, None)
+        status, _, rest = _read_head(s, "export")
+        if status != 200:
+            raise _task_failure(src, src_task) or TransferError(f"export of {src_vdi}: HTTP {status}")
+        head, total = _read_stream_head(s, rest)
+        d = _connect(dst)
+        socks.append(d)
+        path = "/import_raw_vdi?" + _query(dst, dst_task, vdi=dst_vdi, format="vhd")
+        _send_request(d, "PUT", path, dst.endpoint.host, total)
+        try:
+            report = _pump(s, d, head, total, rate_limit)
+        except (_engine.VhdError, OSError) as err:
+            # Closing the import connection mid-body makes the pool fail its import task.
+            raise _task_failure(dst, dst_task, wait=2.0) or TransferError(
+                f"transfer of {src_vdi}: {err}"
+            ) from None
+        status, _, _ = _read_head(d, "import")
+        if status != 200:
+            raise _task_failure(dst, dst_task) or TransferError(f"import into {dst_vdi}: HTTP {status}")
+        imported = _wait(dst, dst_task, timeout)
+        _wait(src, src_task, timeout)
+        done = True
+        return TransferReport(
+            stream_length=total,
+            bytes_sent=int(report["bytes_out"]),
+            blocks=int(report["blocks"]),
+            kind="delta" if report["disk_type"] == "differencing" else "full",
+            seconds=time.monotonic() - start,
+            digests=list(report["digests"]),
+            imported_vdi=imported,
+        )
+    finally:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for session, task in ((src, src_task), (dst, dst_task)):
+            if not done:
+                session.cancel_task(task)
+            session.destroy_task(task)
+
+
+def _wait(session: XapiSession, task: str, timeout: float | None) -> str:
+    """Wait for a handler's task (without destroying it: `copy_vdi` does that once)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = session.call("task.get_status", task)
+        if status == "success":
+            return str(session.call("task.get_result", task)).replace("<value>", "").replace("</value>", "")
+        if status in ("failure", "cancelled"):
+            info = session.call("task.get_error_info", task)
+            raise XapiError(str(info[0]) if info else "TASK_CANCELLED", info[1:] if info else [task])
+        if deadline is not None and time.monotonic() > deadline:
+            raise TransferError(f"task {task} did not finish in {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _task_failure(session: XapiSession, task: str, wait: float = 0.5) -> XapiError | None:
+    """The error a failed handler left in its task, if it left one in time."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            status = session.call("task.get_status", task)
+            if status in ("failure", "cancelled"):
+                info = session.call("task.get_error_info", task)
+                return XapiError(str(info[0]), info[1:]) if info else None
+        except (XapiError, PoolUnreachable):
+            return None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _pump(
+    s: socket.socket, d: socket.socket, head: bytes, total: int, rate: int | None
+) -> _engine.StreamReport:
+    """Move the stream's remaining bytes from ``s`` to ``d`` through the engine."""
+    if not isinstance(s, ssl.SSLSocket) and not isinstance(d, ssl.SSLSocket):
+        return _engine.transform(s.fileno(), d.fileno(), length=total, prefix=head, rate_limit=rate)
+    return _pump_tls(s, d, head, total, rate)
+
+
+def _pump_tls(
+    s: socket.socket, d: socket.socket, head: bytes, total: int, rate: int | None
+) -> _engine.StreamReport:
+    """TLS records must be decrypted in Python: relay them through pipes around the engine."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    errors: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            left = total - len(head)
+            while left > 0:
+                chunk = s.recv(min(left, 1 << 20))
+                if not chunk:
+                    break
+                _write_all(in_w, chunk)
+                left -= len(chunk)
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            os.close(in_w)
+
+    def drain() -> None:
+        try:
+            while chunk := os.read(out_r, 1 << 20):
+                d.sendall(chunk)
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            os.close(out_r)
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        report = _engine.transform(in_r, out_w, length=total, prefix=head, rate_limit=rate)
+    finally:
+        os.close(in_r)
+        os.close(out_w)
+        for t in threads:
+            t.join()
+    if errors:
+        raise OSError(str(errors[0]))
+    return report
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
