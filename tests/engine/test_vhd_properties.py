@@ -7,7 +7,7 @@ import hashlib
 import os
 import tempfile
 
-from chainmodel import Scenario, build, scenarios
+from chainmodel import Scenario, build, scenarios, writes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,3 +92,49 @@ def test_delta_stream_applied_on_base_matches_model(s: Scenario, data: st.DataOb
         assert t["blocks"] == report["blocks"]
         with open(delta, "rb") as a, open(out, "rb") as b:
             assert a.read() == b.read()
+
+
+@SETTINGS
+@given(s=scenarios(min_layers=2), data=st.data())
+def test_delta_applied_into_a_vhd_clone_matches_model(s: Scenario, data: st.DataObject) -> None:
+    """Replication onto a file SR: the delta goes into a fresh differencing child (clone) of the
+    previous replica, which must then read as the source leaf."""
+    with tempfile.TemporaryDirectory() as d:
+        built = build(s, d)
+        j = data.draw(st.integers(0, len(built.paths) - 2), label="base layer")
+        delta = os.path.join(d, "delta.vhd")
+        eng.export_stream(built.leaf, delta, built.paths[j])
+        clone = os.path.join(d, "clone.vhd")
+        eng.create(clone, s.size, parent=built.paths[j], block_size=s.block_size)
+        eng.apply_stream(delta, clone, target_format="vhd", require_full_bitmaps=True)
+        assert eng.check(clone) == []
+        assert eng.sha256(clone) == sha(built.models[-1])
+        # The replica's own nodes are untouched.
+        for path, model in zip(built.paths[: j + 1], built.models, strict=False):
+            assert eng.sha256(path) == sha(model)
+
+
+@SETTINGS
+@given(s=scenarios(max_layers=1), data=st.data())
+def test_delta_between_siblings_matches_model(s: Scenario, data: st.DataObject) -> None:
+    """Two snapshots' children of one base (siblings): b's delta against a, applied onto a's
+    content, yields b's (the stream carries the symmetric difference of the two chains)."""
+    with tempfile.TemporaryDirectory() as d:
+        built = build(s, d)
+        base, models = built.paths[0], {}
+        for name in ("a", "b"):
+            path = os.path.join(d, f"{name}.vhd")
+            eng.create(path, s.size, parent=base, block_size=s.block_size)
+            model = bytearray(built.models[0])
+            for w in data.draw(st.lists(writes(s.size, s.block_size), max_size=5), label=name):
+                payload = w.data()
+                eng.write(path, w.offset, payload)
+                model[w.offset : w.offset + w.length] = payload
+            models[name] = (path, model)
+        (a, model_a), (b, model_b) = models["a"], models["b"]
+        delta = os.path.join(d, "delta.vhd")
+        eng.export_stream(b, delta, a)
+        target = raw_file(os.path.join(d, "a.raw"), model_a)
+        eng.apply_stream(delta, target, target_format="raw")
+        with open(target, "rb") as f:
+            assert sha(f.read()) == sha(model_b)
