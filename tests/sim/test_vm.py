@@ -241,3 +241,21 @@ def test_running_vm_writes_on_its_own(sim: Sim) -> None:
     assert x.sim.guest_tick("3") == "3"  # 60 per minute = 3 writes in 3 s
     x.VM.hard_shutdown(vm)
     assert x.sim.hash(x.VDI.get_uuid(disk)) != before
+
+
+def test_other_operation_in_progress(sim: Sim) -> None:
+    x = sim.session().xenapi
+    vm = x.VM.clone(first_vm(x, "vm1"), "slow starter")
+    x.VM.set_start_delay(vm, "1")
+    token = x.event_from([f"vm/{vm}"], "", 0.0)["token"]
+    task = x.Async.VM.start(vm, False, False)
+    # wait (by events, not sleeps) until the start is recorded as in progress
+    while "start" not in x.VM.get_current_operations(vm).values():
+        token = x.event_from([f"vm/{vm}"], token, 5.0)["token"]
+    assert x.VM.get_current_operations(vm) == {task: "start"}
+    with pytest.raises(XenAPI.Failure) as exc:
+        x.VM.clean_shutdown(vm)
+    assert failure(exc) == ["OTHER_OPERATION_IN_PROGRESS", "VM", vm, "start", task]
+    assert wait_task(x, task)["status"] == "success"
+    assert x.VM.get_current_operations(vm) == {}
+    x.VM.clean_shutdown(vm)

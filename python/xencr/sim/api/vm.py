@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from xencr.sim.api import vdi as vdi_api
@@ -12,6 +14,7 @@ from xencr.sim.api.ctor import ctor_fields
 from xencr.sim.api.vbd import used_slots
 from xencr.sim.api.vif import generate_mac
 from xencr.sim.api.vm_checks import assert_operation
+from xencr.sim.db import new_ref
 from xencr.sim.dispatch import Ctx, handler, require
 from xencr.sim.errors import XapiError
 from xencr.sim.values import EPOCH, NULL_REF, now
@@ -31,6 +34,25 @@ _VM_COPIED = (
     "ha_restart_priority", "NVRAM", "domain_type", "has_vendor_device", "hardware_platform_version",
     "generation_id", "reference_label", "suspend_SR", "last_boot_CPU_flags",
 )
+
+
+@contextmanager
+def vm_operation(ctx: Ctx, vm: str, op: str) -> Iterator[dict[str, Any]]:
+    """Check ``op`` and keep it in the VM's ``current_operations`` while it runs (keyed by the
+    call's task, as xapi does), so overlapping calls see ``OTHER_OPERATION_IN_PROGRESS``."""
+    key = ctx.task or new_ref()
+    with ctx.db.lock:
+        row = _vm(ctx, vm)
+        assert_operation(vm, row, op)
+        ctx.db.update("VM", vm, current_operations={**row["current_operations"], key: op})
+    try:
+        yield row
+    finally:
+        with ctx.db.lock:
+            if ctx.db.exists("VM", vm):
+                ops = dict(ctx.db.get("VM", vm)["current_operations"])
+                ops.pop(key, None)
+                ctx.db.update("VM", vm, current_operations=ops)
 
 
 def _vm(ctx: Ctx, vm: str) -> dict[str, Any]:
@@ -87,28 +109,24 @@ def _next_domid(ctx: Ctx) -> int:
     return 1 + max([int(rec["domid"]) for _, rec in ctx.db.items("VM")] + [0])
 
 
-def _start(ctx: Ctx, vm: str, paused: bool, op: str) -> float:
-    with ctx.db.lock:
-        row = _vm(ctx, vm)
-        assert_operation(vm, row, op)
-        _set_power(ctx, vm, "Paused" if paused else "Running")
-        ctx.db.update("VM", vm, last_booted_record="")
-        return float(row["start_delay"])
+def _start(ctx: Ctx, vm: str, paused: bool, op: str) -> None:
+    with vm_operation(ctx, vm, op) as row:
+        with ctx.db.lock:
+            _set_power(ctx, vm, "Paused" if paused else "Running")
+        # xapi_vm.ml start: sleeps start_delay seconds after the domain runs, before returning.
+        time.sleep(float(row["start_delay"]) * ctx.pool.delay_scale)
 
 
 @handler("VM.start", locked=False)
 def start(ctx: Ctx, vm: str, start_paused: bool, force: bool) -> None:
-    delay = _start(ctx, vm, start_paused, "start")
-    # xapi_vm.ml start: sleeps start_delay seconds after the domain runs, before returning.
-    time.sleep(delay * ctx.pool.delay_scale)
+    _start(ctx, vm, start_paused, "start")
 
 
 @handler("VM.start_on", locked=False)
 def start_on(ctx: Ctx, vm: str, host: str, start_paused: bool, force: bool) -> None:
     with ctx.db.lock:
         require(ctx, "host", host)
-    delay = _start(ctx, vm, start_paused, "start_on")
-    time.sleep(delay * ctx.pool.delay_scale)
+    _start(ctx, vm, start_paused, "start_on")
 
 
 def _transition(ctx: Ctx, vm: str, op: str, state: str) -> None:
@@ -273,11 +291,15 @@ def checkpoint(ctx: Ctx, vm: str, new_name: str) -> str:
 
 
 def _clone_or_copy(ctx: Ctx, vm: str, new_name: str, sr: str | None) -> str:
+    is_copy = sr is not None
+    with vm_operation(ctx, vm, "copy" if is_copy else "clone") as row:
+        return _clone_or_copy_body(ctx, vm, row, new_name, sr)
+
+
+def _clone_or_copy_body(ctx: Ctx, vm: str, row: dict[str, Any], new_name: str, sr: str | None) -> str:
     db = ctx.db
     is_copy = sr is not None
     with db.lock:
-        row = _vm(ctx, vm)
-        assert_operation(vm, row, "copy" if is_copy else "clone")
         if sr is not None and sr != NULL_REF:
             require(ctx, "SR", sr)
         vdis = _disks(ctx, vm, [])

@@ -47,6 +47,22 @@ LISTED_OPS = [
 ]
 
 
+_LONG_COPIES = {"clone", "copy", "export"}
+_SNAPSHOTS = {"snapshot", "checkpoint"}
+_BOOT_RECORD = {"get_boot_record"}
+
+
+def allowed_concurrently(op: str, current: list[str]) -> bool:
+    """``is_allowed_concurrently``: ops of one family may overlap; hard_shutdown/hard_reboot
+    may interrupt most things."""
+    if op == "hard_shutdown":
+        return "hard_shutdown" not in current
+    if op == "hard_reboot":
+        return not any(o in ("hard_shutdown", "hard_reboot") for o in current)
+    return any(op in family and all(o in family for o in current)
+               for family in (_LONG_COPIES, _SNAPSHOTS, _BOOT_RECORD))
+
+
 def allowed_power_states(vm: dict[str, Any], op: str) -> list[str]:
     if op in ("clone", "copy"):
         # clone_suspended_vm_enabled is off by default (xapi_globs)
@@ -65,6 +81,13 @@ def operation_error(vm_ref: str, vm: dict[str, Any], op: str) -> XapiError | Non
     allowed = allowed_power_states(vm, op)
     if power not in allowed:
         return XapiError("VM_BAD_POWER_STATE", vm_ref, ", ".join(allowed), power)
+    current: dict[str, str] = vm["current_operations"]
+    if current and not allowed_concurrently(op, list(current.values())):
+        if len(current) == 1:
+            (task, running), = current.items()
+            return XapiError("OTHER_OPERATION_IN_PROGRESS", "VM", vm_ref, running, task)
+        return XapiError("OTHER_OPERATION_IN_PROGRESS", "VM", vm_ref,
+                         "{" + ",".join(current.values()) + "}", "{" + ",".join(current) + "}")
     is_snapshot = bool(vm["is_a_snapshot"])
     if vm["is_a_template"] and not is_snapshot and op not in _TEMPLATE_OK:
         default_template = vm["is_default_template"] or vm["other_config"].get("default_template") == "true"
