@@ -85,10 +85,10 @@ def parse_size(text: str) -> int:
     return n
 
 
-def parse_granularity(text: str) -> int:
+def parse_power_of_two(text: str, what: str = "the granularity") -> int:
     n = parse_size(text)
     if n < 512 or n & (n - 1):
-        raise typer.BadParameter(f"{text!r}: the granularity must be a power of two of at least 512 bytes")
+        raise typer.BadParameter(f"{text!r}: {what} must be a power of two of at least 512 bytes")
     return n
 
 
@@ -231,7 +231,7 @@ def convert(
     dst_format: Literal["raw", "dynamic", "fixed"] = (
         "raw" if to_format is ToFormat.raw else "fixed" if to_format is ToFormat.fixed else "dynamic"
     )
-    bs = parse_granularity(block_size)
+    bs = parse_power_of_two(block_size, "the block size")
     from xencr import _engine as eng
 
     size = os.stat(src).st_size if src_format == "raw" else int(eng.virtual_size(src))
@@ -405,7 +405,7 @@ def diff(
     """
     from xencr import _engine as eng
 
-    g = parse_granularity(granularity)
+    g = parse_power_of_two(granularity)
     report = eng.diff(
         a,
         b,
