@@ -49,8 +49,17 @@ def run_sim(state: Path, *, tls: bool = False) -> Iterator[Pools]:
                 ready.set()
 
     def run() -> None:
-        serve(state, pools=None, host="127.0.0.1", port=0, password_file=None, auth_delay=0.0,
-              announce=announce, stop=stop, tls=tls)  # fmt: skip
+        serve(
+            state,
+            pools=None,
+            host="127.0.0.1",
+            port=0,
+            password_file=None,
+            auth_delay=0.0,
+            announce=announce,
+            stop=stop,
+            tls=tls,
+        )
 
     t = threading.Thread(target=run, daemon=True)
     t.start()

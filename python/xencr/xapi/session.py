@@ -8,6 +8,7 @@ import http.client
 import logging
 import socket
 import ssl
+import threading
 import time
 import xmlrpc.client
 from collections.abc import Callable
@@ -72,6 +73,8 @@ class XapiSession:
         self.username = username
         self.retries = retries
         self.backoff = backoff
+        # The SDK's proxy keeps one HTTP connection: calls from several threads take turns.
+        self._lock = threading.Lock()
         self._sdk = XenAPI.Session(endpoint.url, transport=self._transport(timeout))
         try:
             self._retrying(
@@ -115,7 +118,8 @@ class XapiSession:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
-                return thunk()
+                with self._lock:
+                    return thunk()
             except XenAPI.Failure as f:
                 err = XapiError(str(f.details[0]), f.details[1:])
                 if not err.transient or last:

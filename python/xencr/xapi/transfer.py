@@ -269,3 +269,25 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def changed_blocks(session: XapiSession, vdi: str, base_vdi: str) -> int:
+    """How many blocks ``vdi`` holds that ``base_vdi`` does not, read from the head of a delta
+    export alone (footer, header, BAT): the connection is closed before any data flows."""
+    task = str(session.call("task.create", "xencr probe", f"changes of {vdi}"))
+    sock = _connect(session)
+    try:
+        query = _query(session, task, vdi=vdi, base=base_vdi, format="vhd")
+        _send_request(sock, "GET", "/export_raw_vdi?" + query, session.endpoint.host, None)
+        status, _, rest = _read_head(sock, "export")
+        if status != 200:
+            raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
+        head, total = _read_stream_head(sock, rest)
+        head_len, _ = _engine.probe_stream_length(head)
+        # Whole blocks follow the head: bitmap + data, XAPI's block size being 2 MiB.
+        return max(0, (total - head_len - 512) // (512 + 2 * 1024 * 1024))
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+        session.cancel_task(task)
+        session.destroy_task(task)

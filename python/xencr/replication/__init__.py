@@ -1,0 +1,1 @@
+"""Continuous replication: snapshot, choose full or delta per disk, stream, commit atomically."""

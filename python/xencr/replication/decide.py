@@ -1,0 +1,104 @@
+"""Full or delta, per disk and per target, with the reason a user is shown.
+
+Delta needs: the previous snapshot this job exported to this target still exists on the source;
+on the target the restore point made from it still exists, is protected, is halted, and its
+copy of the disk is unchanged since the transfer (compared with its commit snapshot)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from xencr.replication import metadata as md
+from xencr.replication.source import Disk, disks_of
+from xencr.replication.target import RestorePoint, restore_points
+from xencr.xapi.session import XapiSession
+from xencr.xapi.transfer import changed_blocks
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    disk: Disk
+    reason: str  # why full, or "delta"
+    base_source_vdi: str | None = None  # source snapshot VDI the delta is relative to
+    base_target_vdi: str | None = None  # target commit snapshot the new VDI is cloned from
+    chain: int = 0  # deltas since the last full, this one included
+
+    @property
+    def kind(self) -> str:
+        return "delta" if self.base_source_vdi else "full"
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    disks: list[DiskPlan]
+    base: RestorePoint | None
+    points: list[RestorePoint]
+
+
+def _vm_level_reason(rp: RestorePoint) -> str | None:
+    if not rp.protected:
+        return "replica unprotected"
+    if rp.record["power_state"] != "Halted":
+        return "replica started"
+    return None
+
+
+def plan_target(
+    src: XapiSession,
+    t: XapiSession,
+    *,
+    job_id: str,
+    vm_uuid: str,
+    sr_uuid: str,
+    previous: list[tuple[str, dict[str, Any]]],
+    disks: list[Disk],
+    full_interval: int,
+    force_full: bool,
+    probe: bool = True,
+) -> TargetPlan:
+    """``previous``: this job's earlier snapshots of the VM on the source, oldest first."""
+    points = restore_points(t, job_id, vm_uuid, sr_uuid)
+
+    def all_full(reason: str) -> TargetPlan:
+        return TargetPlan([DiskPlan(d, reason) for d in disks], None, points)
+
+    if force_full:
+        return all_full("full forced")
+    exported = [
+        (ref, rec) for ref, rec in previous if rec["other_config"].get(md.exported_key(sr_uuid)) == "true"
+    ]
+    if not exported:
+        return all_full("base snapshot deleted" if points else "first run")
+    base_snap, base_rec = exported[-1]
+    rp = next((p for p in reversed(points) if p.copy_of == base_rec["uuid"]), None)
+    if rp is None:
+        return all_full("base restore point deleted" if points else "no restore point on the target")
+    vm_reason = _vm_level_reason(rp)
+    if vm_reason:
+        return all_full(vm_reason)
+    base_disks = {d.userdevice: d for d in disks_of(src, base_snap)}
+    plans = []
+    for d in disks:
+        b = base_disks.get(d.userdevice)
+        held = rp.disks.get(d.userdevice)
+        reason = None
+        if b is None or held is None:
+            reason = "disk added"
+        elif b.size != d.size:
+            reason = "disk resized"
+        elif held[2] != b.uuid:
+            reason = "disk replaced"
+        elif held[1] is None:
+            reason = "replica commit snapshot missing"
+        elif probe and changed_blocks(t, held[0], held[1]) > 0:
+            reason = "replica disk modified"
+        if reason is None and b is not None and held is not None and held[1] is not None:
+            chain = int(t.api.VDI.get_other_config(held[1]).get(md.FULL_COUNT, "0")) + 1
+            if full_interval and chain >= full_interval:
+                reason = "full interval reached"
+            else:
+                plans.append(DiskPlan(d, "delta", b.vdi, held[1], chain))
+                continue
+        plans.append(DiskPlan(d, reason or "no base"))
+    return TargetPlan(plans, rp, points)

@@ -1,0 +1,72 @@
+"""The `other_config` keys xencr writes on source snapshots, replicas and their disks, and the
+exact strings users and Xen Orchestra see."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+PREFIX = "xencr:"
+JOB = "xencr:job"
+SCHEDULE = "xencr:schedule"
+VM = "xencr:vm"  # UUID of the *source VM* (not of its snapshot)
+SR = "xencr:sr"  # target SR UUID
+COPY_OF = "xencr:copy_of"  # source snapshot VM UUID (on replicas) / snapshot VDI UUID (on disks)
+SNAPSHOT_TIME = "xencr:snapshot_time"
+COMPLETE = "xencr:complete"  # "false" from creation, "true" at the commit point
+RUN = "xencr:run"
+ROLE = "xencr:role"  # "source-snapshot", "replica", "replica-disk", "commit-snapshot"
+BYTES = "xencr:bytes"
+DIGEST = "xencr:digest"  # digest of the per-block digest list recorded at transfer
+FULL_COUNT = "xencr:chain"  # runs since the last full, per disk (full_interval)
+
+
+def exported_key(sr_uuid: str) -> str:
+    """On a source snapshot: its transfer to that target SR was committed."""
+    return f"xencr:exported:{sr_uuid}"
+
+
+# Xen Orchestra's keys (read to continue an XO chain; see xo-compat.md 1.1).
+XO_JOB = "xo:backup:job"
+XO_SCHEDULE = "xo:backup:schedule"
+XO_VM = "xo:backup:vm"
+XO_SR = "xo:backup:sr"
+XO_DATETIME = "xo:backup:datetime"
+XO_EXPORTED = "xo:backup:exported"
+XO_COPY_OF = "xo:copy_of"
+XO_DATETIME_PLACEHOLDER = "19700101T000000Z"
+
+
+def xo_base_delta_key(sr_uuid: str) -> str:
+    return f"xo:base_delta:{sr_uuid}"
+
+
+START_BLOCKED = "Start operation for this vm is blocked, clone it if you want to use it."
+PROTECTED_OPS = ("start", "start_on")
+TAGS = ("xencr", "Continuous Replication")
+NOBAK = "[NOBAK]"
+
+
+def stamp(when: datetime) -> str:
+    """UTC `%Y%m%dT%H:%M:%SZ`, the form XO writes too."""
+    return when.astimezone(UTC).strftime("%Y%m%dT%H:%M:%SZ")
+
+
+def parse_stamp(text: str) -> datetime | None:
+    for fmt in ("%Y%m%dT%H:%M:%SZ", "%Y%m%dT%H%M%SZ"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    return None
+
+
+def strip_ours(other_config: dict[str, str]) -> dict[str, str]:
+    """A source record's other_config without replication bookkeeping (ours and XO's)."""
+    return {
+        k: v
+        for k, v in other_config.items()
+        if not k.startswith(PREFIX)
+        and not k.startswith("xo:backup")
+        and k != XO_COPY_OF
+        and not k.startswith("xo:base_delta")
+    }

@@ -1,0 +1,326 @@
+"""One run of a job: for each selected VM, clean up, snapshot, then for each target plan,
+build the replica, stream every disk, commit, and apply retention; finally keep on the source
+only the snapshots the next deltas need."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from xencr.replication import metadata as md
+from xencr.replication import source as srcmod
+from xencr.replication import target as tgt
+from xencr.replication.decide import DiskPlan, plan_target
+from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.session import XapiSession
+from xencr.xapi.transfer import TransferError, copy_vdi
+
+log = logging.getLogger("xencr.replication")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    id: str
+    name: str
+    schedule_id: str = "manual"
+    retention: int = 3
+    full_interval: int = 0
+    snapshot_mode: str = "normal"
+    concurrency: int = 2
+    disk_concurrency: int = 2
+    rate_limit: int | None = None
+    vm_timeout: float | None = None
+
+
+@dataclass
+class Target:
+    name: str
+    session: XapiSession
+    sr: str
+    sr_uuid: str
+    network_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DiskResult:
+    userdevice: str
+    name: str
+    kind: str
+    reason: str
+    bytes_sent: int = 0
+    blocks: int = 0
+    seconds: float = 0.0
+    digest: str = ""
+
+
+@dataclass
+class TargetResult:
+    target: str
+    sr_uuid: str
+    outcome: str = "failure"
+    restore_point: str | None = None
+    disks: list[DiskResult] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        kinds = {d.kind for d in self.disks}
+        return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(d.bytes_sent for d in self.disks)
+
+
+@dataclass
+class VmResult:
+    vm_uuid: str
+    vm_name: str
+    snapshot: str | None = None
+    targets: list[TargetResult] = field(default_factory=list)
+    source_pruned: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        if self.error or not self.targets:
+            return "failure"
+        outs = {t.outcome for t in self.targets}
+        return outs.pop() if len(outs) == 1 else "partial"
+
+
+@dataclass
+class RunReport:
+    job: str
+    started: datetime
+    finished: datetime | None = None
+    vms: list[VmResult] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str:
+        outs = {v.outcome for v in self.vms}
+        if not outs:
+            return "success"
+        return outs.pop() if len(outs) == 1 else "partial"
+
+
+Progress = Callable[[str], None]
+
+
+def _error_line(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+def replicate_vm(
+    src: XapiSession,
+    vm: str,
+    targets: list[Target],
+    job: JobSpec,
+    *,
+    force_full: bool = False,
+    progress: Progress = lambda _: None,
+) -> VmResult:
+    rec = src.api.VM.get_record(vm)
+    result = VmResult(rec["uuid"], rec["name_label"])
+    cleaned = {t.name: tgt.cleanup(t.session, job.id, rec["uuid"], t.sr, t.sr_uuid) for t in targets}
+    previous = srcmod.job_snapshots(src, vm, job.id)
+    nobak = [d.vdi for d in _all_disks(src, vm) if md.NOBAK in d.name]
+    try:
+        snap, when = srcmod.take_snapshot(
+            src, vm, rec, job.id, job.name, job.schedule_id, job.snapshot_mode, nobak
+        )
+    except (XapiError, PoolUnreachable) as err:
+        result.error = f"snapshot failed: {_error_line(err)}"
+        return result
+    snap_rec = src.api.VM.get_record(snap)
+    result.snapshot = snap_rec["uuid"]
+    disks = srcmod.disks_of(src, snap)
+    progress(f"{rec['name_label']}: snapshot {snap_rec['uuid']} ({len(disks)} disk(s))")
+    for t in targets:
+        tr = TargetResult(t.name, t.sr_uuid, cleaned=cleaned[t.name])
+        result.targets.append(tr)
+        try:
+            _to_target(src, vm, rec, snap, snap_rec, when, disks, previous, t, job, force_full, tr, progress)
+            tr.outcome = "success"
+            srcmod.mark_exported(src, snap, t.sr_uuid)
+        except (XapiError, PoolUnreachable, TransferError, OSError) as err:
+            tr.error = _error_line(err)
+            progress(f"{rec['name_label']} -> {t.name}: failed: {tr.error}")
+    # Keep the newest snapshot exported to each target (the next delta's base), nothing else.
+    keep = set()
+    for t in targets:
+        key = md.exported_key(t.sr_uuid)
+        exported = [
+            s for s, r in srcmod.job_snapshots(src, vm, job.id) if r["other_config"].get(key) == "true"
+        ]
+        keep.update(exported[-1:])
+    result.source_pruned = srcmod.prune_snapshots(src, vm, job.id, keep)
+    return result
+
+
+def _all_disks(s: XapiSession, vm: str) -> list[srcmod.Disk]:
+    out = []
+    for vbd in s.api.VM.get_VBDs(vm):
+        r = s.api.VBD.get_record(vbd)
+        if r["type"] == "Disk" and not r["empty"]:
+            v = s.api.VDI.get_record(r["VDI"])
+            out.append(
+                srcmod.Disk(
+                    str(r["userdevice"]),
+                    str(r["VDI"]),
+                    v["uuid"],
+                    v["name_label"],
+                    int(v["virtual_size"]),
+                    bool(r["bootable"]),
+                )
+            )
+    return out
+
+
+def _to_target(
+    src: XapiSession,
+    vm: str,
+    rec: dict[str, Any],
+    snap: str,
+    snap_rec: dict[str, Any],
+    when: datetime,
+    disks: list[srcmod.Disk],
+    previous: list[tuple[str, dict[str, Any]]],
+    t: Target,
+    job: JobSpec,
+    force_full: bool,
+    tr: TargetResult,
+    progress: Progress,
+) -> None:
+    ts = t.session
+    plan = plan_target(
+        src,
+        ts,
+        job_id=job.id,
+        vm_uuid=rec["uuid"],
+        sr_uuid=t.sr_uuid,
+        previous=previous,
+        disks=disks,
+        full_interval=job.full_interval,
+        force_full=force_full,
+    )
+    stamp = md.stamp(when)
+    keys = {
+        md.JOB: job.id,
+        md.SCHEDULE: job.schedule_id,
+        md.VM: rec["uuid"],
+        md.SR: t.sr_uuid,
+        md.COPY_OF: snap_rec["uuid"],
+        md.SNAPSHOT_TIME: stamp,
+    }
+    replica = tgt.create_replica(ts, snap_rec | {"name_label": rec["name_label"]}, keys)
+    new_vdis: list[str] = []
+    try:
+        for dp in plan.disks:
+            disk_keys = {k: v for k, v in keys.items() if k != md.COPY_OF} | {md.FULL_COUNT: str(dp.chain)}
+            vdi = tgt.create_disk(ts, t.sr, dp.disk, dp.base_target_vdi, disk_keys)
+            new_vdis.append(vdi)
+            tgt.attach(ts, replica, vdi, dp.disk)
+        tr.warnings += tgt.copy_vifs(src, vm, ts, replica, t.network_map)
+        for dp in plan.disks:
+            progress(f"{rec['name_label']} -> {t.name}: disk {dp.disk.userdevice} {dp.kind} ({dp.reason})")
+        with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
+            pairs = list(zip(plan.disks, new_vdis, strict=True))
+            results = list(pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job), pairs))
+        tr.disks = results
+        total = sum(d.bytes_sent for d in results)
+        kinds = ", ".join(f"{d.userdevice}: {d.kind}" for d in results)
+        name = f"{rec['name_label']} ({stamp})"
+        description = (
+            f"xencr replica of {rec['name_label']} at {stamp}: {_human(total)} transferred ({kinds})"
+        )
+        for d, vdi in zip(results, new_vdis, strict=True):
+            ts.api.VDI.remove_from_other_config(vdi, md.DIGEST)
+            ts.api.VDI.add_to_other_config(vdi, md.DIGEST, d.digest)
+        tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
+    except BaseException:
+        # In-process failure: nothing of this attempt may remain (a kill is cleaned next run).
+        _discard(ts, replica, new_vdis)
+        raise
+    tr.restore_point = str(ts.api.VM.get_uuid(replica))
+    progress(f"{rec['name_label']} -> {t.name}: restore point {tr.restore_point} ({_human(tr.bytes_sent)})")
+    # Retention: the oldest complete restore points beyond the schedule's count; never the newest.
+    points = tgt.restore_points(ts, job.id, rec["uuid"], t.sr_uuid)
+    for rp in points[: max(0, len(points) - max(1, job.retention))]:
+        tgt.destroy_replica(ts, rp.ref)
+        tr.expired.append(rp.uuid)
+
+
+def _send(src: XapiSession, ts: XapiSession, dp: DiskPlan, vdi: str, job: JobSpec) -> DiskResult:
+    r = copy_vdi(
+        src,
+        dp.disk.vdi,
+        ts,
+        vdi,
+        base_vdi=dp.base_source_vdi,
+        rate_limit=job.rate_limit,
+        timeout=job.vm_timeout,
+    )
+    digest = hashlib.sha256("".join(f"{b}:{h};" for b, h in r.digests).encode()).hexdigest()
+    return DiskResult(
+        dp.disk.userdevice,
+        dp.disk.name,
+        dp.kind,
+        dp.reason,
+        r.bytes_sent,
+        r.blocks,
+        r.seconds,
+        f"{r.digest_algorithm}-list:{digest}",
+    )
+
+
+def _discard(ts: XapiSession, replica: str, vdis: list[str]) -> None:
+    try:
+        tgt.destroy_replica(ts, replica)
+    except (XapiError, PoolUnreachable) as err:
+        log.warning("replica %s not destroyed: %s (the next run cleans it up)", replica, err)
+    for vdi in vdis:
+        with contextlib.suppress(XapiError, PoolUnreachable):
+            tgt.destroy_vdi(ts, vdi)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def run_job(
+    src: XapiSession,
+    vms: list[str],
+    targets: list[Target],
+    job: JobSpec,
+    *,
+    force_full: bool = False,
+    progress: Progress = lambda _: None,
+) -> RunReport:
+    """Replicate ``vms`` (refs on ``src``) to every target; VMs run ``job.concurrency`` at once."""
+    report = RunReport(job.name, datetime.now(UTC))
+
+    def one(vm: str) -> VmResult:
+        try:
+            return replicate_vm(src, vm, targets, job, force_full=force_full, progress=progress)
+        except (XapiError, PoolUnreachable, TransferError, OSError) as err:
+            return VmResult("", vm, error=_error_line(err))
+
+    with ThreadPoolExecutor(max_workers=max(1, job.concurrency)) as pool:
+        report.vms = list(pool.map(one, vms))
+    report.finished = datetime.now(UTC)
+    return report

@@ -1,0 +1,132 @@
+"""The source side of a run: the VM's disks, its job snapshots, making one, and keeping only the
+snapshots the next deltas need."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from xencr.replication import metadata as md
+from xencr.xapi.errors import XapiError
+from xencr.xapi.session import XapiSession
+
+log = logging.getLogger("xencr.replication")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One replicated disk of a VM or snapshot, keyed by its VBD's user device."""
+
+    userdevice: str
+    vdi: str
+    uuid: str
+    name: str
+    size: int
+    bootable: bool
+
+
+def disks_of(s: XapiSession, vm: str) -> list[Disk]:
+    """Disk VBDs (no CDs, no empty drives, no `[NOBAK]` disks), in user-device order."""
+    out = []
+    for vbd in s.api.VM.get_VBDs(vm):
+        r = s.api.VBD.get_record(vbd)
+        if r["type"] != "Disk" or r["empty"] or r["VDI"] == "OpaqueRef:NULL":
+            continue
+        v = s.api.VDI.get_record(r["VDI"])
+        if md.NOBAK in v["name_label"]:
+            continue
+        out.append(
+            Disk(
+                str(r["userdevice"]),
+                str(r["VDI"]),
+                v["uuid"],
+                v["name_label"],
+                int(v["virtual_size"]),
+                bool(r["bootable"]),
+            )
+        )
+    return sorted(out, key=lambda d: int(d.userdevice) if d.userdevice.isdigit() else 99)
+
+
+def job_snapshots(s: XapiSession, vm: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """This job's snapshots of the VM, oldest first."""
+    out = []
+    for snap in s.api.VM.get_snapshots(vm):
+        rec = s.api.VM.get_record(snap)
+        if rec["other_config"].get(md.JOB) == job_id:
+            out.append((str(snap), rec))
+    return sorted(out, key=lambda x: x[1]["other_config"].get(md.SNAPSHOT_TIME, ""))
+
+
+def take_snapshot(
+    s: XapiSession,
+    vm: str,
+    vm_rec: dict[str, Any],
+    job_id: str,
+    job_name: str,
+    schedule_id: str,
+    mode: str,
+    nobak: list[str],
+) -> tuple[str, datetime]:
+    """Snapshot the VM (normal, checkpoint with memory, or offline: clean shutdown first and
+    restart after) and tag it as this job's. Disks marked `[NOBAK]` are left out."""
+    now = datetime.now(UTC)
+    name = f"[xencr {job_name}] {vm_rec['name_label']}"
+    restart = False
+    if mode == "offline" and vm_rec["power_state"] == "Running":
+        s.call_async("VM.clean_shutdown", vm)
+        restart = True
+    try:
+        if mode == "checkpoint" and vm_rec["power_state"] == "Running":
+            snap = s.call_async("VM.checkpoint", vm, name)
+        else:
+            snap = s.call_async("VM.snapshot", vm, name, nobak)
+    finally:
+        if restart:
+            s.call_async("VM.start", vm, False, False)
+    stamp = md.stamp(now)
+    marks = {
+        md.JOB: job_id,
+        md.SCHEDULE: schedule_id,
+        md.VM: vm_rec["uuid"],
+        md.SNAPSHOT_TIME: stamp,
+        md.ROLE: "source-snapshot",
+    }
+    oc = dict(s.api.VM.get_other_config(snap))
+    oc = {k: v for k, v in oc.items() if not k.startswith(md.PREFIX)} | marks
+    s.api.VM.set_other_config(snap, oc)
+    s.api.VM.set_name_description(snap, f"xencr job {job_name}: source snapshot of {stamp}")
+    for d in disks_of(s, snap):
+        voc = {k: v for k, v in s.api.VDI.get_other_config(d.vdi).items() if not k.startswith(md.PREFIX)}
+        s.api.VDI.set_other_config(d.vdi, voc | marks)
+    return snap, now
+
+
+def mark_exported(s: XapiSession, snap: str, sr_uuid: str) -> None:
+    key = md.exported_key(sr_uuid)
+    s.api.VM.remove_from_other_config(snap, key)
+    s.api.VM.add_to_other_config(snap, key, "true")
+
+
+def destroy_snapshot(s: XapiSession, snap: str) -> None:
+    """A snapshot VM and its disks (VM.destroy keeps the disks)."""
+    vdis = [d.vdi for d in disks_of(s, snap)]
+    s.api.VM.destroy(snap)
+    for vdi in vdis:
+        try:
+            s.api.VDI.destroy(vdi)
+        except XapiError as err:
+            log.warning("snapshot disk %s not destroyed: %s", vdi, err)
+
+
+def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> list[str]:
+    """Destroy this job's snapshots of the VM except ``keep``; returns the UUIDs destroyed."""
+    gone = []
+    for snap, rec in job_snapshots(s, vm, job_id):
+        if snap in keep:
+            continue
+        destroy_snapshot(s, snap)
+        gone.append(rec["uuid"])
+    return gone

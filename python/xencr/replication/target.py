@@ -1,0 +1,284 @@
+"""The target side: restore points (one protected VM each), building a new one, the commit
+point, clean-up of interrupted runs, and retention.
+
+A restore point is a replica VM marked complete, whose disks each have a *commit snapshot*
+taken at the commit: the immutable copy the next delta is cloned from. Comparing a replica's
+live disk with its commit snapshot tells whether anyone wrote to it since."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from xencr.replication import metadata as md
+from xencr.replication.source import Disk
+from xencr.xapi.errors import XapiError
+from xencr.xapi.session import XapiSession
+
+log = logging.getLogger("xencr.replication")
+NULL = "OpaqueRef:NULL"
+
+
+@dataclass
+class RestorePoint:
+    ref: str
+    uuid: str
+    name: str
+    snapshot_time: str
+    copy_of: str  # source snapshot VM UUID
+    record: dict[str, Any]
+    # userdevice -> (live VDI ref, commit snapshot VDI ref or None, source snapshot VDI UUID)
+    disks: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)
+
+    @property
+    def protected(self) -> bool:
+        blocked = self.record["blocked_operations"]
+        return all(op in blocked for op in md.PROTECTED_OPS)
+
+
+def replicas_of(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every replica VM (complete or not) of this job, source VM and target SR."""
+    out = []
+    for ref, rec in t.api.VM.get_all_records().items():
+        oc = rec["other_config"]
+        if (
+            rec["is_a_snapshot"]
+            or oc.get(md.ROLE) != "replica"
+            or oc.get(md.JOB) != job_id
+            or oc.get(md.VM) != vm_uuid
+            or oc.get(md.SR) != sr_uuid
+        ):
+            continue
+        out.append((str(ref), rec))
+    return out
+
+
+def restore_points(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> list[RestorePoint]:
+    """Complete restore points, oldest first."""
+    points = []
+    for ref, rec in replicas_of(t, job_id, vm_uuid, sr_uuid):
+        oc = rec["other_config"]
+        if oc.get(md.COMPLETE) != "true":
+            continue
+        rp = RestorePoint(
+            ref, rec["uuid"], rec["name_label"], oc.get(md.SNAPSHOT_TIME, ""), oc.get(md.COPY_OF, ""), rec
+        )
+        for vbd in rec["VBDs"]:
+            b = t.api.VBD.get_record(vbd)
+            if b["type"] != "Disk" or b["VDI"] == NULL:
+                continue
+            live = str(b["VDI"])
+            snaps = [str(x) for x in t.api.VDI.get_snapshots(live)]
+            commit = next(
+                (x for x in snaps if t.api.VDI.get_other_config(x).get(md.ROLE) == "commit-snapshot"), None
+            )
+            rp.disks[str(b["userdevice"])] = (
+                live,
+                commit,
+                t.api.VDI.get_other_config(live).get(md.COPY_OF, ""),
+            )
+        points.append(rp)
+    return sorted(points, key=lambda p: p.snapshot_time)
+
+
+def _vm_record(src_rec: dict[str, Any], name: str, keys: dict[str, str]) -> dict[str, Any]:
+    """A VM.create record from the source snapshot's: what boots the same VM elsewhere."""
+    copy = [
+        "name_description",
+        "user_version",
+        "memory_static_max",
+        "memory_dynamic_max",
+        "memory_dynamic_min",
+        "memory_static_min",
+        "VCPUs_params",
+        "VCPUs_max",
+        "VCPUs_at_startup",
+        "actions_after_shutdown",
+        "actions_after_reboot",
+        "actions_after_crash",
+        "PV_bootloader",
+        "PV_kernel",
+        "PV_ramdisk",
+        "PV_args",
+        "PV_bootloader_args",
+        "PV_legacy_args",
+        "HVM_boot_policy",
+        "HVM_boot_params",
+        "platform",
+        "PCI_bus",
+        "recommendations",
+        "HVM_shadow_multiplier",
+        "NVRAM",
+        "domain_type",
+        "order",
+        "start_delay",
+        "shutdown_delay",
+        "xenstore_data",
+        "has_vendor_device",
+        "hardware_platform_version",
+    ]
+    rec = {k: src_rec[k] for k in copy if k in src_rec}
+    rec.update(
+        name_label=name,
+        is_a_template=False,
+        affinity=NULL,
+        other_config=md.strip_ours(dict(src_rec["other_config"])) | keys,
+        tags=sorted(set(src_rec.get("tags", [])) | set(md.TAGS)),
+        ha_restart_priority="",
+        ha_always_run=False,
+    )
+    # The startup order and delays travel as metadata too (DR reads them back).
+    for k in ("order", "start_delay"):
+        rec["other_config"][f"xencr:{k}"] = str(src_rec.get(k, 0))
+    return rec
+
+
+def create_replica(t: XapiSession, src_rec: dict[str, Any], keys: dict[str, str]) -> str:
+    """The replica VM shell, incomplete-marked and protected before any data lands."""
+    name = f"[xencr importing] {src_rec['name_label']}"
+    vm = str(t.api.VM.create(_vm_record(src_rec, name, keys | {md.COMPLETE: "false", md.ROLE: "replica"})))
+    # blocked_operations given to VM.create did not always take effect (xo-compat.md 2): set them.
+    for op in md.PROTECTED_OPS:
+        t.api.VM.remove_from_blocked_operations(vm, op)
+        t.api.VM.add_to_blocked_operations(vm, op, md.START_BLOCKED)
+    return vm
+
+
+def create_disk(
+    t: XapiSession, sr: str, src_disk: Disk, base_snapshot: str | None, keys: dict[str, str]
+) -> str:
+    """A new VDI for one disk: a clone of the base restore point's commit snapshot (delta), or a
+    fresh one of the same size (full). Marked incomplete at once."""
+    oc = keys | {md.COMPLETE: "false", md.ROLE: "replica-disk", md.COPY_OF: src_disk.uuid}
+    if base_snapshot is None:
+        rec = {
+            "SR": sr,
+            "virtual_size": str(src_disk.size),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": oc,
+            "name_label": src_disk.name,
+            "name_description": "xencr replica disk",
+        }
+        return str(t.api.VDI.create(rec))
+    vdi = str(t.api.VDI.clone(base_snapshot, {}))
+    t.api.VDI.set_other_config(vdi, oc)
+    t.api.VDI.set_name_label(vdi, src_disk.name)
+    return vdi
+
+
+def attach(t: XapiSession, vm: str, vdi: str, d: Disk) -> None:
+    t.api.VBD.create(
+        {
+            "VM": vm,
+            "VDI": vdi,
+            "userdevice": d.userdevice,
+            "bootable": d.bootable,
+            "mode": "RW",
+            "type": "Disk",
+            "empty": False,
+            "other_config": {},
+            "qos_algorithm_type": "",
+            "qos_algorithm_params": {},
+        }
+    )
+
+
+def copy_vifs(s: XapiSession, src_vm: str, t: XapiSession, vm: str, network_map: dict[str, str]) -> list[str]:
+    """VIFs on target networks: the job's map (by source network name), then a network of the
+    same name, then the target pool's first network. Returns warnings."""
+    nets = {r["name_label"]: ref for ref, r in t.api.network.get_all_records().items()}
+    warnings = []
+    for vif in s.api.VM.get_VIFs(src_vm):
+        r = s.api.VIF.get_record(vif)
+        src_net = s.api.network.get_name_label(r["network"])
+        wanted = network_map.get(src_net, src_net)
+        net = nets.get(wanted)
+        if net is None:
+            if not nets:
+                warnings.append(f"no network on the target for VIF {r['device']}")
+                continue
+            net = sorted(nets.items())[0][1]
+            fallback = t.api.network.get_name_label(net)
+            warnings.append(f"network {wanted!r} not on the target: VIF {r['device']} on {fallback!r}")
+        t.api.VIF.create(
+            {
+                "device": r["device"],
+                "network": net,
+                "VM": vm,
+                "MAC": r["MAC"],
+                "MTU": r["MTU"],
+                "other_config": {},
+                "qos_algorithm_type": "",
+                "qos_algorithm_params": {},
+            }
+        )
+    return warnings
+
+
+def commit(
+    t: XapiSession, vm: str, disks: list[str], keys: dict[str, str], name: str, description: str
+) -> None:
+    """Make the replica a restore point. Commit snapshots first; the single `other_config`
+    write at the end is the commit point: before it the previous restore point is the newest."""
+    # A disk's copy_of names its source snapshot *VDI*; the VM-level value must not replace it.
+    disk_keys = {k: v for k, v in keys.items() if k != md.COPY_OF}
+    for vdi in disks:
+        oc = dict(t.api.VDI.get_other_config(vdi)) | disk_keys | {md.COMPLETE: "true"}
+        t.api.VDI.set_other_config(vdi, oc)
+        snap = str(t.api.VDI.snapshot(vdi, {}))
+        t.api.VDI.set_other_config(snap, oc | {md.ROLE: "commit-snapshot"})
+    t.api.VM.set_name_label(vm, name)
+    t.api.VM.set_name_description(vm, description)
+    oc = dict(t.api.VM.get_other_config(vm)) | keys | {md.COMPLETE: "true"}
+    t.api.VM.set_other_config(vm, oc)
+
+
+def destroy_replica(t: XapiSession, vm: str) -> int:
+    """A replica VM, its disks and their commit snapshots; returns how many VDIs went."""
+    vdis: list[str] = []
+    for vbd in t.api.VM.get_VBDs(vm):
+        vdi = str(t.api.VBD.get_VDI(vbd))
+        if vdi != NULL and t.api.VBD.get_type(vbd) == "Disk":
+            vdis.append(vdi)
+            vdis.extend(str(x) for x in t.api.VDI.get_snapshots(vdi))
+    if t.api.VM.get_power_state(vm) != "Halted":
+        t.api.VM.hard_shutdown(vm)
+    t.api.VM.destroy(vm)
+    for vdi in vdis:
+        destroy_vdi(t, vdi)
+    return len(vdis)
+
+
+def destroy_vdi(t: XapiSession, vdi: str) -> None:
+    try:
+        t.api.VDI.destroy(vdi)
+    except XapiError as err:
+        if err.code != "HANDLE_INVALID":
+            log.warning("VDI %s not destroyed: %s", vdi, err)
+
+
+def cleanup(t: XapiSession, job_id: str, vm_uuid: str, sr: str, sr_uuid: str) -> list[str]:
+    """Remove what an interrupted run of this job left for this VM on this SR: incomplete
+    replicas and their disks, and disks of ours that belong to no complete restore point.
+    Idempotent. Returns one line per object removed."""
+    removed = []
+    for ref, rec in replicas_of(t, job_id, vm_uuid, sr_uuid):
+        if rec["other_config"].get(md.COMPLETE) != "true":
+            n = destroy_replica(t, ref)
+            removed.append(f"incomplete replica {rec['uuid']} and {n} disk(s)")
+    kept: set[str] = set()
+    for rp in restore_points(t, job_id, vm_uuid, sr_uuid):
+        for live, snap, _ in rp.disks.values():
+            kept.add(live)
+            if snap:
+                kept.add(snap)
+    for vdi, rec in t.api.VDI.get_all_records().items():
+        oc = rec["other_config"]
+        ours = oc.get(md.JOB) == job_id and oc.get(md.VM) == vm_uuid and rec["managed"]
+        if ours and rec["SR"] == sr and str(vdi) not in kept:
+            destroy_vdi(t, str(vdi))
+            removed.append(f"orphan disk {rec['uuid']}")
+    return removed
