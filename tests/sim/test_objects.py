@@ -22,6 +22,7 @@ def vbd_record(vm: str, vdi: str, userdevice: str = "autodetect", **extra: Any) 
 
 
 @pytest.mark.parametrize("cls", ["VM", "VDI", "VBD", "VIF", "SR", "PBD", "network", "host", "pool", "session",
+                                 "VM_metrics",
                                  "task"])
 def test_records_have_every_datamodel_field(sim: Sim, cls: str) -> None:
     s = sim.session()

@@ -259,3 +259,28 @@ def test_other_operation_in_progress(sim: Sim) -> None:
     assert wait_task(x, task)["status"] == "success"
     assert x.VM.get_current_operations(vm) == {}
     x.VM.clean_shutdown(vm)
+
+
+def test_metrics_and_guest_tools(sim: Sim) -> None:
+    x = sim.session().xenapi
+    vm = x.VM.clone(first_vm(x), "metered")
+    metrics = x.VM.get_metrics(vm)
+    assert x.VM_metrics.get_VCPUs_number(metrics) == "2"
+    assert x.VM.get_guest_metrics(vm) == "OpaqueRef:NULL"
+    x.VM.start(vm, False, False)
+    gm = x.VM.get_guest_metrics(vm)
+    rec = x.VM_guest_metrics.get_record(gm)
+    assert rec["PV_drivers_detected"] is True and rec["live"] is True
+    assert rec["networks"]["0/ip"].startswith("10.0.")
+    x.VM.hard_shutdown(vm)
+    x.VM.add_to_other_config(vm, "sim_guest_tools", "false")
+    x.VM.start(vm, False, False)  # a restart clears the stale guest metrics
+    assert x.VM.get_guest_metrics(vm) == "OpaqueRef:NULL"
+    with pytest.raises(XenAPI.Failure) as exc:
+        x.VM_guest_metrics.get_record(gm)
+    assert failure(exc) == ["HANDLE_INVALID", "VM_guest_metrics", gm]
+    x.VM.hard_shutdown(vm)
+    x.VM.destroy(vm)
+    with pytest.raises(XenAPI.Failure) as exc:
+        x.VM_metrics.get_record(metrics)
+    assert failure(exc) == ["HANDLE_INVALID", "VM_metrics", metrics]

@@ -9,6 +9,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from xencr.sim.api.metrics import create_vm_metrics
 from xencr.sim.dispatch import Ctx
 from xencr.sim.guest import pattern
 from xencr.sim.pool_state import PoolState
@@ -68,13 +69,14 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
                              "xapi": "24.19", "xen": "4.17.4", "hostname": f"sim-host-{n}"},
         "memory_overhead": 0, "cpu_info": {"cpu_count": "4"},
     })
-    db.create("VM", {
+    dom0 = db.create("VM", {
         "name_label": f"Control domain on host: sim-host-{n}", "is_control_domain": True,
         "power_state": "Running", "resident_on": host, "domid": 0, "memory_static_max": 4 * GIB,
         "memory_dynamic_max": 4 * GIB, "memory_dynamic_min": 4 * GIB, "memory_static_min": 4 * GIB,
         "memory_target": 4 * GIB, "VCPUs_max": 4, "VCPUs_at_startup": 4, "domain_type": "pv",
         "other_config": {"storage_driver_domain": "OpaqueRef:NULL"},
     })
+    create_vm_metrics(db, dom0)
     srs = []
     for k, label in enumerate(("Local storage", "Second storage")):
         sr = db.create("SR", {
@@ -104,6 +106,7 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
     for k in range(vms):
         name = f"vm{k}"
         vm = db.create("VM", _vm_fields(name, k))
+        create_vm_metrics(db, vm)
         if disk_size:
             vdi = new_vdi(ctx, srs[0], {"name_label": f"{name} disk 0", "virtual_size": disk_size,
                                         "type": "user", "sm_config": {}}, file_size=disk_size)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from xencr.sim.api import metrics
 from xencr.sim.api import vdi as vdi_api
 from xencr.sim.api.ctor import ctor_fields
 from xencr.sim.api.vbd import used_slots
@@ -67,7 +68,9 @@ def _copy(value: Any) -> Any:
 def create(ctx: Ctx, record: dict[str, Any]) -> str:
     fields = ctor_fields("VM", record)
     fields["other_config"] = {"mac_seed": str(uuidlib.uuid4()), **fields["other_config"]}
-    return ctx.db.create("VM", fields)
+    vm = ctx.db.create("VM", fields)
+    metrics.create_vm_metrics(ctx.db, vm)
+    return vm
 
 
 @handler("VM.destroy")
@@ -81,6 +84,7 @@ def destroy(ctx: Ctx, vm: str) -> None:
         db.delete("VIF", vif)
     for child in db.reverse("VM", "children", vm):
         db.update("VM", child, parent=row["parent"])
+    metrics.destroy_vm_metrics(db, vm)
     db.delete("VM", vm)
 
 
@@ -113,6 +117,7 @@ def _start(ctx: Ctx, vm: str, paused: bool, op: str) -> None:
     with vm_operation(ctx, vm, op) as row:
         with ctx.db.lock:
             _set_power(ctx, vm, "Paused" if paused else "Running")
+            metrics.on_start(ctx.db, vm, ctx.pool.index)
         # xapi_vm.ml start: sleeps start_delay seconds after the domain runs, before returning.
         time.sleep(float(row["start_delay"]) * ctx.pool.delay_scale)
 
@@ -252,7 +257,10 @@ def _new_vm(ctx: Ctx, src: str, name: str, extra: dict[str, Any]) -> str:
                   order=0, start_delay=0, shutdown_delay=0, ha_always_run=False, suspend_VDI=NULL_REF,
                   is_a_template=row["is_a_template"], domid=-1)
     fields.update(extra)
-    return ctx.db.create("VM", fields)
+    fields.update(metrics=NULL_REF, guest_metrics=NULL_REF)
+    new = ctx.db.create("VM", fields)
+    metrics.create_vm_metrics(ctx.db, new)  # xapi_vm_helpers.copy_metrics: a fresh row per VM
+    return new
 
 
 def snapshot_vm(ctx: Ctx, vm: str, new_name: str, ignore_vdis: list[str], *, checkpoint: bool) -> str:
