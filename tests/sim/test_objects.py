@@ -228,3 +228,17 @@ def test_get_all_records_where(sim: Sim) -> None:
     with pytest.raises(XenAPI.Failure) as exc:
         x.VM.get_all_records_where('field "name_label"=')
     assert exc.value.details[0] == "INTERNAL_ERROR"
+
+
+def test_init_layout(sim: Sim) -> None:
+    x = sim.session().xenapi
+    pool = x.pool.get_all()[0]
+    host = x.pool.get_master(pool)
+    assert x.host_metrics.get_live(x.host.get_metrics(host)) is True
+    names = sorted(r["name_label"] for r in x.network.get_all_records().values())
+    assert "Pool-wide network associated with eth0" in names
+    assert len(x.SR.get_all()) == 2 and x.pool.get_default_SR(pool) in x.SR.get_all()
+    uefi = first_vm(x, "vm1")
+    assert x.VM.get_HVM_boot_params(uefi)["firmware"] == "uefi"
+    assert x.VM.get_NVRAM(uefi)["EFI-variables"]
+    assert x.VM.get_HVM_boot_params(first_vm(x))["firmware"] == "bios"

@@ -3,6 +3,8 @@ two file-based VHD SRs, two networks, and a few halted VMs whose disks hold reco
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import secrets
 import uuid as uuidlib
@@ -13,6 +15,7 @@ from xencr.sim.api.metrics import create_vm_metrics
 from xencr.sim.dispatch import Ctx
 from xencr.sim.guest import pattern
 from xencr.sim.pool_state import PoolState
+from xencr.sim.values import now
 
 GIB = 1024**3
 MIB = 1024**2
@@ -39,7 +42,9 @@ def pool_count(root: Path) -> int:
 
 
 def _vm_fields(name: str, index: int) -> dict[str, Any]:
-    return {
+    """A halted HVM guest; odd-numbered VMs boot with UEFI and carry NVRAM (EFI variables)."""
+    uefi = index % 2 == 1
+    fields: dict[str, Any] = {
         "name_label": name, "name_description": f"simulated VM {name}", "user_version": 1,
         "memory_static_max": GIB, "memory_dynamic_max": GIB, "memory_dynamic_min": GIB,
         "memory_static_min": 512 * MIB, "memory_target": GIB, "VCPUs_max": 2, "VCPUs_at_startup": 2,
@@ -52,6 +57,13 @@ def _vm_fields(name: str, index: int) -> dict[str, Any]:
         "domain_type": "hvm", "power_state": "Halted", "domid": -1,
         "generation_id": "0:0", "hardware_platform_version": 0, "has_vendor_device": False,
     }
+    if uefi:
+        fields["HVM_boot_params"] = {"order": "cd", "firmware": "uefi"}
+        fields["platform"] = {**fields["platform"], "secureboot": "false"}
+        # EFI variable store as xapi keeps it: base64 of varstored's blob (contents simulated)
+        blob = hashlib.sha256(f"nvram/{name}".encode()).digest() * 8
+        fields["NVRAM"] = {"EFI-variables": base64.b64encode(blob).decode()}
+    return fields
 
 
 def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None:
@@ -69,6 +81,9 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
                              "xapi": "24.19", "xen": "4.17.4", "hostname": f"sim-host-{n}"},
         "memory_overhead": 0, "cpu_info": {"cpu_count": "4"},
     })
+    host_metrics = db.create("host_metrics", {"memory_total": 64 * GIB, "memory_free": 60 * GIB,
+                                              "live": True, "last_updated": now()})
+    db.update("host", host, metrics=host_metrics)
     dom0 = db.create("VM", {
         "name_label": f"Control domain on host: sim-host-{n}", "is_control_domain": True,
         "power_state": "Running", "resident_on": host, "domid": 0, "memory_static_max": 4 * GIB,
