@@ -1,0 +1,848 @@
+"""The configuration file: pools (without secrets), jobs, their targets and schedules.
+
+One TOML file, by default ``$XDG_CONFIG_HOME/xencr/xencr.toml``. Everything is checked when the
+file is read, so a typo fails at once with one line naming the file and the key
+(``xencr.toml: jobs.web.targets[0]: unknown pool 'site-c'``) instead of surprising a run later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+import re
+import tomllib
+import uuid
+import zoneinfo
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+from xencr import credentials
+from xencr.credentials import Secret
+
+# Fixed forever: job ids derive from it and the job names, and replicas carry the job id, so a
+# job keeps its id (and its delta chain) across runs and machines without writing one down.
+JOB_NAMESPACE = uuid.UUID("3a04dc49-4785-41c0-89e0-5434e6ad685a")
+
+SnapshotMode = Literal["normal", "checkpoint", "offline"]
+SNAPSHOT_MODES: tuple[SnapshotMode, ...] = ("normal", "checkpoint", "offline")
+
+CONFIG_ENV = "XENCR_CONFIG"
+
+
+class ConfigError(Exception):
+    """An unusable configuration; ``str()`` is one line: ``FILE: KEY.PATH: what is wrong``."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None, key: str | None = None) -> None:
+        self.message = " ".join(message.split("\n"))
+        self.path = path
+        self.key = key
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return ": ".join(str(p) for p in (self.path, self.key, self.message) if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: durations, rates, fingerprints, cron shapes, rate windows, VM selectors
+
+
+_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_PART = re.compile(r"(\d+)\s*([a-z]+)\s*")
+
+
+def parse_duration(text: str) -> int:
+    """``"90s"``, ``"10m"``, ``"2h"``, ``"1d"``, ``"1w"``, ``"1h30m"`` or plain seconds -> seconds."""
+    t = text.strip().lower()
+    if t.isdigit():
+        return int(t)
+    total, pos = 0, 0
+    while pos < len(t):
+        m = _DURATION_PART.match(t, pos)
+        if m is None or m.group(2) not in _DURATION_UNITS:
+            raise ValueError(f"invalid duration {text!r} (examples: 90s, 10m, 2h, 1d, 1h30m)")
+        total += int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos == 0:
+        raise ValueError(f"invalid duration {text!r} (examples: 90s, 10m, 2h, 1d, 1h30m)")
+    return total
+
+
+# Case-insensitive: "B" is a byte whatever its case; bits are spelt out ("Mbit/s").
+_RATE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "bit": 1 / 8,
+    "kbit": 10**3 / 8,
+    "mbit": 10**6 / 8,
+    "gbit": 10**9 / 8,
+}
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/\s*s)?")
+
+
+def parse_rate(text: str) -> int:
+    """``"10MiB/s"``, ``"500KB/s"``, ``"1GB/s"``, ``"100Mbit/s"`` (``/s`` optional) -> bytes per second."""
+    m = _RATE.fullmatch(text.strip().lower())
+    if m is None or m.group(2) not in _RATE_UNITS:
+        raise ValueError(f"invalid rate {text!r} (examples: 10MiB/s, 500KB/s, 1GB/s, 100Mbit/s)")
+    value = float(m.group(1)) * _RATE_UNITS[m.group(2)]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"invalid rate {text!r}: must be at least 1 byte/s")
+    return round(value)
+
+
+def normalise_fingerprint(text: str) -> str:
+    """``"sha256:AB:CD:..."`` (colons optional, any case) -> 64 lower-case hex digits."""
+    scheme, sep, digits = text.strip().partition(":")
+    if not sep or scheme.lower() != "sha256":
+        raise ValueError(f"invalid fingerprint {text!r}: expected 'sha256:' and 64 hex digits")
+    hexpart = digits.replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", hexpart):
+        raise ValueError(f"invalid fingerprint {text!r}: expected 'sha256:' and 64 hex digits")
+    return hexpart
+
+
+CRON_PRESETS = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# (field name, lowest, highest, names from `lowest` on)
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
+
+
+def _cron_value(text: str, lo: int, hi: int, names: tuple[str, ...]) -> int:
+    if text.lower() in names:
+        return lo + names.index(text.lower())
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise ValueError(text)
+    return int(text)
+
+
+def check_cron(expr: str) -> str:
+    """Check a 5-field cron expression or an ``@hourly``-style preset; returns it tidied.
+
+    Only the shape and the ranges are checked here; what the expression means is the scheduler's.
+    """
+    t = " ".join(expr.split())
+    if t.startswith("@"):
+        if t.lower() not in CRON_PRESETS:
+            raise ValueError(f"invalid cron preset {expr!r} (one of {', '.join(sorted(CRON_PRESETS))})")
+        return t.lower()
+    parts = t.split(" ")
+    if len(parts) != 5:
+        raise ValueError(
+            f"invalid cron expression {expr!r}: {len(parts)} fields, expected 5 (m h dom mon dow)"
+        )
+    for part, (name, lo, hi, names) in zip(parts, _CRON_FIELDS, strict=True):
+        for item in part.split(","):
+            base, slash, step = item.partition("/")
+            try:
+                if slash and (not step.isdigit() or int(step) == 0):
+                    raise ValueError(step)
+                if base != "*":
+                    first, dash, last = base.partition("-")
+                    a = _cron_value(first, lo, hi, names)
+                    if dash and _cron_value(last, lo, hi, names) < a:
+                        raise ValueError(base)
+            except ValueError:
+                raise ValueError(f"invalid cron expression {expr!r}: bad {name} {item!r}") from None
+    return t
+
+
+# datetime.weekday() order: Monday is 0.
+_WEEKDAYS = {
+    name: i
+    for i, full in enumerate(("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"))
+    for name in (full, full[:3])
+}
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """``"Mon-Fri 08:00-18:00 2MiB/s"``: on these days (0 = Monday), between these minutes of the
+    day (``end`` may be before ``start``: the window crosses midnight), this rate (``None``: unlimited)."""
+
+    days: frozenset[int]
+    start: int
+    end: int
+    rate: int | None
+
+
+def _minutes(text: str, allow_24: bool) -> int:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if m is None:
+        raise ValueError(text)
+    h, mi = int(m.group(1)), int(m.group(2))
+    if mi > 59 or h > 24 or (h == 24 and (mi or not allow_24)):
+        raise ValueError(text)
+    return h * 60 + mi
+
+
+def parse_rate_window(text: str) -> RateWindow:
+    """``"[DAYS] HH:MM-HH:MM RATE"``; DAYS like ``Mon-Fri``, ``Sat,Sun`` or ``*`` (default every day);
+    RATE as :func:`parse_rate` or ``unlimited``."""
+    parts = text.split()
+    if len(parts) == 2:
+        parts.insert(0, "*")
+    hint = "expected like 'Mon-Fri 08:00-18:00 2MiB/s'"
+    if len(parts) != 3:
+        raise ValueError(f"invalid rate window {text!r}: {hint}")
+    days_text, hours_text, rate_text = parts
+    days: set[int] = set()
+    try:
+        for item in days_text.lower().split(","):
+            if item == "*":
+                days.update(range(7))
+                continue
+            first, dash, last = item.partition("-")
+            if first not in _WEEKDAYS or (dash and last not in _WEEKDAYS):
+                raise ValueError(item)
+            a = _WEEKDAYS[first]
+            b = _WEEKDAYS[last] if dash else a
+            # Mon-Fri, or wrapping round the week end: Fri-Mon
+            days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+        start_text, _, end_text = hours_text.partition("-")
+        start, end = _minutes(start_text, False), _minutes(end_text, True)
+        if start == end:
+            raise ValueError(hours_text)
+    except ValueError:
+        raise ValueError(f"invalid rate window {text!r}: {hint}") from None
+    rate = None if rate_text.lower() == "unlimited" else parse_rate(rate_text)
+    return RateWindow(frozenset(days), start, end, rate)
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def is_uuid(text: str) -> bool:
+    return _UUID.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class VmSelector:
+    """One entry of a job's ``vms`` or ``exclude``: a VM UUID, a glob on the name, or ``tag:NAME``."""
+
+    kind: Literal["uuid", "glob", "tag"]
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> VmSelector:
+        if not text.strip():
+            raise ValueError("empty VM selector")
+        if text.startswith("tag:"):
+            if not text[4:]:
+                raise ValueError(f"empty tag in {text!r}")
+            return cls("tag", text[4:])
+        if is_uuid(text):
+            return cls("uuid", text.lower())
+        return cls("glob", text)
+
+    def matches(self, vm_uuid: str, name_label: str, tags: Iterable[str] = ()) -> bool:
+        if self.kind == "uuid":
+            return vm_uuid.lower() == self.value
+        if self.kind == "tag":
+            return self.value in tags
+        # Case-sensitive like XAPI's name_label, whatever the platform.
+        return fnmatch.fnmatchcase(name_label, self.value)
+
+    def __str__(self) -> str:
+        return f"tag:{self.value}" if self.kind == "tag" else self.value
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration objects
+
+
+def default_password_env(pool_name: str) -> str:
+    """``site-a`` -> ``XENCR_SITE_A_PASSWORD``."""
+    return f"XENCR_{re.sub(r'[^A-Z0-9]', '_', pool_name.upper())}_PASSWORD"
+
+
+@dataclass(frozen=True, repr=False)
+class PoolConfig:
+    """A XAPI endpoint. No secret lives here, except a password found embedded in the URL of the
+    config file (kept only as a :class:`Secret`, and warned about)."""
+
+    name: str
+    url: str
+    username: str = "root"
+    password_file: str | None = None
+    password_env: str = ""  # "" -> XENCR_<NAME>_PASSWORD
+    fingerprint: str | None = None  # 64 lower-case hex digits (sha256 of the DER certificate)
+    verify_tls: bool = True
+    url_password: Secret | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.password_env:
+            object.__setattr__(self, "password_env", default_password_env(self.name))
+        if self.fingerprint is not None:
+            object.__setattr__(self, "fingerprint", normalise_fingerprint(_with_scheme(self.fingerprint)))
+
+    def __repr__(self) -> str:
+        # Written out so that no field added later can leak a secret by default.
+        return (
+            f"PoolConfig(name={self.name!r}, url={self.url!r}, username={self.username!r}, "
+            f"password_file={self.password_file!r}, password_env={self.password_env!r}, "
+            f"fingerprint={self.fingerprint!r}, verify_tls={self.verify_tls!r}"
+            + (", url_password=<hidden>" if self.url_password is not None else "")
+            + ")"
+        )
+
+
+def _with_scheme(fp: str) -> str:
+    return fp if ":" in fp and fp.split(":", 1)[0].lower() == "sha256" else f"sha256:{fp}"
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Where a job's replicas go: an SR (UUID or name_label) of a pool, and how networks map there."""
+
+    pool: str
+    sr: str
+    network_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When a job runs, and what each of these runs keeps. Exactly one of ``cron`` and ``every``."""
+
+    id: str
+    cron: str | None = None
+    every: int | None = None  # seconds
+    timezone: str = "UTC"
+    retention: int = 3
+    full_interval: int = 0
+    rpo: int | None = None  # seconds
+    rate: int | None = None  # bytes per second
+    rate_windows: list[str] = field(default_factory=list)
+
+    @property
+    def rpo_seconds(self) -> int | None:
+        """The RPO to hold restore points to: ``rpo`` if set, else the interval (cron: unknown here)."""
+        return self.rpo if self.rpo is not None else self.every
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What to protect (selectors evaluated at run time), from which pool, to where, and when."""
+
+    name: str
+    id: str
+    pool: str
+    vms: list[str]
+    exclude: list[str]
+    targets: list[TargetConfig]
+    schedules: list[ScheduleConfig]
+    concurrency: int = 2
+    snapshot_mode: SnapshotMode = "normal"
+    full_interval: int = 0
+    vm_timeout: int | None = None  # seconds
+    enabled: bool = True
+
+    @property
+    def selectors(self) -> list[VmSelector]:
+        return [VmSelector.parse(v) for v in self.vms]
+
+    @property
+    def exclusions(self) -> list[VmSelector]:
+        return [VmSelector.parse(v) for v in self.exclude]
+
+    def selects(self, vm_uuid: str, name_label: str, tags: Iterable[str] = ()) -> bool:
+        """Whether a VM is in this job: matched by some ``vms`` entry and by no ``exclude`` entry."""
+        tags = list(tags)
+        return any(s.matches(vm_uuid, name_label, tags) for s in self.selectors) and not any(
+            s.matches(vm_uuid, name_label, tags) for s in self.exclusions
+        )
+
+    def schedule(self, schedule_id: str) -> ScheduleConfig:
+        for s in self.schedules:
+            if s.id == schedule_id:
+                return s
+        raise KeyError(schedule_id)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    pools: dict[str, PoolConfig]
+    jobs: dict[str, JobConfig]
+    state_path: Path
+
+    def job(self, ref: str) -> JobConfig:
+        """A job by name or id; a :class:`ConfigError` naming the known jobs otherwise."""
+        if ref in self.jobs:
+            return self.jobs[ref]
+        for job in self.jobs.values():
+            if job.id == ref:
+                return job
+        known = ", ".join(self.jobs) or "none"
+        raise ConfigError(f"no job {ref!r} (jobs: {known})", path=self.path)
+
+    def pool(self, name: str) -> PoolConfig:
+        if name in self.pools:
+            return self.pools[name]
+        known = ", ".join(self.pools) or "none"
+        raise ConfigError(f"no pool {name!r} (pools: {known})", path=self.path)
+
+
+def job_id_for(name: str) -> str:
+    return str(uuid.uuid5(JOB_NAMESPACE, name))
+
+
+def schedule_id_for(job_id: str, cron: str | None, every: int | None) -> str:
+    # From the timing, not the position: removing one schedule must not hand its id (and so its
+    # restore points and their retention) to another. Changing the timing makes a new schedule.
+    timing = f"cron:{cron}" if cron is not None else f"every:{every}"
+    return str(uuid.uuid5(JOB_NAMESPACE, f"{job_id}/{timing}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    base = os.environ.get(var)
+    # XDG: a relative value is invalid and must be ignored.
+    return Path(base) if base and os.path.isabs(base) else Path.home() / fallback
+
+
+def default_config_path() -> Path:
+    """``$XENCR_CONFIG``, else ``$XDG_CONFIG_HOME/xencr/xencr.toml`` (``~/.config/xencr/xencr.toml``)."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser()
+    return _xdg("XDG_CONFIG_HOME", ".config") / "xencr" / "xencr.toml"
+
+
+def default_state_path() -> Path:
+    """``$XDG_DATA_HOME/xencr/state.sqlite`` (``~/.local/share/xencr/state.sqlite``)."""
+    return _xdg("XDG_DATA_HOME", ".local/share") / "xencr" / "state.sqlite"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+# A bare key, or one already indexed by us (`targets[0]`), is written as is; others are quoted.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(\[\d+\])?")
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+def _key(parent: str, name: str) -> str:
+    part = name if _BARE_KEY.fullmatch(name) else '"' + name.replace('"', '\\"') + '"'
+    return f"{parent}.{part}" if parent else part
+
+
+_TYPE_NAMES: dict[type, str] = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _type_name(v: object) -> str:
+    return _TYPE_NAMES.get(type(v), f"a {type(v).__name__}")
+
+
+class _Table:
+    """One TOML table being read: every key taken is checked; any key left over is an error."""
+
+    def __init__(self, path: Path, key: str, data: object) -> None:
+        self.path = path
+        self.key = key
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a table, not {_type_name(data)}")
+        self.data: dict[str, Any] = data
+        self.taken: set[str] = set()
+
+    def error(self, name: str | int | None, message: str) -> ConfigError:
+        if name is None:
+            where = self.key
+        elif isinstance(name, int):
+            where = f"{self.key}[{name}]"
+        else:
+            where = _key(self.key, name)
+        return ConfigError(message, path=self.path, key=where or None)
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = _MISSING) -> T:
+        self.taken.add(name)
+        if name not in self.data:
+            if default is _MISSING:
+                raise self.error(None, f"missing key '{name}'")
+            return cast(T, default)
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML booleans are not integers, whatever Python thinks.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            want = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(name, f"must be {want}, not {_type_name(value)}")
+        return cast(T, value)
+
+    def text(self, name: str, default: Any = _MISSING) -> str:
+        value: str = self.get(name, str, default)
+        if value is not None and not value.strip():
+            raise self.error(name, "must not be empty")
+        return value
+
+    def integer(self, name: str, default: int | None, minimum: int) -> int:
+        value: int = self.get(name, int, default)
+        if value is not None and value < minimum:
+            raise self.error(name, f"must be at least {minimum}, not {value}")
+        return value
+
+    def converted(self, name: str, parse: Callable[[str], int], minimum: int = 1) -> int | None:
+        """A duration or a rate: a string with a unit, or a plain integer (seconds, bytes/s)."""
+        raw: str | int | None = self.get(name, (str, int), None)
+        if raw is None:
+            return None
+        try:
+            value = raw if isinstance(raw, int) else parse(raw)
+        except ValueError as err:
+            raise self.error(name, str(err)) from None
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, not {raw!r}")
+        return value
+
+    def strings(self, name: str, default: Any = _MISSING) -> list[str]:
+        value: list[Any] = self.get(name, list, default)
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(f"{name}[{i}]", f"must be a string, not {_type_name(item)}")
+        return list(value)
+
+    def sub(self, name: str, default: Any = _MISSING) -> _Table:
+        value = self.get(name, dict, default)
+        return _Table(self.path, _key(self.key, name), value)
+
+    def tables(self, name: str) -> list[_Table]:
+        value: list[Any] = self.get(name, list, [])
+        return [_Table(self.path, f"{_key(self.key, name)}[{i}]", item) for i, item in enumerate(value)]
+
+    def finish(self) -> None:
+        unknown = [k for k in self.data if k not in self.taken]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, sorted(self.taken), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = self.key or None
+            raise ConfigError(f"unknown key '{name}'{hint}", path=self.path, key=where)
+
+
+def _resolve_path(base: Path, text: str) -> Path:
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _read_pool(path: Path, name: str, t: _Table, warn: Callable[[str], None]) -> PoolConfig:
+    if not name.strip():
+        raise t.error(None, "a pool name must not be empty")
+    raw_url = t.text("url")
+    url, url_user, url_password = credentials.split_url_credentials(raw_url.strip())
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("https", "http") or not parts.hostname or not port_ok:
+        # Never echo the raw URL: it may hold a password.
+        raise t.error("url", f"invalid URL {url!r}: expected https://host[:port]")
+    url = url.rstrip("/") if parts.path in ("", "/") else url
+    username = t.get("username", str, None)
+    if username is None:
+        username = url_user or "root"
+    elif url_user is not None and url_user != username:
+        raise t.error("url", f"user '{url_user}' in the URL differs from username '{username}'")
+    if not username:
+        raise t.error("username", "must not be empty")
+    if url_password is not None:
+        warn(
+            f"{path}: {_key(t.key, 'url')}: the URL carries a password; it is used, but set "
+            f"{default_password_env(name)} or password_file instead and remove it from the URL"
+        )
+    password_file = t.get("password_file", str, None)
+    if password_file is not None:
+        password_file = str(_resolve_path(path.parent, password_file))
+    password_env: str = t.get("password_env", str, "")
+    if password_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+        raise t.error("password_env", f"invalid environment variable name {password_env!r}")
+    fingerprint = t.get("fingerprint", str, None)
+    if fingerprint is not None:
+        try:
+            fingerprint = normalise_fingerprint(fingerprint)
+        except ValueError as err:
+            raise t.error("fingerprint", str(err)) from None
+    verify_tls = t.get("verify_tls", bool, True)
+    t.finish()
+    return PoolConfig(
+        name=name,
+        url=url,
+        username=username,
+        password_file=password_file,
+        password_env=password_env,
+        fingerprint=fingerprint,
+        verify_tls=verify_tls,
+        url_password=Secret(url_password) if url_password is not None else None,
+    )
+
+
+def _read_schedule(t: _Table, job_id: str) -> ScheduleConfig:
+    cron = t.get("cron", str, None)
+    every = t.converted("every", parse_duration)
+    if (cron is None) == (every is None):
+        raise t.error(None, "needs exactly one of 'cron' and 'every'")
+    if cron is not None:
+        try:
+            cron = check_cron(cron)
+        except ValueError as err:
+            raise t.error("cron", str(err)) from None
+    timezone: str = t.text("timezone", "UTC")
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise t.error(
+            "timezone", f"unknown time zone {timezone!r} (an IANA name like 'Europe/Paris')"
+        ) from None
+    schedule_id: str = t.text("id", None) or schedule_id_for(job_id, cron, every)
+    windows = t.strings("rate_windows", [])
+    for i, w in enumerate(windows):
+        try:
+            parse_rate_window(w)
+        except ValueError as err:
+            raise t.error(f"rate_windows[{i}]", str(err)) from None
+    schedule = ScheduleConfig(
+        id=schedule_id,
+        cron=cron,
+        every=every,
+        timezone=timezone,
+        retention=t.integer("retention", 3, 1),
+        full_interval=t.integer("full_interval", 0, 0),
+        rpo=t.converted("rpo", parse_duration),
+        rate=t.converted("rate", parse_rate),
+        rate_windows=windows,
+    )
+    t.finish()
+    return schedule
+
+
+def _read_target(t: _Table, pools: Mapping[str, PoolConfig]) -> TargetConfig:
+    pool = t.text("pool")
+    if pool not in pools:
+        raise t.error(None, f"unknown pool '{pool}'")
+    sr = t.text("sr")
+    nm = t.sub("network_map", {})
+    network_map = {k: nm.get(k, str) for k in nm.data}
+    for k, v in network_map.items():
+        if not v.strip():
+            raise nm.error(k, "must not be empty")
+    nm.finish()
+    t.finish()
+    return TargetConfig(pool=pool, sr=sr, network_map=network_map)
+
+
+def _selectors(t: _Table, name: str, default: Any) -> list[str]:
+    values = t.strings(name, default)
+    for i, v in enumerate(values):
+        try:
+            VmSelector.parse(v)
+        except ValueError as err:
+            raise t.error(f"{name}[{i}]", str(err)) from None
+    return values
+
+
+def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig]) -> JobConfig:
+    if not name.strip():
+        raise t.error(None, "a job name must not be empty")
+    job_id = t.text("id", None) or job_id_for(name)
+    pool = t.text("pool")
+    if pool not in pools:
+        raise t.error("pool", f"unknown pool '{pool}'")
+    vms = _selectors(t, "vms", _MISSING)
+    if not vms:
+        raise t.error("vms", "selects no VM (give UUIDs, name globs like 'web-*', or 'tag:NAME')")
+    exclude = _selectors(t, "exclude", [])
+    targets = [_read_target(tt, pools) for tt in t.tables("targets")]
+    if not targets:
+        raise t.error(None, "needs at least one [[targets]] table")
+    seen: dict[tuple[str, str], int] = {}
+    for i, target in enumerate(targets):
+        if (target.pool, target.sr) in seen:
+            raise t.error(f"targets[{i}]", f"same pool and SR as targets[{seen[target.pool, target.sr]}]")
+        seen[target.pool, target.sr] = i
+    schedules = [_read_schedule(st, job_id) for st in t.tables("schedules")]
+    ids: dict[str, int] = {}
+    for i, s in enumerate(schedules):
+        if s.id in ids:
+            raise t.error(f"schedules[{i}]", f"same id as schedules[{ids[s.id]}] (give each an 'id')")
+        ids[s.id] = i
+    mode = t.get("snapshot_mode", str, "normal")
+    if mode not in SNAPSHOT_MODES:
+        raise t.error("snapshot_mode", f"must be one of {', '.join(SNAPSHOT_MODES)}, not {mode!r}")
+    job = JobConfig(
+        name=name,
+        id=job_id,
+        pool=pool,
+        vms=vms,
+        exclude=exclude,
+        targets=targets,
+        schedules=schedules,
+        concurrency=t.integer("concurrency", 2, 1),
+        snapshot_mode=mode,
+        full_interval=t.integer("full_interval", 0, 0),
+        vm_timeout=t.converted("vm_timeout", parse_duration),
+        enabled=t.get("enabled", bool, True),
+    )
+    t.finish()
+    return job
+
+
+def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = None) -> Config:
+    """Check and build a :class:`Config` from TOML text; ``path`` names it in errors and anchors
+    relative paths."""
+    warn = warn or credentials.warn
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"invalid TOML: {err}", path=path) from None
+    top = _Table(path, "", data)
+    state_text = top.text("state", None)
+    state_path = _resolve_path(path.parent, state_text) if state_text else default_state_path()
+    pools_t = top.sub("pools", {})
+    pools = {name: _read_pool(path, name, pools_t.sub(name), warn) for name in pools_t.data}
+    pools_t.taken.update(pools)
+    jobs_t = top.sub("jobs", {})
+    jobs = {name: _read_job(name, jobs_t.sub(name), pools) for name in jobs_t.data}
+    owners: dict[str, str] = {}
+    for job in jobs.values():
+        if job.id in owners:
+            raise jobs_t.error(job.name, f"same id as job '{owners[job.id]}'")
+        owners[job.id] = job.name
+    top.finish()
+    return Config(path=path, pools=pools, jobs=jobs, state_path=state_path)
+
+
+def load_config(path: Path | None = None, *, warn: Callable[[str], None] | None = None) -> Config:
+    """Read and check the configuration at ``path`` (default: :func:`default_config_path`).
+
+    ``warn`` receives warnings (a password in a pool URL); default: :func:`credentials.warn`.
+    """
+    path = Path(path).expanduser() if path is not None else default_config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file (write a sample with `xencr init`)", path=path) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, not a file", path=path) from None
+    except OSError as err:
+        raise ConfigError(err.strerror or str(err), path=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path=path) from None
+    return parse_config(text, path, warn=warn)
+
+
+SAMPLE_CONFIG = """\
+# xencr configuration: pools, jobs, their targets and schedules.
+# Path: --config PATH, or $XENCR_CONFIG, or ~/.config/xencr/xencr.toml.
+# Every key is checked when the file is read: an unknown key is an error, not ignored.
+# Durations: "90s", "10m", "2h", "1d", "1h30m". Rates: "10MiB/s", "500KB/s", "1GB/s", "100Mbit/s".
+
+# Run history (SQLite). Default: ~/.local/share/xencr/state.sqlite. Relative to this file.
+# state = "~/.local/share/xencr/state.sqlite"
+
+# ---------------------------------------------------------------------------------------------
+# Pools: XAPI endpoints, without secrets. The password of pool NAME comes from, in order:
+#   the environment variable XENCR_<NAME>_PASSWORD (site-a -> XENCR_SITE_A_PASSWORD),
+#   password_file (mode 0600 or stricter), or a prompt when run on a terminal.
+
+[pools.site-a]
+url = "https://pool-a.example.com"         # https://host[:port] of the pool master
+username = "root"                          # default "root"
+# password_env = "XENCR_SITE_A_PASSWORD"   # another variable name for the password
+# password_file = "~/.config/xencr/site-a.password"
+# Pin a self-signed certificate (as `xencr pool add` shows it; colons and case do not matter):
+# fingerprint = "sha256:3f2a5b0c71e49d1288af603bc7d2194ea50f6ce83197b42d5ef00a83c61b7d9c"
+verify_tls = true                          # false: accept any certificate (not recommended)
+
+[pools.site-b]
+url = "https://pool-b.example.com:443"
+
+# ---------------------------------------------------------------------------------------------
+# Jobs: what to protect and where. VM selection is evaluated at every run.
+
+[jobs.web]
+# id = "..."                    # default: derived from the name (stable); set it to continue an
+#                               # existing Xen Orchestra chain with that job's UUID
+pool = "site-a"                 # where the VMs run
+vms = ["web-*", "tag:critical", "0b1e3a9c-7d1f-4c1e-9a55-2f6f3d1c8e11"]  # name globs, tags, UUIDs
+exclude = ["web-test-*"]        # same forms; a VM matched here is never replicated
+concurrency = 2                 # VMs replicated at once
+snapshot_mode = "normal"        # "normal", "checkpoint" (with memory) or "offline" (shut down)
+full_interval = 0               # a full copy every N runs (0: only when a delta is impossible)
+vm_timeout = "2h"               # a VM taking longer is cancelled and cleaned up
+enabled = true                  # false: the daemon does not schedule it (`xencr run` still can)
+
+# One or more targets: an SR (UUID or name) on some pool. Several targets share one snapshot.
+[[jobs.web.targets]]
+pool = "site-b"
+sr = "Local storage"
+# Source network (name or UUID) -> target network; unmapped VIFs go to the same-named network,
+# else the target's default network.
+network_map = { "Pool-wide network associated with eth0" = "DR network" }
+
+# One or more schedules, each with exactly one of `cron` and `every`.
+[[jobs.web.schedules]]
+id = "web-every-15m"            # default: derived from the job and the timing
+every = "15m"
+retention = 4                   # restore points kept per VM and target for this schedule
+rpo = "30m"                     # alert when the newest restore point is older (default: the interval)
+rate = "50MiB/s"                # bandwidth limit (default: none)
+rate_windows = ["Mon-Fri 08:00-18:00 10MiB/s"]  # other limits at these times (or "unlimited")
+
+[[jobs.web.schedules]]
+id = "web-nightly"
+cron = "30 1 * * *"             # 5 fields (m h dom mon dow) or @hourly, @daily, @weekly...
+timezone = "Europe/Paris"       # IANA name, default "UTC"
+retention = 7
+full_interval = 30              # this schedule sends a full copy every 30 of its runs
+
+[jobs.db]
+pool = "site-a"
+vms = ["tag:database"]
+snapshot_mode = "checkpoint"
+enabled = false
+
+[[jobs.db.targets]]
+pool = "site-b"
+sr = "3c6f1a5e-8d2b-4f7a-b1c9-5e0d4a2b7f68"
+
+[jobs.db.targets.network_map]
+"Pool-wide network associated with eth0" = "DR network"
+
+[[jobs.db.schedules]]
+cron = "@hourly"
+"""
+
+
+def sample_config() -> str:
+    """A commented sample configuration showing every option; :func:`load_config` accepts it."""
+    return SAMPLE_CONFIG

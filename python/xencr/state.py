@@ -1,0 +1,451 @@
+"""Run history in SQLite: one table per concept (runs, tasks, the reasons of each disk's transfer).
+
+Several processes may share the file (the daemon and a `xencr run` started by hand): WAL journal,
+a busy timeout, and short ``BEGIN IMMEDIATE`` write transactions. The schema grows by numbered
+migrations appended to ``MIGRATIONS``; a database stamped with a newer version is refused rather
+than misread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+RUNNING = "running"
+RUN_OUTCOMES = frozenset({"success", "failure", "partial", "skipped", "interrupted"})
+TASK_OUTCOMES = RUN_OUTCOMES
+TRANSFERS = frozenset({"full", "delta", "mixed"})
+
+# MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL,
+            job_name TEXT NOT NULL,
+            schedule_id TEXT,
+            trigger TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            outcome TEXT NOT NULL DEFAULT 'running',
+            error TEXT,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            process_start TEXT
+        )""",
+        "CREATE INDEX runs_by_job ON runs (job_id, started_at)",
+        "CREATE INDEX runs_by_start ON runs (started_at)",
+        "CREATE INDEX runs_by_outcome ON runs (outcome)",
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            vm_uuid TEXT NOT NULL,
+            vm_name TEXT NOT NULL,
+            target_sr TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            outcome TEXT NOT NULL DEFAULT 'running',
+            transfer TEXT,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            restore_point TEXT
+        )""",
+        "CREATE INDEX tasks_by_run ON tasks (run_id)",
+        "CREATE INDEX tasks_by_vm_target ON tasks (vm_uuid, target_sr, id)",
+        """CREATE TABLE task_disks (
+            task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            disk TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (task_id, disk)
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Fixed width, so text order is time order and `since` filters in SQL.
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class StateError(Exception):
+    """The state database cannot be used (newer schema, not a database, unwritable)."""
+
+
+def _to_text(t: datetime) -> str:
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)  # naive: taken as UTC, the only zone stored here
+    return t.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def _from_text(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: int
+    job_id: str
+    job_name: str
+    schedule_id: str | None
+    trigger: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    error: str | None
+    host: str
+    pid: int
+    process_start: str | None
+
+    @property
+    def duration(self) -> timedelta | None:
+        return self.finished_at - self.started_at if self.finished_at is not None else None
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: int
+    run_id: int
+    vm_uuid: str
+    vm_name: str
+    target_sr: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    transfer: str | None
+    reasons: dict[str, str]  # disk -> why it went full or delta (from task_disks)
+    bytes_sent: int
+    error: str | None
+    restore_point: str | None
+
+    @property
+    def duration(self) -> timedelta | None:
+        return self.finished_at - self.started_at if self.finished_at is not None else None
+
+
+def _process_start(pid: int) -> str | None:
+    """Boot id and start tick of a process: with the pid, it names one process for good (a reused
+    pid has another start). ``None`` where /proc does not tell (the pid alone is used then)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime); the command name (field 2) may hold spaces, so count after its ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return f"{boot}/{fields[19]}" if len(fields) > 19 else None
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+    if start is not None:
+        return _process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class StateDB:
+    """The history database at ``path`` (created with its directories, migrated to the newest schema).
+
+    Thread-safe (one connection behind a lock); ``clock`` returns aware datetimes (tests pass a
+    fake one).
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.path = Path(path)
+        self._clock = clock or _now
+        self._lock = threading.RLock()
+        self._host = socket.gethostname()
+        self._pid = os.getpid()
+        self._process_start = _process_start(self._pid)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: transactions are opened explicitly, so their extent is visible here.
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as err:
+            raise StateError(f"{self.path}: cannot open the state database: {err}") from None
+        try:
+            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise StateError(f"{self.path}: not a usable state database: {err}") from None
+        except StateError:
+            self._db.close()
+            raise
+
+    # -- plumbing
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> StateDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE takes the write lock up front, so two processes
+        wait for each other (busy timeout) instead of failing on lock upgrade."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            cur.row_factory = sqlite3.Row
+            return list(cur.fetchall())
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            (current,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+            if current > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path}: written by a newer xencr "
+                    f"(schema {current}, this one knows {SCHEMA_VERSION})"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, _to_text(self._clock())),
+                )
+
+    @property
+    def schema_version(self) -> int:
+        (row,) = self._read("SELECT MAX(version) FROM schema_version")
+        return int(row[0])
+
+    # -- runs
+
+    def start_run(self, job_id: str, job_name: str, schedule_id: str | None, trigger: str) -> int:
+        """Record a run starting now, owned by this process; its id."""
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO runs (job_id, job_name, schedule_id, trigger, started_at, host, pid,"
+                " process_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    job_name,
+                    schedule_id,
+                    trigger,
+                    _to_text(self._clock()),
+                    self._host,
+                    self._pid,
+                    self._process_start,
+                ),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def finish_run(self, run_id: int, outcome: str, error: str | None = None) -> None:
+        if outcome not in RUN_OUTCOMES:
+            raise ValueError(f"unknown run outcome {outcome!r} (one of {', '.join(sorted(RUN_OUTCOMES))})")
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE runs SET outcome = ?, error = ?, finished_at = ? WHERE id = ?",
+                (outcome, error, _to_text(self._clock()), run_id),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"no run {run_id}")
+
+    def runs(
+        self, job: str | None = None, since: datetime | None = None, *, limit: int | None = None
+    ) -> list[RunRow]:
+        """Runs in start order (oldest first); ``job`` is a job name or id; ``since`` keeps the runs
+        started at or after it; ``limit`` keeps the newest N."""
+        where: list[str] = []
+        args: list[Any] = []
+        if job is not None:
+            where.append("(job_id = ? OR job_name = ?)")
+            args += [job, job]
+        if since is not None:
+            where.append("started_at >= ?")
+            args.append(_to_text(since))
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_run_row(r) for r in reversed(self._read(sql, args))]
+
+    def run(self, run_id: int) -> RunRow:
+        rows = self._read("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise KeyError(f"no run {run_id}")
+        return _run_row(rows[0])
+
+    # -- tasks
+
+    def start_task(self, run_id: int, vm_uuid: str, vm_name: str, target_sr: str) -> int:
+        """Record one VM's transfer to one target starting now; its id."""
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, started_at) VALUES (?, ?, ?, ?, ?)",
+                (run_id, vm_uuid, vm_name, target_sr, _to_text(self._clock())),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def finish_task(
+        self,
+        task_id: int,
+        outcome: str,
+        *,
+        transfer: str | None = None,
+        reasons: Mapping[str, str] | None = None,
+        bytes_sent: int = 0,
+        error: str | None = None,
+        restore_point: str | None = None,
+    ) -> None:
+        if outcome not in TASK_OUTCOMES:
+            raise ValueError(f"unknown task outcome {outcome!r} (one of {', '.join(sorted(TASK_OUTCOMES))})")
+        if transfer is not None and transfer not in TRANSFERS:
+            raise ValueError(f"unknown transfer {transfer!r} (one of {', '.join(sorted(TRANSFERS))})")
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE tasks SET outcome = ?, finished_at = ?, transfer = ?, bytes_sent = ?, error = ?,"
+                " restore_point = ? WHERE id = ?",
+                (outcome, _to_text(self._clock()), transfer, bytes_sent, error, restore_point, task_id),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"no task {task_id}")
+            db.execute("DELETE FROM task_disks WHERE task_id = ?", (task_id,))
+            db.executemany(
+                "INSERT INTO task_disks (task_id, disk, reason) VALUES (?, ?, ?)",
+                [(task_id, disk, reason) for disk, reason in (reasons or {}).items()],
+            )
+
+    def tasks(self, run_id: int) -> list[TaskRow]:
+        return self._tasks("WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def last_task(self, vm_uuid: str, target_sr: str, *, outcome: str | None = None) -> TaskRow | None:
+        """The newest task of this VM to this SR (of any outcome, or only ``outcome``)."""
+        sql = "WHERE vm_uuid = ? AND target_sr = ?"
+        args: list[Any] = [vm_uuid, target_sr]
+        if outcome is not None:
+            sql += " AND outcome = ?"
+            args.append(outcome)
+        rows = self._tasks(sql + " ORDER BY id DESC LIMIT 1", args)
+        return rows[0] if rows else None
+
+    def _tasks(self, clause: str, args: Sequence[Any]) -> list[TaskRow]:
+        with self._lock:
+            rows = self._read(f"SELECT * FROM tasks {clause}", args)
+            ids = [r["id"] for r in rows]
+            reasons: dict[int, dict[str, str]] = {i: {} for i in ids}
+            if ids:
+                marks = ",".join("?" * len(ids))
+                for r in self._read(
+                    f"SELECT task_id, disk, reason FROM task_disks WHERE task_id IN ({marks}) ORDER BY disk",
+                    ids,
+                ):
+                    reasons[r["task_id"]][r["disk"]] = r["reason"]
+        return [_task_row(r, reasons[r["id"]]) for r in rows]
+
+    # -- recovery
+
+    def mark_interrupted(self, *, force: bool = False) -> int:
+        """Close the runs (and their tasks) left 'running' by processes that no longer exist, as
+        'interrupted'; call it when a process starts. Runs of live processes (the daemon while a
+        `xencr run` starts, or this process itself) are left alone, and so are those recorded on
+        another host; ``force`` closes every running run. Returns the number of runs closed."""
+        with self._write() as db:
+            db.row_factory = sqlite3.Row
+            try:
+                running = db.execute(
+                    "SELECT id, host, pid, process_start FROM runs WHERE outcome = ?", (RUNNING,)
+                ).fetchall()
+            finally:
+                db.row_factory = None
+            dead = [
+                r["id"]
+                for r in running
+                if force or (r["host"] == self._host and not _process_alive(r["pid"], r["process_start"]))
+            ]
+            now = _to_text(self._clock())
+            message = "the process running it ended before it finished"
+            for run_id in dead:
+                db.execute(
+                    "UPDATE runs SET outcome = 'interrupted', finished_at = ?, error = COALESCE(error, ?)"
+                    " WHERE id = ?",
+                    (now, message, run_id),
+                )
+            # Tasks still 'running' under a run that is no longer running cannot be running either.
+            db.execute(
+                "UPDATE tasks SET outcome = 'interrupted', finished_at = ?, error = COALESCE(error, ?)"
+                " WHERE outcome = 'running' AND run_id IN (SELECT id FROM runs WHERE outcome != 'running')",
+                (now, message),
+            )
+            return len(dead)
+
+
+def _run_row(r: sqlite3.Row) -> RunRow:
+    started = _from_text(r["started_at"])
+    assert started is not None
+    return RunRow(
+        id=r["id"],
+        job_id=r["job_id"],
+        job_name=r["job_name"],
+        schedule_id=r["schedule_id"],
+        trigger=r["trigger"],
+        started_at=started,
+        finished_at=_from_text(r["finished_at"]),
+        outcome=r["outcome"],
+        error=r["error"],
+        host=r["host"],
+        pid=r["pid"],
+        process_start=r["process_start"],
+    )
+
+
+def _task_row(r: sqlite3.Row, reasons: dict[str, str]) -> TaskRow:
+    started = _from_text(r["started_at"])
+    assert started is not None
+    return TaskRow(
+        id=r["id"],
+        run_id=r["run_id"],
+        vm_uuid=r["vm_uuid"],
+        vm_name=r["vm_name"],
+        target_sr=r["target_sr"],
+        started_at=started,
+        finished_at=_from_text(r["finished_at"]),
+        outcome=r["outcome"],
+        transfer=r["transfer"],
+        reasons=reasons,
+        bytes_sent=r["bytes_sent"],
+        error=r["error"],
+        restore_point=r["restore_point"],
+    )

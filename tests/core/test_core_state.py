@@ -1,0 +1,265 @@
+"""Run history: migrations, round trips, interrupted runs, several connections, time filters."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from xencr.state import MIGRATIONS, SCHEMA_VERSION, RunRow, StateDB, StateError, TaskRow
+
+T0 = datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kw: float) -> None:
+        self.now += timedelta(**kw)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db(tmp_path: Path, clock: FakeClock) -> StateDB:
+    return StateDB(tmp_path / "deep" / "dir" / "state.sqlite", clock=clock)
+
+
+def test_migrations_from_empty(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.sqlite"
+    with StateDB(path) as db:
+        assert db.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    con = sqlite3.connect(path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"schema_version", "runs", "tasks", "task_disks"} <= tables
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == list(
+        range(1, SCHEMA_VERSION + 1)
+    )
+    con.close()
+    # Reopening applies nothing twice.
+    with StateDB(path) as db:
+        assert db.schema_version == SCHEMA_VERSION
+
+
+def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    StateDB(path).close()
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO schema_version VALUES (?, 'later')", (SCHEMA_VERSION + 1,))
+    con.commit()
+    con.close()
+    with pytest.raises(StateError, match=r"written by a newer xencr \(schema 2, this one knows 1\)"):
+        StateDB(path)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StateError, match="not a usable state database"):
+        StateDB(junk)
+
+
+def test_run_and_task_round_trip(db: StateDB, clock: FakeClock) -> None:
+    run_id = db.start_run("job-uuid", "web", "sched-1", "schedule")
+    clock.advance(seconds=1)
+    task_id = db.start_task(run_id, "vm-uuid", "web-1", "sr-uuid")
+    [running] = db.tasks(run_id)
+    assert running.outcome == "running" and running.finished_at is None and running.duration is None
+    clock.advance(seconds=41)
+    db.finish_task(
+        task_id,
+        "success",
+        transfer="mixed",
+        reasons={"xvda": "delta", "xvdb": "disk added"},
+        bytes_sent=12 << 20,
+        restore_point="replica-uuid",
+    )
+    clock.advance(seconds=2)
+    db.finish_run(run_id, "success")
+
+    [run] = db.runs()
+    assert run == RunRow(
+        id=run_id,
+        job_id="job-uuid",
+        job_name="web",
+        schedule_id="sched-1",
+        trigger="schedule",
+        started_at=T0,
+        finished_at=T0 + timedelta(seconds=44),
+        outcome="success",
+        error=None,
+        host=run.host,
+        pid=run.pid,
+        process_start=run.process_start,
+    )
+    assert run.started_at.tzinfo is UTC and run.duration == timedelta(seconds=44)
+    [task] = db.tasks(run_id)
+    assert task == TaskRow(
+        id=task_id,
+        run_id=run_id,
+        vm_uuid="vm-uuid",
+        vm_name="web-1",
+        target_sr="sr-uuid",
+        started_at=T0 + timedelta(seconds=1),
+        finished_at=T0 + timedelta(seconds=42),
+        outcome="success",
+        transfer="mixed",
+        reasons={"xvda": "delta", "xvdb": "disk added"},
+        bytes_sent=12 << 20,
+        error=None,
+        restore_point="replica-uuid",
+    )
+    assert task.duration == timedelta(seconds=41)
+    assert db.run(run_id) == run
+
+
+def test_failures_and_bad_values(db: StateDB) -> None:
+    run_id = db.start_run("j", "web", None, "manual")
+    task_id = db.start_task(run_id, "vm", "web-1", "sr")
+    db.finish_task(task_id, "failure", transfer="full", reasons={"xvda": "first run"}, error="SR_FULL [sr]")
+    db.finish_run(run_id, "failure", "1 of 1 VMs failed")
+    [task] = db.tasks(run_id)
+    assert (task.outcome, task.error, task.bytes_sent, task.restore_point) == (
+        "failure",
+        "SR_FULL [sr]",
+        0,
+        None,
+    )
+    assert db.run(run_id).error == "1 of 1 VMs failed" and db.run(run_id).schedule_id is None
+    with pytest.raises(ValueError, match="unknown run outcome 'ok'"):
+        db.finish_run(run_id, "ok")
+    with pytest.raises(ValueError, match="unknown transfer 'incremental'"):
+        db.finish_task(task_id, "success", transfer="incremental")
+    with pytest.raises(KeyError):
+        db.finish_run(999, "success")
+    with pytest.raises(KeyError):
+        db.finish_task(999, "success")
+
+
+def test_last_task(db: StateDB) -> None:
+    assert db.last_task("vm", "sr") is None
+    r1 = db.start_run("j", "web", None, "manual")
+    t1 = db.start_task(r1, "vm", "web-1", "sr")
+    db.finish_task(t1, "success", transfer="full")
+    db.start_task(r1, "vm", "web-1", "other-sr")
+    db.finish_run(r1, "partial")
+    r2 = db.start_run("j", "web", None, "manual")
+    t2 = db.start_task(r2, "vm", "web-1", "sr")
+    db.finish_task(t2, "failure", error="boom")
+    last = db.last_task("vm", "sr")
+    assert last is not None and last.id == t2 and last.outcome == "failure"
+    success = db.last_task("vm", "sr", outcome="success")
+    assert success is not None and success.id == t1
+
+
+def test_runs_filters(db: StateDB, clock: FakeClock) -> None:
+    ids = []
+    for job in ("web", "db", "web"):
+        ids.append(db.start_run(f"{job}-id", job, None, "schedule"))
+        clock.advance(hours=1)
+    assert [r.id for r in db.runs()] == ids
+    assert [r.id for r in db.runs(job="web")] == [ids[0], ids[2]]
+    assert [r.id for r in db.runs(job="db-id")] == [ids[1]]
+    assert [r.id for r in db.runs(since=T0 + timedelta(hours=1))] == ids[1:]
+    assert [r.id for r in db.runs(job="web", since=T0 + timedelta(minutes=1))] == [ids[2]]
+    # Any zone, or none (UTC), means the same instant.
+    # (T0 is just before Paris's DST change: aware arithmetic there is wall-clock, so convert last.)
+    paris = (T0 + timedelta(hours=2)).astimezone(ZoneInfo("Europe/Paris"))
+    assert [r.id for r in db.runs(since=paris)] == [ids[2]]
+    assert [r.id for r in db.runs(since=(T0 + timedelta(hours=2)).replace(tzinfo=None))] == [ids[2]]
+    assert [r.id for r in db.runs(limit=2)] == ids[1:]
+
+
+def test_two_connections_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    a, b = StateDB(path), StateDB(path)
+    ra = a.start_run("j", "web", None, "manual")
+    rb = b.start_run("j", "web", None, "schedule")
+    ta = a.start_task(rb, "vm", "web-1", "sr")
+    b.finish_task(ta, "success", transfer="delta", reasons={"xvda": "delta"})
+    a.finish_run(rb, "success")
+    assert [r.id for r in b.runs()] == [ra, rb]
+    assert b.tasks(rb)[0].reasons == {"xvda": "delta"}
+    assert a.run(rb).outcome == "success"
+    a.close()
+    b.close()
+
+
+def run_in_child(path: Path, body: str) -> None:
+    """Run ``body`` with ``db`` open in a separate process that then exits without cleaning up."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from xencr.state import StateDB
+        db = StateDB(Path({str(path)!r}))
+        """
+    ) + textwrap.dedent(body)
+    subprocess.run([sys.executable, "-c", code + "\nos._exit(0)\n"], check=True, timeout=60)
+
+
+def test_writes_from_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    db = StateDB(path)
+    mine = db.start_run("j", "mine", None, "manual")
+    run_in_child(path, "r = db.start_run('j', 'theirs', None, 'manual'); db.finish_run(r, 'success')")
+    assert [(r.id, r.job_name, r.outcome) for r in db.runs()] == [
+        (mine, "mine", "running"),
+        (mine + 1, "theirs", "success"),
+    ]
+
+
+def test_mark_interrupted_closes_runs_of_dead_processes_only(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    # A process that dies in the middle of a run (as after SIGKILL).
+    run_in_child(
+        path,
+        """
+        r = db.start_run('j', 'web', 's', 'schedule')
+        done = db.start_task(r, 'vm1', 'web-1', 'sr')
+        db.finish_task(done, 'success', transfer='delta')
+        db.start_task(r, 'vm2', 'web-2', 'sr')
+        """,
+    )
+    db = StateDB(path)
+    alive = db.start_run("j", "web", None, "manual")
+    alive_task = db.start_task(alive, "vm3", "web-3", "sr")
+    assert db.mark_interrupted() == 1
+    dead, mine = db.runs()
+    assert dead.outcome == "interrupted" and dead.finished_at is not None
+    assert dead.error == "the process running it ended before it finished"
+    assert [(t.vm_uuid, t.outcome) for t in db.tasks(dead.id)] == [("vm1", "success"), ("vm2", "interrupted")]
+    assert mine.id == alive and mine.outcome == "running"
+    assert db.tasks(alive)[0].outcome == "running"
+    assert db.mark_interrupted() == 0  # idempotent
+    # force closes even a live process's run (for repair).
+    assert db.mark_interrupted(force=True) == 1
+    assert db.run(alive).outcome == "interrupted"
+    assert db.tasks(alive)[0].id == alive_task and db.tasks(alive)[0].outcome == "interrupted"
+
+
+def test_readers_are_not_blocked_by_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    writer, reader = StateDB(path), StateDB(path)
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    raw.execute(
+        "INSERT INTO runs (job_id, job_name, trigger, started_at, host, pid)"
+        " VALUES ('j', 'web', 'manual', '2026-01-01T00:00:00.000000Z', 'h', 1)"
+    )
+    assert reader.runs() == []  # WAL: a reader sees the last commit, at once
+    raw.execute("COMMIT")
+    assert [r.job_name for r in reader.runs()] == ["web"]
+    assert writer.start_run("j", "db", None, "manual") == 2
+    raw.close()
