@@ -11,7 +11,7 @@ SCHEDULE = "xencr:schedule"
 VM = "xencr:vm"  # UUID of the *source VM* (not of its snapshot)
 SR = "xencr:sr"  # target SR UUID
 COPY_OF = "xencr:copy_of"  # source snapshot VM UUID (on replicas) / snapshot VDI UUID (on disks)
-SNAPSHOT_TIME = "xencr:snapshot_time"
+SNAPSHOT_TIME = "xencr:snapshot_time"  # `precise()` form
 COMPLETE = "xencr:complete"  # "false" from creation, "true" at the commit point
 RUN = "xencr:run"
 ROLE = "xencr:role"  # "source-snapshot", "replica", "replica-disk", "commit-snapshot"
@@ -51,8 +51,13 @@ def stamp(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y%m%dT%H:%M:%SZ")
 
 
+def precise(when: datetime) -> str:
+    """ISO 8601 UTC to the microsecond: sorts restore points made within the same second."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def parse_stamp(text: str) -> datetime | None:
-    for fmt in ("%Y%m%dT%H:%M:%SZ", "%Y%m%dT%H%M%SZ"):
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y%m%dT%H:%M:%SZ", "%Y%m%dT%H%M%SZ"):
         try:
             return datetime.strptime(text, fmt).replace(tzinfo=UTC)
         except ValueError:

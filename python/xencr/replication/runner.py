@@ -220,7 +220,7 @@ def _to_target(
         md.VM: rec["uuid"],
         md.SR: t.sr_uuid,
         md.COPY_OF: snap_rec["uuid"],
-        md.SNAPSHOT_TIME: stamp,
+        md.SNAPSHOT_TIME: md.precise(when),
     }
     replica = tgt.create_replica(ts, snap_rec | {"name_label": rec["name_label"]}, keys)
     new_vdis: list[str] = []

@@ -91,7 +91,7 @@ def take_snapshot(
         md.JOB: job_id,
         md.SCHEDULE: schedule_id,
         md.VM: vm_rec["uuid"],
-        md.SNAPSHOT_TIME: stamp,
+        md.SNAPSHOT_TIME: md.precise(now),
         md.ROLE: "source-snapshot",
     }
     oc = dict(s.api.VM.get_other_config(snap))
