@@ -1,0 +1,81 @@
+"""`xencr run JOB`: one run of a job now, with a line per step and a summary per VM and target."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xencr.cli.errors import reported
+from xencr.config import load_config
+from xencr.replication.jobs import report_json, run_configured
+from xencr.replication.runner import RunReport
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", envvar="XENCR_CONFIG", help="Configuration file (default: user config dir)."),
+]
+
+
+def summary_lines(report: RunReport) -> list[str]:
+    lines = []
+    for v in report.vms:
+        if v.error:
+            lines.append(f"{v.vm_name}: FAILED: {v.error}")
+        for t in v.targets:
+            reasons = ", ".join(
+                sorted({f"{d.kind} ({d.reason})" if d.kind == "full" else d.kind for d in t.disks})
+            )
+            if t.outcome == "success":
+                lines.append(
+                    f"{v.vm_name} -> {t.target}: ok, restore point {t.restore_point}, "
+                    f"{t.bytes_sent} bytes, {reasons}"
+                )
+            else:
+                lines.append(f"{v.vm_name} -> {t.target}: FAILED: {t.error}")
+            lines += [f"  cleaned up: {c}" for c in t.cleaned]
+            lines += [f"  expired restore point {e}" for e in t.expired]
+            lines += [f"  warning: {w}" for w in t.warnings]
+    return lines
+
+
+@reported
+def run_command(
+    job: Annotated[str, typer.Argument(help="Job name or id.")],
+    vm: Annotated[
+        list[str] | None, typer.Option("--vm", help="Only this VM (name or UUID); repeatable.")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Send full copies, whatever the bases.")] = False,
+    schedule: Annotated[str | None, typer.Option("--schedule", help="Use this schedule's settings.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a job once, now: snapshot, send only changed blocks, commit each restore point atomically.
+
+    Example:  xencr run web-servers --vm web-1
+    """
+    cfg = load_config(config)
+
+    def progress(line: str) -> None:
+        if not json_out:
+            typer.echo(line, err=True)
+
+    report = run_configured(
+        cfg,
+        job,
+        only=vm or None,
+        full=full,
+        schedule_id=schedule,
+        interactive=sys.stdin.isatty(),
+        progress=progress,
+    )
+    if json_out:
+        typer.echo(report_json(report))
+    else:
+        for line in summary_lines(report):
+            typer.echo(line)
+        typer.echo(f"run {report.outcome}: {len(report.vms)} VM(s)")
+    if report.outcome != "success":
+        raise typer.Exit(1)

@@ -1,0 +1,128 @@
+"""`xencr run` and `xencr replica` as a user runs them: a config file, the simulator, output
+lines, exit codes, history, and one readable line for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import typer
+from conftest import PASSWORD, Pools
+from typer.testing import CliRunner
+
+from xencr.cli.replica import replica_app
+from xencr.cli.run import run_command
+from xencr.replication import metadata as md
+from xencr.state import StateDB
+
+app = typer.Typer()
+app.command("run")(run_command)
+app.add_typer(replica_app, name="replica")
+runner = CliRunner()
+
+
+def _config(
+    tmp: Path,
+    pools: Pools,
+    *,
+    password: str = PASSWORD,
+    sr: str | None = None,
+    url: str | None = None,
+    vms: str = '["vm1"]',
+) -> Path:
+    pw = tmp / "pw"
+    pw.write_text(password)
+    os.chmod(pw, 0o600)
+    if sr is None:
+        s = pools.session(1)
+        sr = s.api.SR.get_uuid(s.api.pool.get_default_SR(s.api.pool.get_all()[0]))
+    cfg = tmp / "xencr.toml"
+    cfg.write_text(
+        f'state = "{tmp / "state.sqlite"}"\n'
+        f'[pools.a]\nurl = "{url or pools.urls[0]}"\npassword_file = "{pw}"\n'
+        f'[pools.b]\nurl = "{pools.urls[1]}"\npassword_file = "{pw}"\n'
+        f'[jobs.cli]\npool = "a"\nvms = {vms}\n'
+        f'[[jobs.cli.targets]]\npool = "b"\nsr = "{sr}"\n'
+        f'[[jobs.cli.schedules]]\nevery = "15m"\nretention = 2\n'
+    )
+    return cfg
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_run_twice_full_then_delta(pools: Pools, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, pools)
+    code, out, _ = _invoke("run", "cli", "--config", str(cfg))
+    assert code == 0, out
+    assert "full (first run)" in out and "run success" in out
+    code, out, _ = _invoke("run", "cli", "--config", str(cfg), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["vms"][0]["targets"][0]["kind"] == "delta"
+    with StateDB(tmp_path / "state.sqlite") as db:
+        runs = db.runs()
+        assert [r.outcome for r in runs] == ["success", "success"]
+        tasks = db.tasks(runs[-1].id)
+        assert tasks[0].transfer == "delta" and tasks[0].restore_point
+
+
+def test_replica_list_and_clone(pools: Pools, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, pools)
+    _invoke("run", "cli", "--config", str(cfg))
+    code, out, _ = _invoke("replica", "list", "cli", "--config", str(cfg), "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert rows and all(r["complete"] and r["protected"] for r in rows)
+    code, out, _ = _invoke("replica", "clone", rows[-1]["uuid"], "--name", "usable", "--config", str(cfg))
+    assert code == 0, out
+    s = pools.session(1)
+    clone = s.api.VM.get_by_uuid(out.strip())
+    assert s.api.VM.get_blocked_operations(clone) == {}
+    assert md.ROLE not in s.api.VM.get_other_config(clone)
+    s.api.VM.start(clone, False, False)
+    s.api.VM.hard_shutdown(clone)
+    s.api.VM.destroy(clone)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("password", "SESSION_AUTHENTICATION_FAILED"),
+        ("unreachable", "connection refused"),
+        ("sr", "no SR 'nope' on pool 'b'"),
+        ("vm", "selects no VM nope"),
+    ],
+)
+def test_bad_input_is_one_line(pools: Pools, tmp_path: Path, case: str, expected: str) -> None:
+    kwargs: dict[str, str] = {}
+    args = ["run", "cli"]
+    if case == "password":
+        kwargs["password"] = "wrong-password"
+    elif case == "unreachable":
+        kwargs["url"] = "http://127.0.0.1:9"
+    elif case == "sr":
+        kwargs["sr"] = "nope"
+    else:
+        args += ["--vm", "nope"]
+    cfg = _config(tmp_path, pools, **kwargs)
+    s = pools.session(1)
+    before = set(s.api.VM.get_all()), set(s.api.VDI.get_all())
+    code, _, err = _invoke(*args, "--config", str(cfg))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "wrong-password" not in err and PASSWORD not in err
+    assert (set(s.api.VM.get_all()), set(s.api.VDI.get_all())) == before, "nothing left behind"
+
+
+def test_invalid_config_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "xencr.toml"
+    cfg.write_text('[pools.a]\nurl = "http://x"\nbogus = 1\n')
+    code, _, err = _invoke("run", "cli", "--config", str(cfg))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "bogus" in err
