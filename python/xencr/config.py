@@ -103,6 +103,27 @@ def parse_rate(text: str) -> int:
     return round(value)
 
 
+def format_duration(seconds: int) -> str:
+    """The inverse of :func:`parse_duration`: ``5400`` -> ``"1h30m"``, ``0`` -> ``"0s"``."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts) or "0s"
+
+
+def format_rate(rate: int) -> str:
+    """``10485760`` -> ``"10MiB/s"`` (exact binary units when they fit, else bytes)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if rate % size == 0:
+            return f"{rate // size}{unit}/s"
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if rate % size == 0:
+            return f"{rate // size}{unit}/s"
+    return f"{rate}B/s"
+
+
 def normalise_fingerprint(text: str) -> str:
     """``"sha256:AB:CD:..."`` (colons optional, any case) -> 64 lower-case hex digits."""
     scheme, sep, digits = text.strip().partition(":")
@@ -372,10 +393,12 @@ class JobConfig:
         )
 
     def schedule(self, schedule_id: str) -> ScheduleConfig:
+        """A schedule by id; a :class:`ConfigError` naming the job's schedules otherwise."""
         for s in self.schedules:
             if s.id == schedule_id:
                 return s
-        raise KeyError(schedule_id)
+        known = ", ".join(s.id for s in self.schedules) or "none"
+        raise ConfigError(f"job '{self.name}' has no schedule {schedule_id!r} (schedules: {known})")
 
 
 @dataclass(frozen=True)

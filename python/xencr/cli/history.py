@@ -1,0 +1,160 @@
+"""`xencr history [JOB] [--since]`: past runs and their tasks, from the state database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported, usage_error
+from xencr.cli.progress import human_bytes
+from xencr.config import ConfigError, format_duration, parse_duration
+from xencr.state import RunRow, StateDB, TaskRow
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """``2h`` / ``1d`` (that long ago) or an ISO date or time (UTC unless it names a zone)."""
+    try:
+        return now - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since: {text!r} is neither a duration (2h, 1d) nor an ISO date") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def _time(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%SZ") if t is not None else "-"
+
+
+def _took(d: timedelta | None) -> str:
+    return format_duration(int(d.total_seconds())) if d is not None else "-"
+
+
+def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
+    def when(t: datetime | None) -> str | None:
+        return t.isoformat() if t is not None else None
+
+    def seconds(d: timedelta | None) -> float | None:
+        return d.total_seconds() if d is not None else None
+
+    return {
+        "id": run.id,
+        "job": run.job_name,
+        "job_id": run.job_id,
+        "schedule": run.schedule_id,
+        "trigger": run.trigger,
+        "outcome": run.outcome,
+        "started": when(run.started_at),
+        "finished": when(run.finished_at),
+        "seconds": seconds(run.duration),
+        "error": run.error,
+        "tasks": [
+            {
+                "id": t.id,
+                "vm_uuid": t.vm_uuid,
+                "vm_name": t.vm_name,
+                "target_sr": t.target_sr,
+                "outcome": t.outcome,
+                "transfer": t.transfer,
+                "reasons": dict(t.reasons),
+                "bytes_sent": t.bytes_sent,
+                "started": when(t.started_at),
+                "finished": when(t.finished_at),
+                "seconds": seconds(t.duration),
+                "error": t.error,
+                "restore_point": t.restore_point,
+            }
+            for t in tasks
+        ],
+    }
+
+
+def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
+    head = f"run {run.id}  {_time(run.started_at)}  {run.job_name}  {run.outcome}  {_took(run.duration)}"
+    if run.trigger == "schedule" and run.schedule_id:
+        head += f"  (schedule {run.schedule_id})"
+    else:
+        head += f"  ({run.trigger}" + (f", schedule {run.schedule_id})" if run.schedule_id else ")")
+    lines = [head]
+    if run.error:
+        lines.append(f"  error: {run.error}")
+    for t in tasks:
+        what = f"  {t.vm_name} -> {t.target_sr}  {t.outcome}"
+        if t.transfer:
+            what += f"  {t.transfer}"
+        if t.outcome not in ("running", "skipped", "interrupted") or t.bytes_sent:
+            what += f"  {human_bytes(t.bytes_sent)}"
+        what += f"  {_took(t.duration)}"
+        lines.append(what)
+        lines += [f"    {disk}: {reason}" for disk, reason in t.reasons.items()]
+        if t.restore_point:
+            lines.append(f"    restore point {t.restore_point}")
+        if t.error:
+            lines.append(f"    error: {t.error}")
+    return lines
+
+
+@reported
+def history_command(
+    job: Annotated[str | None, typer.Argument(metavar="JOB", help="Only this job (name or id).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since", metavar="WHEN", help="Only runs started since: 2h, 1d, or an ISO date (UTC)."
+        ),
+    ] = None,
+    json: JsonFlag = False,
+    config: ConfigOption = None,
+    state: Annotated[
+        Path | None,
+        typer.Option("--state", metavar="PATH", help="State database (default: the config's `state`)."),
+    ] = None,
+) -> None:
+    """Show past runs, oldest first, each with its tasks (one per VM and target): outcome, full or
+    delta and why per disk, bytes, duration, errors.
+
+    Example:  xencr history web --since 1d
+    """
+    now = datetime.now(UTC)
+    try:
+        since_t = parse_since(since, now) if since is not None else None
+    except ValueError as err:
+        usage_error(str(err))
+    job_ref = job
+    if state is None:
+        cfg = load(config)
+        state = cfg.state_path
+        if job is not None:
+            # Through the config, a renamed job still finds its runs (by id).
+            try:
+                job_ref = cfg.job(job).id
+            except ConfigError:
+                job_ref = job  # a job since removed from the config: by name or id in the history
+    if not state.exists():
+        if json:
+            print_json([])
+        else:
+            typer.echo(f"no runs recorded yet ({state})")
+        return
+    with StateDB(state) as db:
+        db.mark_interrupted()  # a run whose process died shows as interrupted, not running
+        runs = db.runs(job=job_ref, since=since_t)
+        if json:
+            print_json([run_json(r, db.tasks(r.id)) for r in runs])
+            return
+        if not runs:
+            typer.echo(
+                "no runs"
+                + (f" of job {job}" if job else "")
+                + (f" since {_time(since_t)}" if since_t else "")
+            )
+            return
+        for i, r in enumerate(runs):
+            if i:
+                typer.echo("")
+            typer.echo("\n".join(run_lines(r, db.tasks(r.id))))
