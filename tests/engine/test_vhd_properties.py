@@ -10,6 +10,7 @@ import tempfile
 from chainmodel import Scenario, build, scenarios, writes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vhdtest import batmap_consistency_errors
 
 from xencr import _engine as eng
 
@@ -38,6 +39,7 @@ def test_chain_reads_match_model(s: Scenario, data: st.DataObject) -> None:
         built = build(s, d)
         for path, model in zip(built.paths, built.models, strict=True):
             assert eng.check(path) == []
+            assert batmap_consistency_errors(path) == []
             assert eng.virtual_size(path) == s.size
             assert eng.sha256(path) == sha(model)
         leaf, model = built.leaf, built.models[-1]

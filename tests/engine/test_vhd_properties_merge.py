@@ -9,6 +9,7 @@ import tempfile
 from chainmodel import KiB, MiB, Scenario, build, scenarios
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vhdtest import batmap_consistency_errors
 
 from xencr import _engine as eng
 
@@ -49,6 +50,7 @@ def test_coalesce_matches_model(s: Scenario, data: st.DataObject) -> None:
             for path, model in zip(paths, models, strict=True):
                 assert eng.check(path) == []
                 assert eng.sha256(path) == sha(model)
+                assert batmap_consistency_errors(path) == []
         assert not [n for n in os.listdir(d) if "merge" in n], "no merge state left behind"
 
 

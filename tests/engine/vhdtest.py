@@ -186,3 +186,34 @@ class VhdBytes:
         self.b[h + offset : h + offset + len(value)] = value
         if fix:
             self.fix_header()
+
+
+def batmap_consistency_errors(path: str | Path) -> list[str]:
+    """For a blktap file with a batmap: every block marked "fully allocated" must be allocated
+    with every bitmap bit set, since tapdisk then skips its bitmap. Empty list when consistent
+    (or when there is no batmap)."""
+    v = VhdBytes.load(path)
+    if v.b[28:32] != b"tap\0" or int(struct.unpack_from(">I", v.b, 60)[0]) == 2:
+        return []
+    n = v.max_table_entries
+    at = v.table_offset + -(-n * 4 // SECTOR) * SECTOR
+    if v.b[at : at + 8] != b"tdbatmap":
+        return []
+    batmap_offset = int(struct.unpack_from(">Q", v.b, at + 8)[0])
+    block_size = int(struct.unpack_from(">I", v.b, v.header_at + 32)[0])
+    spb = block_size // SECTOR
+    bitmap_bytes = -(-spb // 8)
+    errors = []
+    for i in range(n):
+        if not v.b[batmap_offset + i // 8] & (0x80 >> (i % 8)):
+            continue
+        if v.bat(i) == 0xFFFFFFFF:
+            errors.append(f"block {i} marked full but unallocated")
+            continue
+        bm = v.b[v.bat(i) * SECTOR : v.bat(i) * SECTOR + bitmap_bytes]
+        full = bm[: spb // 8] == b"\xff" * (spb // 8) and (
+            spb % 8 == 0 or bm[spb // 8] & (0xFF << (8 - spb % 8)) & 0xFF == (0xFF << (8 - spb % 8)) & 0xFF
+        )
+        if not full:
+            errors.append(f"block {i} marked full but its bitmap is not")
+    return errors
