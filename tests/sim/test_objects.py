@@ -237,7 +237,7 @@ def test_init_layout(sim: Sim) -> None:
     assert x.host_metrics.get_live(x.host.get_metrics(host)) is True
     names = sorted(r["name_label"] for r in x.network.get_all_records().values())
     assert "Pool-wide network associated with eth0" in names
-    assert len(x.SR.get_all()) == 2 and x.pool.get_default_SR(pool) in x.SR.get_all()
+    assert len(x.SR.get_all()) == 3 and x.pool.get_default_SR(pool) in x.SR.get_all()
     uefi = first_vm(x, "vm1")
     assert x.VM.get_HVM_boot_params(uefi)["firmware"] == "uefi"
     assert x.VM.get_NVRAM(uefi)["EFI-variables"]

@@ -36,6 +36,16 @@ class Deletion:
     ref: str
 
 
+def write_json(path: Path, doc: Any) -> None:
+    """Atomically replace ``path`` with ``doc`` (tmp file, fsync, rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def new_ref() -> str:
     return f"OpaqueRef:{uuidlib.uuid4()}"
 
@@ -173,38 +183,58 @@ class Database:
         for (cls, ref), (created, modified) in list(self.stats.items()):
             if modified > generation and wanted(cls, ref):
                 is_add = created > generation
-                (adds if is_add else mods).append({
-                    "id": str(created if is_add else modified),
-                    "timestamp": "0.0",
-                    "class": cls.lower(),
-                    "operation": "add" if is_add else "mod",
-                    "ref": ref,
-                    "snapshot": self.record(cls, ref),
-                })
+                (adds if is_add else mods).append(
+                    {
+                        "id": str(created if is_add else modified),
+                        "timestamp": "0.0",
+                        "class": cls.lower(),
+                        "operation": "add" if is_add else "mod",
+                        "ref": ref,
+                        "snapshot": self.record(cls, ref),
+                    }
+                )
         for d in self.deletions:
             if d.generation > generation and d.created <= generation and wanted(d.cls, d.ref):
-                dels.append({"id": str(d.generation), "timestamp": "0.0", "class": d.cls.lower(),
-                             "operation": "del", "ref": d.ref})
+                dels.append(
+                    {
+                        "id": str(d.generation),
+                        "timestamp": "0.0",
+                        "class": d.cls.lower(),
+                        "operation": "del",
+                        "ref": d.ref,
+                    }
+                )
         return [e for group in (adds, mods, dels) for e in sorted(group, key=lambda e: int(e["id"]))]
 
     # ---------------------------------------------------------------- persistence
 
-    def save(self) -> None:
-        """Write the persistent tables atomically (tmp file + rename) if anything changed."""
+    def snapshot_doc(self) -> dict[str, Any]:
+        """The persistent tables as one JSON-able document (also what DR metadata VDIs hold)."""
         with self.lock:
-            if self.path is None or not self.dirty:
-                return
-            doc = {
+            return {
                 "generation": self.generation,
                 "tables": {c: t for c, t in self.tables.items() if c not in TRANSIENT_CLASSES and t},
             }
-            tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+
+    def save(self) -> bool:
+        """Write the persistent tables atomically (tmp file + rename) if anything changed."""
+        with self.lock:
+            if self.path is None or not self.dirty:
+                return False
+            write_json(self.path, self.snapshot_doc())
             self.dirty = False
+            return True
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Database:
+        """An in-memory database holding ``doc`` (a foreign pool's, opened for DR)."""
+        db = cls(None)
+        db.generation = int(doc["generation"])
+        for name, table in doc["tables"].items():
+            db.tables[name] = table
+            for ref in table:
+                db.stats[(name, ref)] = (0, 0)
+        return db
 
     def _load(self, path: Path) -> None:
         doc = json.loads(path.read_text())

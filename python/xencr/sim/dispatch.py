@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from xencr.sim import schema, where, wire_xmlrpc
@@ -37,22 +37,74 @@ HANDLERS: dict[str, Handler] = {}
 # (ocaml/idl/datamodel.ml, datamodel_vm.ml); every session.* and event.* call is flagged so.
 NO_ASYNC_CLASSES = frozenset({"session", "event"})
 NO_ASYNC_MESSAGES = frozenset(
-    [f"task.{m}" for m in ("create", "destroy", "set_status", "set_progress", "set_result",
-                           "set_error_info", "set_resident_on")]
-    + [f"VDI.{m}" for m in ("set_read_only", "set_sharable", "set_managed", "set_virtual_size",
-                            "set_physical_utilisation", "set_is_a_snapshot", "set_snapshot_of",
-                            "set_snapshot_time", "set_metadata_of_pool", "set_missing", "get_nbd_info")]
-    + [f"SR.{m}" for m in ("set_virtual_allocation", "set_physical_size", "set_physical_utilisation",
-                           "get_supported_types", "get_data_sources")]
-    + [f"VM.{m}" for m in ("add_to_NVRAM", "add_to_other_config", "add_to_platform",
-                           "get_allowed_VBD_devices",
-                           "get_allowed_VIF_devices", "get_boot_record", "get_data_sources",
-                           "remove_from_NVRAM", "remove_from_other_config", "remove_from_platform",
-                           "set_HVM_boot_policy", "set_HVM_shadow_multiplier", "set_NVRAM",
-                           "set_NVRAM_EFI_variables", "set_VCPUs_at_startup", "set_VCPUs_max",
-                           "set_domain_type", "set_ha_always_run", "set_ha_restart_priority",
-                           "set_memory_dynamic_max", "set_memory_dynamic_min", "set_memory_static_max",
-                           "set_memory_static_min", "set_other_config", "set_platform")]
+    [
+        f"task.{m}"
+        for m in (
+            "create",
+            "destroy",
+            "set_status",
+            "set_progress",
+            "set_result",
+            "set_error_info",
+            "set_resident_on",
+        )
+    ]
+    + [
+        f"VDI.{m}"
+        for m in (
+            "set_read_only",
+            "set_sharable",
+            "set_managed",
+            "set_virtual_size",
+            "set_physical_utilisation",
+            "set_is_a_snapshot",
+            "set_snapshot_of",
+            "set_snapshot_time",
+            "set_metadata_of_pool",
+            "set_missing",
+            "get_nbd_info",
+        )
+    ]
+    + [
+        f"SR.{m}"
+        for m in (
+            "set_virtual_allocation",
+            "set_physical_size",
+            "set_physical_utilisation",
+            "get_supported_types",
+            "get_data_sources",
+        )
+    ]
+    + [
+        f"VM.{m}"
+        for m in (
+            "add_to_NVRAM",
+            "add_to_other_config",
+            "add_to_platform",
+            "get_allowed_VBD_devices",
+            "get_allowed_VIF_devices",
+            "get_boot_record",
+            "get_data_sources",
+            "remove_from_NVRAM",
+            "remove_from_other_config",
+            "remove_from_platform",
+            "set_HVM_boot_policy",
+            "set_HVM_shadow_multiplier",
+            "set_NVRAM",
+            "set_NVRAM_EFI_variables",
+            "set_VCPUs_at_startup",
+            "set_VCPUs_max",
+            "set_domain_type",
+            "set_ha_always_run",
+            "set_ha_restart_priority",
+            "set_memory_dynamic_max",
+            "set_memory_dynamic_min",
+            "set_memory_static_max",
+            "set_memory_static_min",
+            "set_other_config",
+            "set_platform",
+        )
+    ]
 )
 LOGIN_MESSAGES = frozenset({"session.login_with_password", "session.slave_local_login_with_password"})
 
@@ -73,11 +125,11 @@ class Ctx:
     session: str | None
     method: str
     task: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    foreign: Database | None = None  # a DR session reads a foreign pool's database
 
     @property
     def db(self) -> Database:
-        return self.pool.db
+        return self.foreign if self.foreign is not None else self.pool.db
 
     def progress(self, fraction: float) -> None:
         if self.task is not None:
@@ -156,7 +208,7 @@ def dispatch(pool: PoolState, method: str, params: list[Any]) -> Any:
     if is_async and not has_async(cls_name, msg):
         # server_helpers.ml do_dispatch: API.response_of_fault, named without the Async. prefix
         raise XapiError("Fault", f"No async mode for this operation (rpc: {full})")
-    ctx = Ctx(pool, session, full)
+    ctx = Ctx(pool, session, full, foreign=pool.foreign_dbs.get(session or ""))
     if is_async:
         return pool.tasks.run_async(ctx, method, lambda: _execute(ctx, cls_name, msg, values))
     return _execute(ctx, cls_name, msg, values)
@@ -193,7 +245,7 @@ def _field_of(cls_name: str, prefix: str, msg: str) -> schema.Field:
 
 
 def implicit(ctx: Ctx, cls_name: str, msg: schema.Message, values: list[Any]) -> Any:
-    db = ctx.pool.db
+    db = ctx.db
     name = msg.name
     if name == "get_all":
         return db.refs(cls_name)
@@ -344,7 +396,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, cond: threading.Cond
 
 def require(ctx: Ctx, cls_name: str, ref: str) -> dict[str, Any]:
     """The row of an object parameter (``HANDLE_INVALID`` when it does not exist, NULL included)."""
-    if not ctx.pool.db.exists(cls_name, ref):
+    if not ctx.db.exists(cls_name, ref):
         raise handle_invalid(cls_name, ref)
-    row: dict[str, Any] = ctx.pool.db.get(cls_name, ref)
+    row: dict[str, Any] = ctx.db.get(cls_name, ref)
     return row

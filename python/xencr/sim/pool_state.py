@@ -48,6 +48,7 @@ class PoolState:
         self.address = "127.0.0.1"
         self.port = 0
         self.control_token = ""
+        self.foreign_dbs: dict[str, Database] = {}  # DR sessions from VDI.open_database
         self.tls = False  # data handlers cannot hand a TLS socket's fd to the engine
 
     @property
@@ -61,7 +62,10 @@ class PoolState:
         return refs[0] if refs else NULL_REF
 
     def save(self) -> None:
-        self.db.save()
+        if self.db.save():
+            from xencr.sim.api.dr import replicate
+
+            replicate(self)  # DR: SR metadata and metadata VDIs follow every change
 
     # ------------------------------------------------------------------ sessions (xapi_session.ml)
 
@@ -93,3 +97,4 @@ class PoolState:
         with self.db.lock:
             if self.db.exists("session", ref):
                 self.db.delete("session", ref)
+            self.foreign_dbs.pop(ref, None)

@@ -54,6 +54,7 @@ REVERSE_LINKS: dict[tuple[str, str], tuple[str, str]] = {
     ("VM_appliance", "VMs"): ("VM", "appliance"),
     ("task", "subtasks"): ("task", "subtask_of"),
     ("pool", "metadata_VDIs"): ("VDI", "metadata_of_pool"),
+    ("DR_task", "introduced_SRs"): ("SR", "introduced_by"),
     ("session", "tasks"): ("task", "_session"),  # tasks carry a hidden owner field
 }
 

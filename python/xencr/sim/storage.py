@@ -27,6 +27,8 @@ VHD_BLOCK_SIZE = 2 * MIB  # vhdutil.VHD_BLOCK_SIZE
 MIN_VHD_SIZE = 2 * MIB  # vhdutil.MIN_VHD_SIZE
 MAX_VHD_SIZE = 2040 * 1024 * MIB  # vhdutil.MAX_VHD_SIZE
 MAX_CHAIN_SIZE = 30  # vhdutil.MAX_CHAIN_SIZE
+# SM drivers with the SR_METADATA capability (xapi.md 5.1): the only SRs DR can use.
+DR_SR_TYPES = frozenset({"lvmoiscsi", "lvmohba"})
 # Physical room a new VHD's metadata needs (footer copy, header, BAT): checked before creating one.
 METADATA_RESERVE = 64 * 1024
 
@@ -66,9 +68,25 @@ class Storage:
     # ------------------------------------------------------------------ paths and chains
 
     def sr_dir(self, sr_ref: str) -> Path:
-        path = self.pool.dir / f"sr-{self.db.get('SR', sr_ref)['uuid']}"
+        """``pool<i>/sr-<uuid>`` for local file SRs; for DR-capable (LVM over iSCSI/HBA) SRs the
+        LUN's directory ``array/<SCSIid>``, shared by every pool that attaches the LUN."""
+        lun = self.lun(sr_ref)
+        if lun:
+            path = self.pool.dir.parent / "array" / lun
+        else:
+            path = self.pool.dir / f"sr-{self.db.get('SR', sr_ref)['uuid']}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def lun(self, sr_ref: str) -> str | None:
+        row = self.db.get("SR", sr_ref)
+        if row["type"] not in DR_SR_TYPES:
+            return None
+        for pbd in self.db.reverse("SR", "PBDs", sr_ref):
+            scsi = self.db.get("PBD", pbd)["device_config"].get("SCSIid")
+            if scsi:
+                return str(scsi)
+        return None
 
     def path(self, vdi_ref: str) -> Path:
         row = self.db.get("VDI", vdi_ref)
@@ -122,11 +140,13 @@ class Storage:
                 if rec["physical_utilisation"] != size:
                     self.db.update("VDI", ref, physical_utilisation=size)
             allocation = sum(
-                int(rec["virtual_size"]) for _, rec in self.db.items("VDI")
+                int(rec["virtual_size"])
+                for _, rec in self.db.items("VDI")
                 if rec["SR"] == sr_ref and rec["managed"]
             )
-            self.db.update("SR", sr_ref, physical_utilisation=self.used(sr_ref),
-                           virtual_allocation=allocation)
+            self.db.update(
+                "SR", sr_ref, physical_utilisation=self.used(sr_ref), virtual_allocation=allocation
+            )
 
     # ------------------------------------------------------------------ file operations
 
@@ -207,8 +227,13 @@ class Storage:
 
                 def produce() -> None:
                     try:
-                        eng.export_stream(str(path), wfd, base=parents[0] if parents else None,
-                                          parents=parents, base_parents=parents[1:] if parents else None)
+                        eng.export_stream(
+                            str(path),
+                            wfd,
+                            base=parents[0] if parents else None,
+                            parents=parents,
+                            base_parents=parents[1:] if parents else None,
+                        )
                     except BaseException as err:
                         errors.append(err)
                     finally:

@@ -3,6 +3,7 @@
 from xencr.sim.api import (  # noqa: F401 - imported for registration
     appliance,
     cbt,
+    dr,
     event,
     host_pool,
     network,

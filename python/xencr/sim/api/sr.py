@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from xencr.sim.api import dr
 from xencr.sim.dispatch import Ctx, handler, require
 from xencr.sim.errors import XapiError
 
@@ -9,23 +10,20 @@ from xencr.sim.errors import XapiError
 @handler("SR.scan")
 def scan(ctx: Ctx, sr: str) -> None:
     require(ctx, "SR", sr)
+    if ctx.pool.storage.lun(sr):
+        dr.scan_lun(ctx, sr)
     ctx.pool.storage.refresh(sr)
 
 
 @handler("SR.forget")
 def forget(ctx: Ctx, sr: str) -> None:
-    require(ctx, "SR", sr)
-    if ctx.db.reverse("SR", "PBDs", sr):
-        raise XapiError("SR_HAS_PBD", sr)
-    for vdi in ctx.db.reverse("SR", "VDIs", sr):
-        ctx.db.delete("VDI", vdi)
-    ctx.db.delete("SR", sr)
+    dr.forget_sr(ctx, sr)
 
 
 @handler("PBD.plug")
 def plug(ctx: Ctx, pbd: str) -> None:
     require(ctx, "PBD", pbd)
-    ctx.db.update("PBD", pbd, currently_attached=True)
+    dr.plug_pbd(ctx, pbd)
 
 
 @handler("PBD.unplug")
