@@ -110,6 +110,7 @@ def test_delta_applied_into_a_vhd_clone_matches_model(s: Scenario, data: st.Data
         eng.create(clone, s.size, parent=built.paths[j], block_size=s.block_size)
         eng.apply_stream(delta, clone, target_format="vhd", require_full_bitmaps=True)
         assert eng.check(clone) == []
+        assert batmap_consistency_errors(clone) == []
         assert eng.sha256(clone) == sha(built.models[-1])
         # The replica's own nodes are untouched.
         for path, model in zip(built.paths[: j + 1], built.models, strict=False):
