@@ -1,8 +1,8 @@
 """Full or delta, per disk and per target, with the reason a user is shown.
 
-Delta needs: the previous snapshot this job exported to this target still exists on the source;
-on the target the restore point made from it still exists, is protected, is halted, and its
-copy of the disk is unchanged since the transfer (compared with its commit snapshot)."""
+Delta needs: a restore point of this job on the target whose source snapshot still exists on
+the source; that restore point protected, halted, and its copy of the disk unchanged since the
+transfer (compared with its commit snapshot)."""
 
 from __future__ import annotations
 
@@ -65,15 +65,13 @@ def plan_target(
 
     if force_full:
         return all_full("full forced")
-    exported = [
-        (ref, rec) for ref, rec in previous if rec["other_config"].get(md.exported_key(sr_uuid)) == "true"
-    ]
-    if not exported:
-        return all_full("base snapshot deleted" if points else "first run")
-    base_snap, base_rec = exported[-1]
-    rp = next((p for p in reversed(points) if p.copy_of == base_rec["uuid"]), None)
+    # The target is the truth: the base is the newest restore point whose source snapshot still
+    # exists (a run killed between the commit and the source bookkeeping loses nothing).
+    by_uuid = {rec["uuid"]: (ref, rec) for ref, rec in previous}
+    rp = next((p for p in reversed(points) if p.copy_of in by_uuid), None)
     if rp is None:
-        return all_full("base restore point deleted" if points else "no restore point on the target")
+        return all_full("base snapshot deleted" if points else "first run")
+    base_snap = by_uuid[rp.copy_of][0]
     vm_reason = _vm_level_reason(rp)
     if vm_reason:
         return all_full(vm_reason)

@@ -7,12 +7,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from xencr._engine import VhdError
 from xencr.replication import metadata as md
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
@@ -36,6 +40,7 @@ class JobSpec:
     disk_concurrency: int = 2
     rate_limit: int | None = None
     vm_timeout: float | None = None
+    retries: int = 1  # further attempts of a target after a data-path failure
 
 
 @dataclass
@@ -148,23 +153,58 @@ def replicate_vm(
     for t in targets:
         tr = TargetResult(t.name, t.sr_uuid, cleaned=cleaned[t.name])
         result.targets.append(tr)
-        try:
-            _to_target(src, vm, rec, snap, snap_rec, when, disks, previous, t, job, force_full, tr, progress)
-            tr.outcome = "success"
-            srcmod.mark_exported(src, snap, t.sr_uuid)
-        except (XapiError, PoolUnreachable, TransferError, OSError) as err:
-            tr.error = _error_line(err)
-            progress(f"{rec['name_label']} -> {t.name}: failed: {tr.error}")
-    # Keep the newest snapshot exported to each target (the next delta's base), nothing else.
-    keep = set()
+        for attempt in range(1, job.retries + 2):
+            try:
+                _to_target(
+                    src, vm, rec, snap, snap_rec, when, disks, previous, t, job, force_full, tr, progress
+                )
+                tr.outcome, tr.error = "success", None
+                srcmod.mark_exported(src, snap, t.sr_uuid)
+                break
+            except RETRYABLE as err:
+                tr.error = _error_line(err)
+                # A dropped connection or a damaged stream: the attempt was discarded; once more.
+                retry = attempt <= job.retries and _worth_retrying(err)
+                progress(
+                    f"{rec['name_label']} -> {t.name}: failed: {tr.error}" + ("; retrying" if retry else "")
+                )
+                if not retry:
+                    break
+                tr.warnings.append(f"retried after: {tr.error}")
+    # Keep, per target, the snapshot of its newest restore point (the next delta's base).
+    uuids = {r["uuid"]: s for s, r in srcmod.job_snapshots(src, vm, job.id)}
+    keep: set[str] = set()
     for t in targets:
-        key = md.exported_key(t.sr_uuid)
-        exported = [
-            s for s, r in srcmod.job_snapshots(src, vm, job.id) if r["other_config"].get(key) == "true"
-        ]
-        keep.update(exported[-1:])
+        try:
+            points = tgt.restore_points(t.session, job.id, rec["uuid"], t.sr_uuid)
+        except (XapiError, PoolUnreachable):
+            # Without the target's word, keep everything rather than lose a base.
+            keep.update(uuids.values())
+            continue
+        bases = [uuids[p.copy_of] for p in points if p.copy_of in uuids]
+        keep.update(bases[-1:])
     result.source_pruned = srcmod.prune_snapshots(src, vm, job.id, keep)
     return result
+
+
+RETRYABLE = (XapiError, PoolUnreachable, TransferError, OSError, VhdError)
+
+
+def _worth_retrying(err: BaseException) -> bool:
+    """Data-path failures may pass on a second attempt; a refusal (a full SR, a bad request) won't."""
+    if isinstance(err, XapiError):
+        return err.code in ("VDI_IO_ERROR", "TASK_CANCELLED")
+    return True
+
+
+def hold(point: str) -> None:
+    """Test hook: with XENCR_TEST_HOLD=<point>, announce the point in XENCR_TEST_HOLD_FILE and
+    wait there forever (the reliability tests SIGKILL the process at each such point)."""
+    if os.environ.get("XENCR_TEST_HOLD") != point:
+        return
+    Path(os.environ.get("XENCR_TEST_HOLD_FILE", "/dev/null")).write_text(point)
+    while True:
+        time.sleep(3600)
 
 
 def _all_disks(s: XapiSession, vm: str) -> list[srcmod.Disk]:
@@ -222,6 +262,7 @@ def _to_target(
         md.COPY_OF: snap_rec["uuid"],
         md.SNAPSHOT_TIME: md.precise(when),
     }
+    hold("before-replica")
     replica = tgt.create_replica(ts, snap_rec | {"name_label": rec["name_label"]}, keys)
     new_vdis: list[str] = []
     try:
@@ -233,6 +274,7 @@ def _to_target(
         tr.warnings += tgt.copy_vifs(src, vm, ts, replica, t.network_map)
         for dp in plan.disks:
             progress(f"{rec['name_label']} -> {t.name}: disk {dp.disk.userdevice} {dp.kind} ({dp.reason})")
+        hold("before-transfer")
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
             pairs = list(zip(plan.disks, new_vdis, strict=True))
             results = list(pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job), pairs))
@@ -246,7 +288,9 @@ def _to_target(
         for d, vdi in zip(results, new_vdis, strict=True):
             ts.api.VDI.remove_from_other_config(vdi, md.DIGEST)
             ts.api.VDI.add_to_other_config(vdi, md.DIGEST, d.digest)
+        hold("before-commit")
         tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
+        hold("after-commit")
     except BaseException:
         # In-process failure: nothing of this attempt may remain (a kill is cleaned next run).
         _discard(ts, replica, new_vdis)
@@ -317,7 +361,7 @@ def run_job(
     def one(vm: str) -> VmResult:
         try:
             return replicate_vm(src, vm, targets, job, force_full=force_full, progress=progress)
-        except (XapiError, PoolUnreachable, TransferError, OSError) as err:
+        except RETRYABLE as err:
             return VmResult("", vm, error=_error_line(err))
 
     with ThreadPoolExecutor(max_workers=max(1, job.concurrency)) as pool:
