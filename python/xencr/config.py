@@ -588,8 +588,9 @@ def _read_pool(path: Path, name: str, t: _Table, warn: Callable[[str], None]) ->
     except ValueError:
         parts, port_ok = None, False
     if parts is None or parts.scheme not in ("https", "http") or not parts.hostname or not port_ok:
-        # Never echo the raw URL: it may hold a password.
-        raise t.error("url", f"invalid URL {url!r}: expected https://host[:port]")
+        # Echo only what cannot hold a password (split_url_credentials needs a scheme to find one).
+        shown = f" {url!r}" if "@" not in url else ""
+        raise t.error("url", f"invalid URL{shown}: expected https://host[:port]")
     url = url.rstrip("/") if parts.path in ("", "/") else url
     username = t.get("username", str, None)
     if username is None:

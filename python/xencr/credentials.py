@@ -154,7 +154,7 @@ def resolve_password(pool: PoolConfig, *, interactive: bool) -> str:
     if from_env:
         return from_env
     if pool.password_file is not None:
-        return read_password_file(Path(pool.password_file), pool.name)
+        return read_password_file(Path(pool.password_file).expanduser(), pool.name)
     if pool.url_password is not None:
         return pool.url_password.reveal()
     if interactive:

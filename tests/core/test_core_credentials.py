@@ -159,3 +159,10 @@ def test_password_never_shown(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         load_config(write(tmp_path, bad), warn=lambda m: None)
     assert "pools.site-b.url" in str(info.value) and PASSWORD not in str(info.value)
+    no_scheme = text.replace(
+        '[pools.site-b]\nurl = "https://b.example"', f'[pools.site-b]\nurl = "u:{PASSWORD}@b"'
+    )
+    with pytest.raises(Exception) as info:
+        load_config(write(tmp_path, no_scheme), warn=lambda m: None)
+    assert str(info.value).endswith("pools.site-b.url: invalid URL: expected https://host[:port]")
+    assert PASSWORD not in str(info.value) and "p@ss" not in str(info.value)

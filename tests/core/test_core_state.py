@@ -220,6 +220,27 @@ def test_writes_from_another_process(tmp_path: Path) -> None:
     ]
 
 
+def test_several_processes_create_and_write_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "state.sqlite"
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom xencr.state import StateDB\n"
+        "db = StateDB(Path(sys.argv[1]))\n"
+        "for i in range(20):\n"
+        "    r = db.start_run('j', sys.argv[2], None, 'manual')\n"
+        "    t = db.start_task(r, 'vm', 'v', 'sr')\n"
+        "    db.finish_task(t, 'success', reasons={'0': 'delta'})\n"
+        "    db.finish_run(r, 'success')\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"p{i}"]) for i in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    with StateDB(path) as db:
+        assert db.schema_version == SCHEMA_VERSION
+        runs = db.runs()
+        assert len(runs) == 80 and {r.outcome for r in runs} == {"success"}
+        assert sorted({r.job_name for r in runs}) == ["p0", "p1", "p2", "p3"]
+        assert all(db.tasks(r.id)[0].reasons == {"0": "delta"} for r in runs)
+
+
 def test_mark_interrupted_closes_runs_of_dead_processes_only(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     # A process that dies in the middle of a run (as after SIGKILL).
