@@ -9,7 +9,6 @@ injected fault and the operation itself. Handlers register with :func:`handler`;
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -381,17 +380,6 @@ class TaskRunner:
 
         threading.Thread(target=run, name=f"task {method}", daemon=True).start()
         return task
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, cond: threading.Condition) -> bool:
-    """Wait on ``cond`` (held by the caller) until ``predicate`` or ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        cond.wait(remaining)
-    return True
 
 
 def require(ctx: Ctx, cls_name: str, ref: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xencr.sim.errors import XapiError, sr_backend_failure, sr_no_space
-from xencr.sim.values import NULL_REF
 
 if TYPE_CHECKING:
     from xencr.sim.db import Database
@@ -111,9 +110,6 @@ class Storage:
 
     def parents(self, vdi_ref: str) -> list[str]:
         return [str(self.path(r)) for r in self.chain(vdi_ref)[1:]]
-
-    def has_file(self, vdi_ref: str) -> bool:
-        return self.path(vdi_ref).exists()
 
     # ------------------------------------------------------------------ space (xapi.md 3.9)
 
@@ -252,6 +248,3 @@ class Storage:
             finally:
                 fresh.unlink(missing_ok=True)
 
-
-def null_or(ref: str) -> str | None:
-    return None if ref == NULL_REF else ref
