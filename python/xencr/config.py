@@ -599,17 +599,18 @@ def _read_pool(path: Path, name: str, t: _Table, warn: Callable[[str], None]) ->
         raise t.error("url", f"user '{url_user}' in the URL differs from username '{username}'")
     if not username:
         raise t.error("username", "must not be empty")
-    if url_password is not None:
-        warn(
-            f"{path}: {_key(t.key, 'url')}: the URL carries a password; it is used, but set "
-            f"{default_password_env(name)} or password_file instead and remove it from the URL"
-        )
     password_file = t.get("password_file", str, None)
     if password_file is not None:
         password_file = str(_resolve_path(path.parent, password_file))
     password_env: str = t.get("password_env", str, "")
     if password_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
         raise t.error("password_env", f"invalid environment variable name {password_env!r}")
+    if url_password is not None:
+        warn(
+            f"{path}: {_key(t.key, 'url')}: the URL carries a password; it is used, but set "
+            f"{password_env or default_password_env(name)} or password_file instead and remove it "
+            "from the URL"
+        )
     fingerprint = t.get("fingerprint", str, None)
     if fingerprint is not None:
         try:
