@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from pathlib import Path
@@ -13,7 +14,10 @@ from xencr.config import (
     JOB_NAMESPACE,
     Config,
     ConfigError,
+    JobConfig,
     PoolConfig,
+    ScheduleConfig,
+    TargetConfig,
     VmSelector,
     check_cron,
     default_config_path,
@@ -61,15 +65,16 @@ def test_sample_loads_and_shows_every_option(tmp_path: Path) -> None:
     assert db.snapshot_mode == "checkpoint" and db.enabled is False
     assert db.targets[0].network_map == {"Pool-wide network associated with eth0": "DR network"}
     assert db.schedules[0].cron == "@hourly" and db.schedules[0].retention == 3
-    # Every key the loader knows appears in the sample, commented or not.
+    # Every option appears in the sample, commented or not: a new field forces a sample update.
     sample = sample_config()
-    for key in (
-        "state", "url", "username", "password_env", "password_file", "fingerprint", "verify_tls",
-        "id", "pool", "vms", "exclude", "concurrency", "snapshot_mode", "full_interval", "vm_timeout",
-        "enabled", "sr", "network_map", "every", "cron", "timezone", "retention", "rpo", "rate",
-        "rate_windows",
-    ):  # fmt: skip
-        assert re.search(rf"^#? ?{key} = ", sample, re.MULTILINE), key
+    keys = {"state"} | {
+        f.name
+        for cls in (PoolConfig, JobConfig, TargetConfig, ScheduleConfig)
+        for f in dataclasses.fields(cls)
+        if f.name not in ("name", "url_password")
+    }
+    for key in sorted(keys):
+        assert re.search(rf"^(#? ?{key} = |\[\[jobs\.\w+\.{key}\]\])", sample, re.MULTILINE), key
 
 
 def test_sample_with_every_commented_option_enabled_loads(tmp_path: Path) -> None:
@@ -416,8 +421,6 @@ def test_vm_selection() -> None:
     assert VmSelector.parse(uid) == VmSelector("uuid", uid.lower())
     assert VmSelector.parse("tag:db") == VmSelector("tag", "db")
     assert VmSelector.parse("web-*") == VmSelector("glob", "web-*")
-    from xencr.config import JobConfig, TargetConfig
-
     job = JobConfig(
         name="j",
         id="i",
