@@ -12,6 +12,7 @@ import typer
 from conftest import PASSWORD, Pools
 from typer.testing import CliRunner
 
+from xencr.cli.plan import plan_command, status_command
 from xencr.cli.replica import replica_app
 from xencr.cli.run import run_command
 from xencr.replication import metadata as md
@@ -19,6 +20,8 @@ from xencr.state import StateDB
 
 app = typer.Typer()
 app.command("run")(run_command)
+app.command("plan")(plan_command)
+app.command("status")(status_command)
 app.add_typer(replica_app, name="replica")
 runner = CliRunner()
 
@@ -126,3 +129,27 @@ def test_invalid_config_is_one_line(tmp_path: Path) -> None:
     code, _, err = _invoke("run", "cli", "--config", str(cfg))
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "bogus" in err
+
+
+def test_plan_and_status(pools: Pools, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, pools, vms='["vm0"]')
+    code, out, _ = _invoke("plan", "cli", "--config", str(cfg), "--json")
+    assert code == 0, out
+    first = json.loads(out)
+    assert first[0]["disks"][0]["kind"] in ("full", "delta")
+    _invoke("run", "cli", "--config", str(cfg))
+    s = pools.session(0)
+    vm = s.api.VM.get_by_name_label("vm0")[0]
+    vdi = next(s.api.VBD.get_VDI(b) for b in s.api.VM.get_VBDs(vm) if s.api.VBD.get_type(b) == "Disk")
+    s.api.sim.write(s.api.VDI.get_uuid(vdi), str(9 * 1024 * 1024), "1000", "plan")
+    snaps_before = set(s.api.VM.get_snapshots(vm))
+    code, out, _ = _invoke("plan", "cli", "--config", str(cfg), "--json")
+    assert code == 0
+    disk = json.loads(out)[0]["disks"][0]
+    assert (disk["kind"], disk["reason"], disk["estimated_bytes"]) == ("delta", "delta", 2 * 1024 * 1024)
+    assert set(s.api.VM.get_snapshots(vm)) == snaps_before, "plan changes nothing"
+    code, out, _ = _invoke("status", "cli", "--config", str(cfg), "--json")
+    assert code == 0
+    row = json.loads(out)[0]
+    assert row["last_outcome"] == "success" and row["newest"] and row["age_seconds"] < 600
+    assert row["rpo_seconds"] == 900 and row["rpo_breach"] is False
