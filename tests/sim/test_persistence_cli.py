@@ -142,3 +142,21 @@ def test_cli_init_and_serve_subprocess(tmp_path: Path) -> None:
 def test_init_state_values(tmp_path: Path) -> None:
     password = init_state(tmp_path / "s", 1, vms=0, disk_size=0, sr_size=MIB, password=None)
     assert len(password) >= 12 and (tmp_path / "s" / "password").read_text().strip() == password
+
+
+def test_cli_ls(sim: Sim) -> None:
+    import json
+
+    x = sim.session().xenapi
+    disk_uuid = x.VDI.get_uuid(vm_disk(x, first_vm(x)))
+    result = runner.invoke(app, ["sim", "ls", "--state", str(sim.state)])
+    assert result.exit_code == 0 and disk_uuid in result.output and "pool1" in result.output
+    online = json.loads(runner.invoke(app, ["sim", "ls", "--state", str(sim.state), "--json"]).output)
+    sim.shutdown()
+    try:
+        offline = json.loads(runner.invoke(app, ["sim", "ls", "--state", str(sim.state), "--json"]).output)
+    finally:
+        sim.start()
+    assert online == offline and len(online) == 2
+    vm0 = next(v for v in online[0]["vms"] if v["name"] == "vm0")
+    assert vm0["disks"][0]["uuid"] == disk_uuid and vm0["disks"][0]["size"] == 8 * MIB

@@ -125,6 +125,34 @@ def hash_(
     typer.echo(_call(state, "sim.hash", vdi_uuid, vdi_uuid=vdi_uuid))
 
 
+@sim_app.command("ls")
+def ls(
+    state: StateOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List each pool's SRs, networks and VMs with their disk UUIDs (for `sim write`/`sim hash`).
+
+    Example: xencr sim ls --state /tmp/sim
+    """
+    from xencr.sim.control import describe
+
+    pools = describe(state)
+    if as_json:
+        typer.echo(json.dumps(pools, indent=2))
+        return
+    for pool in pools:
+        typer.echo(f"pool{pool['index']} {pool['name']}")
+        for sr in pool["srs"]:
+            typer.echo(f"  SR  {sr['uuid']}  {sr['type']:<9} {sr['name']}")
+        for net in pool["networks"]:
+            typer.echo(f"  net {net['uuid']}  {net['bridge']:<9} {net['name']}")
+        for vm in pool["vms"]:
+            kind = "snap" if vm["is_a_snapshot"] else "tmpl" if vm["is_a_template"] else "VM  "
+            typer.echo(f"  {kind} {vm['uuid']}  {vm['power_state']:<9} {vm['name']}")
+            for disk in vm["disks"]:
+                typer.echo(f"         disk {disk['userdevice']}: {disk['uuid']}  {disk['size'] // MIB} MiB")
+
+
 def _pool_call(state: Path, pool: int, method: str, *params: object) -> object:
     from xencr.sim.control import running_server, sim_call
     from xencr.sim.errors import XapiError

@@ -110,6 +110,24 @@ def serve(root: Path, *, pools: int | None, host: str, port: int, password_file:
                 signal.signal(sig, handler)
 
 
+def describe(root: Path) -> list[dict[str, Any]]:
+    """Every pool's content, from the running server or (under the lock) from the files."""
+    server = running_server(root)
+    if server is not None:
+        # XML-RPC carries ints as strings (as xapi does): turn the counters back into ints
+        return [_ints(sim_call(root, "sim.info", pool_index=i)) for i in range(len(server["urls"]))]
+    with state_lock(root, wait=True):
+        return [SIM_CALLS["sim.info"](p) for p in load_pools(root, read_password(root), auth_delay=0)]
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: int(v) if k in ("index", "size", "used") else _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
 def sim_call(root: Path, method: str, *params: Any, vdi_uuid: str | None = None,
              pool_index: int | None = None) -> Any:
     """Run a sim-only call on the pool holding ``vdi_uuid`` (or pool ``pool_index``, default 0)."""
