@@ -284,3 +284,19 @@ def test_metrics_and_guest_tools(sim: Sim) -> None:
     with pytest.raises(XenAPI.Failure) as exc:
         x.VM_metrics.get_record(metrics)
     assert failure(exc) == ["HANDLE_INVALID", "VM_metrics", metrics]
+
+
+def test_health_check_script(sim: Sim) -> None:
+    x = sim.session().xenapi
+    vm = x.VM.clone(first_vm(x), "health")
+    key = "vm-data/xo-backup-health-check"
+    x.VM.add_to_xenstore_data(vm, key, "planned")
+    x.VM.start(vm, False, False)
+    assert x.VM.get_xenstore_data(vm)[key] == "success"
+    x.VM.hard_shutdown(vm)
+    x.VM.set_xenstore_data(vm, {key: "planned"})
+    x.VM.add_to_other_config(vm, "sim_health_check", "failure")
+    x.VM.start(vm, False, False)
+    data = x.VM.get_xenstore_data(vm)
+    assert data[key] == "failure" and data[f"{key}-error"] == "simulated health-check failure"
+    x.VM.hard_shutdown(vm)

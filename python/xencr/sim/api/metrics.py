@@ -12,6 +12,26 @@ from xencr.sim.db import Database
 from xencr.sim.values import NULL_REF, now
 
 GUEST_TOOLS_KEY = "sim_guest_tools"
+HEALTH_CHECK_RESULT_KEY = "sim_health_check"  # "success" (default) or "failure"
+
+
+def run_guest_scripts(db: Database, vm: str) -> None:
+    """A booted guest's health-check script (Xen Orchestra's protocol, ``docs/healthcheck/example.sh``):
+    a ``vm-data/...health-check`` key set to ``planned`` is answered ``success`` or ``failure``
+    (with ``<key>-error``). xenopsd reflects the guest's ``vm-data`` writes into
+    ``VM.xenstore_data`` (``xapi_xenops.ml``), which is where clients read the answer."""
+    row = db.get("VM", vm)
+    data = dict(row["xenstore_data"])
+    outcome = row["other_config"].get(HEALTH_CHECK_RESULT_KEY, "success")
+    changed = False
+    for key, value in list(data.items()):
+        if key.startswith("vm-data/") and key.endswith("health-check") and value == "planned":
+            data[key] = "failure" if outcome == "failure" else "success"
+            if outcome == "failure":
+                data[f"{key}-error"] = "simulated health-check failure"
+            changed = True
+    if changed:
+        db.update("VM", vm, xenstore_data=data)
 
 
 def create_vm_metrics(db: Database, vm: str) -> str:
@@ -66,3 +86,4 @@ def on_start(db: Database, vm: str, pool_index: int) -> None:
         "last_updated": now(), "live": True, "can_use_hotplug_vbd": "yes", "can_use_hotplug_vif": "yes",
     })
     db.update("VM", vm, guest_metrics=gm)
+    run_guest_scripts(db, vm)
