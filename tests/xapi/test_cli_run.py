@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import PASSWORD, Pools
 from typer.testing import CliRunner
+from xapitest import PASSWORD, Pools
 
 from xencr.cli.plan import plan_command, status_command
 from xencr.cli.replica import replica_app

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MIB, PASSWORD, Pools
+from xapitest import MIB, PASSWORD, Pools
 
 from xencr.config import load_config
 from xencr.replication import metadata as md

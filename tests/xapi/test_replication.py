@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import MIB, Pools
+from xapitest import MIB, Pools
 
 from xencr.replication import metadata as md
 from xencr.replication.runner import JobSpec, Target, run_job

@@ -3,8 +3,8 @@ disks left out, and two targets from one snapshot (delta where a base exists, fu
 
 from __future__ import annotations
 
-from conftest import MIB, Pools
 from test_replication import _check_replica, _disk_hashes, _vm
+from xapitest import MIB, Pools
 
 from xencr.replication.runner import JobSpec, Target, run_job
 from xencr.xapi.session import XapiSession

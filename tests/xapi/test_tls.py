@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import PASSWORD, Pools, run_sim
 from test_transfer import _new_vdi, _snap_disk
+from xapitest import PASSWORD, Pools, run_sim
 
 from xencr.xapi.errors import FingerprintMismatch, PoolUnreachable
 from xencr.xapi.session import Endpoint, XapiSession

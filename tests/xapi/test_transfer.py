@@ -4,7 +4,7 @@ checked by content (the simulator's own hash of each VDI)."""
 from __future__ import annotations
 
 import pytest
-from conftest import MIB, PASSWORD, Pools
+from xapitest import MIB, PASSWORD, Pools
 
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import Endpoint, XapiSession

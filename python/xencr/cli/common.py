@@ -15,6 +15,8 @@ from xencr.cli import errors
 from xencr.config import Config, ConfigError, load_config
 from xencr.credentials import CredentialError
 from xencr.state import StateError
+from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.transfer import TransferError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -30,8 +32,16 @@ ConfigOption = Annotated[
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
-# The user's own mistakes or environment: their message is the whole story, no "internal error".
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CredentialError, StateError)
+# The user's own mistakes or environment, and what the pools answered: their message is the
+# whole story, no "internal error".
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    CredentialError,
+    StateError,
+    XapiError,
+    PoolUnreachable,
+    TransferError,
+)
 
 
 def warn(message: str) -> None:

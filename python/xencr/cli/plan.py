@@ -11,8 +11,7 @@ from typing import Annotated
 
 import typer
 
-from xencr.cli.errors import reported
-from xencr.config import load_config
+from xencr.cli.common import ConfigOption, load, reported
 from xencr.replication.jobs import connected
 from xencr.replication.preview import plan, status
 from xencr.state import StateDB
@@ -40,14 +39,14 @@ def plan_command(
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Plan as `xencr run --full` would.")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Print, without changing anything, full or delta per disk and why, estimated bytes, the
     target SR's free space after the run, and anything that would fail.
 
     Example:  xencr plan web-servers
     """
-    cfg = load_config(config)
+    cfg = load(config)
     with connected(cfg, cfg.job(job), interactive=sys.stdin.isatty()) as c:
         rows = plan(c, vm or None, full=full)
     if json_out:
@@ -71,13 +70,13 @@ def plan_command(
 def status_command(
     job: Annotated[str | None, typer.Argument(help="Only this job (name or id).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """One line per VM per target: the newest restore point's age against the RPO, last outcome.
 
     Example:  xencr status --json
     """
-    cfg = load_config(config)
+    cfg = load(config)
     jobs = [cfg.job(job)] if job else [j for j in cfg.jobs.values() if j.enabled]
     rows = []
     with StateDB(cfg.state_path) as db:

@@ -9,8 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from xencr.cli.errors import CliError, reported
-from xencr.config import Config, load_config
+from xencr.cli.common import ConfigOption, load, reported
+from xencr.cli.errors import CliError
+from xencr.config import Config
 from xencr.replication import metadata as md
 from xencr.replication.jobs import connect
 from xencr.xapi.session import XapiSession
@@ -58,13 +59,13 @@ def _find(cfg: Config, replica: str) -> tuple[XapiSession, dict[str, Any]]:
 def list_command(
     job: Annotated[str | None, typer.Argument(help="Only this job's (name or id).")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """List restore points (complete) and interrupted replicas on every target pool.
 
     Example:  xencr replica list web-servers --json
     """
-    cfg = load_config(config)
+    cfg = load(config)
     job_id = cfg.job(job).id if job else None
     rows = []
     for pool in _target_pools(cfg):
@@ -101,13 +102,13 @@ def list_command(
 def clone_command(
     replica: Annotated[str, typer.Argument(help="Replica UUID or name.")],
     name: Annotated[str | None, typer.Option("--name", help="Name of the clone.")] = None,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Make a bootable fast clone of a restore point, leaving the replica untouched.
 
     Example:  xencr replica clone 5f0c...e1 --name web-1-test
     """
-    s, rec = _find(load_config(config), replica)
+    s, rec = _find(load(config), replica)
     with s:
         clone = s.api.VM.clone(rec["ref"], name or f"{rec['name_label']} (clone)")
         # The clone must not pass for a replica: drop our keys; it carries no blocked operations.
@@ -117,7 +118,7 @@ def clone_command(
 
 
 def _protect(replica: str, config: Path | None, on: bool) -> None:
-    s, rec = _find(load_config(config), replica)
+    s, rec = _find(load(config), replica)
     with s:
         for op in md.PROTECTED_OPS:
             s.api.VM.remove_from_blocked_operations(rec["ref"], op)
@@ -128,7 +129,7 @@ def _protect(replica: str, config: Path | None, on: bool) -> None:
 
 @replica_app.command("protect")
 @reported
-def protect_command(replica: Annotated[str, typer.Argument()], config: ConfigOpt = None) -> None:
+def protect_command(replica: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
     """Block start/start_on on a replica again (repair).
 
     Example:  xencr replica protect 5f0c...e1
@@ -138,7 +139,7 @@ def protect_command(replica: Annotated[str, typer.Argument()], config: ConfigOpt
 
 @replica_app.command("unprotect")
 @reported
-def unprotect_command(replica: Annotated[str, typer.Argument()], config: ConfigOpt = None) -> None:
+def unprotect_command(replica: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
     """Lift the start block (failover does this); the next run will not use it as a base.
 
     Example:  xencr replica unprotect 5f0c...e1

@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from xencr.cli.errors import reported
-from xencr.config import load_config
+from xencr.cli.common import ConfigOption, load, reported
 from xencr.replication.jobs import report_json, run_configured
 from xencr.replication.runner import RunReport
 
@@ -50,13 +49,13 @@ def run_command(
     full: Annotated[bool, typer.Option("--full", help="Send full copies, whatever the bases.")] = False,
     schedule: Annotated[str | None, typer.Option("--schedule", help="Use this schedule's settings.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
-    config: ConfigOpt = None,
+    config: ConfigOption = None,
 ) -> None:
     """Run a job once, now: snapshot, send only changed blocks, commit each restore point atomically.
 
     Example:  xencr run web-servers --vm web-1
     """
-    cfg = load_config(config)
+    cfg = load(config)
 
     def progress(line: str) -> None:
         if not json_out:

@@ -113,29 +113,48 @@ def run_configured(
         targets = targets_of(c)
         vms = selected_vms(c, only)
         run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
-        tasks = {
-            (ref, t.sr_uuid): db.start_task(run_id, rec["uuid"], rec["name_label"], t.sr_uuid)
-            for ref, rec in vms
-            for t in targets
-        }
-        report = run_job(c.source, [ref for ref, _ in vms], targets, spec, force_full=full, progress=progress)
-        for (ref, _), vr in zip(vms, report.vms, strict=True):
-            for t in targets:
-                tr = next((x for x in vr.targets if x.sr_uuid == t.sr_uuid), None)
-                task = tasks[(ref, t.sr_uuid)]
-                if tr is None:
-                    db.finish_task(task, "failure", error=vr.error or "not attempted")
-                    continue
-                db.finish_task(
-                    task,
-                    tr.outcome,
-                    transfer=tr.kind if tr.disks else None,
-                    reasons={d.userdevice: d.reason for d in tr.disks},
-                    bytes_sent=tr.bytes_sent,
-                    error=tr.error,
-                    restore_point=tr.restore_point,
-                )
+        try:
+            report = _run_recorded(db, run_id, c, vms, targets, spec, full, progress)
+        except BaseException as err:
+            # A run that raised is over: say so now rather than leave it "running".
+            db.finish_run(run_id, "failure", str(err) or type(err).__name__)
+            raise
         db.finish_run(run_id, report.outcome, None if report.outcome == "success" else _summary(report))
+    return report
+
+
+def _run_recorded(
+    db: StateDB,
+    run_id: int,
+    c: Connected,
+    vms: list[tuple[str, dict[str, Any]]],
+    targets: list[Target],
+    spec: JobSpec,
+    full: bool,
+    progress: Progress,
+) -> RunReport:
+    tasks = {
+        (ref, t.sr_uuid): db.start_task(run_id, rec["uuid"], rec["name_label"], t.sr_uuid)
+        for ref, rec in vms
+        for t in targets
+    }
+    report = run_job(c.source, [ref for ref, _ in vms], targets, spec, force_full=full, progress=progress)
+    for (ref, _), vr in zip(vms, report.vms, strict=True):
+        for t in targets:
+            tr = next((x for x in vr.targets if x.sr_uuid == t.sr_uuid), None)
+            task = tasks[(ref, t.sr_uuid)]
+            if tr is None:
+                db.finish_task(task, "failure", error=vr.error or "not attempted")
+                continue
+            db.finish_task(
+                task,
+                tr.outcome,
+                transfer=tr.kind if tr.disks else None,
+                reasons={d.userdevice: d.reason for d in tr.disks},
+                bytes_sent=tr.bytes_sent,
+                error=tr.error,
+                restore_point=tr.restore_point,
+            )
     return report
 
 
