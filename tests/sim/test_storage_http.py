@@ -364,3 +364,24 @@ def test_resize_grows_and_keeps_content(sim: Sim) -> None:
     assert after[:8 * MIB] == before and after[8 * MIB:] == bytes(4 * MIB)
     x.sim.write(x.VDI.get_uuid(disk), str(11 * MIB), str(MIB), "beyond")
     assert int(x.SR.get_virtual_allocation(x.VDI.get_SR(disk))) >= 12 * MIB
+
+
+def test_vhd_import_needs_content_length(sim: Sim) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    s = sim.session()
+    x = s.xenapi
+    target = x.VDI.clone(vm_disk(x, first_vm(x)))
+    u = urlsplit(sim.urls[0])
+    with socket.create_connection((u.hostname or "", u.port or 80)) as sock:
+        sock.sendall(f"PUT /import_raw_vdi?session_id={s._session}&vdi={target}&format=vhd HTTP/1.1\r\n"
+                     f"Host: x\r\nConnection: close\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    task = next(line.split(b": ")[1].strip().decode() for line in reply.split(b"\r\n")
+                if line.lower().startswith(b"task-id"))
+    assert wait_task(x, task)["error_info"] == ["VDI_IO_ERROR", "Device I/O errors"]

@@ -400,6 +400,10 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
     prefix = _buffered_prefix(req, length)
     sock_fd = req.connection.fileno()
     faulty = drop is not None or flip is not None or rate is not None or pool.tls
+    if fmt == "vhd" and length is None:
+        # vhd-tool reads the trailing footer at (Content-Length - 1) & ~511 (xapi.md 4.3): no length,
+        # no import.
+        raise OSError("a VHD import needs a Content-Length")
     if length is not None:
         # A full SR fails the write: room for the incoming data is checked up front.
         with pool.db.lock:
