@@ -13,8 +13,8 @@ from xencr.sim.layout import init_state
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     state = tmp_path_factory.mktemp("sim")
-    password = init_state(state, 2, vms=2, disk_size=DISK, sr_size=1024 * MIB, password="s3cret-pw")
-    s = Sim(state, password)
+    init_state(state, 2, vms=2, disk_size=DISK, sr_size=1024 * MIB, password="s3cret-pw")
+    s = Sim(state)
     s.start()
     yield s
     s.shutdown()

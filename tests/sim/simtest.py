@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import xmlrpc.client
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import XenAPI
 
-from xencr.sim.control import serve
+from xencr.sim.harness import RunningSimulator
 
 MIB = 1024 * 1024
 DISK = 8 * MIB
 
 
-@dataclass
-class Sim:
-    state: Path
-    password: str
-    urls: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-    sessions: list[Any] = field(default_factory=list)
+class Sim(RunningSimulator):
+    """The in-process simulator plus SDK conveniences for the tests."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__(state)
+        self.sessions: list[Any] = []
 
     def session(self, pool: int = 0) -> Any:
         """A logged-in official SDK session on pool ``pool`` (logged out at teardown)."""
@@ -38,33 +34,12 @@ class Sim:
         """A plain XML-RPC proxy: sees the Status structs the SDK hides."""
         return xmlrpc.client.ServerProxy(self.urls[pool] + path)
 
-    def start(self) -> None:
-        self.stop = threading.Event()
-        ready = threading.Event()
-        urls: list[str] = []
-
-        def announce(line: str) -> None:
-            urls.append(line.split()[1])
-            if len(urls) == 2:
-                ready.set()
-
-        def run() -> None:
-            serve(self.state, pools=None, host="127.0.0.1", port=0, password_file=None, auth_delay=0.0,
-                  announce=announce, stop=self.stop)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(30), "simulator did not start"
-        self.urls = urls
-
     def shutdown(self) -> None:
         for s in self.sessions:
             with contextlib.suppress(Exception):
                 s.xenapi.session.logout()
         self.sessions.clear()
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(30)
+        self.stop()
 
 
 def user_vms(x: Any) -> dict[str, dict[str, Any]]:

@@ -160,3 +160,16 @@ def test_cli_ls(sim: Sim) -> None:
     assert online == offline and len(online) == 2
     vm0 = next(v for v in online[0]["vms"] if v["name"] == "vm0")
     assert vm0["disks"][0]["uuid"] == disk_uuid and vm0["disks"][0]["size"] == 8 * MIB
+
+
+def test_harness_for_other_suites(tmp_path: Path) -> None:
+    from xencr.sim.harness import running_simulator
+
+    with running_simulator(tmp_path / "h", pools=1, vms=1, disk_size=2 * MIB, password="pw") as h:
+        s = XenAPI.Session(h.urls[0])
+        s.xenapi.login_with_password("root", h.password, "1.0", "harness")
+        vm = s.xenapi.VM.get_by_name_label("vm0")[0]
+        h.restart()
+        s2 = XenAPI.Session(h.urls[0])
+        s2.xenapi.login_with_password("root", "pw", "1.0", "harness")
+        assert s2.xenapi.VM.get_name_label(vm) == "vm0"

@@ -33,6 +33,7 @@ def tls_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, li
         if line.startswith("pool0"):
             ready.set()
 
+    # the announce lines (certificate path and fingerprint) are part of what is tested
     t = threading.Thread(target=serve, args=(state,), daemon=True, kwargs={
         "pools": None, "host": "127.0.0.1", "port": 0, "password_file": None, "auth_delay": 0.0,
         "announce": announce, "stop": stop, "tls": True})
