@@ -110,7 +110,7 @@ def _stdout_fd() -> int | None:
 @vhd_app.command()
 @reported
 def info(
-    file: Annotated[str, typer.Argument(help="A VHD file (fixed, dynamic or differencing).")],
+    file: Annotated[str, typer.Argument(metavar="FILE", help="A VHD file (fixed, dynamic or differencing).")],
     parent: Parents = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -171,7 +171,7 @@ def check(
 @vhd_app.command()
 @reported
 def cat(
-    file: Annotated[str, typer.Argument(help="A VHD file; its chain is read through.")],
+    file: Annotated[str, typer.Argument(metavar="FILE", help="A VHD file; its chain is read through.")],
     parent: Parents = None,
     output: Annotated[
         str | None, typer.Option("--output", "-o", metavar="OUT", help="Write here instead of stdout.")
@@ -213,7 +213,8 @@ def convert(
     to_format: Annotated[ToFormat, typer.Option("--to", help="Destination format.")] = ToFormat.dynamic,
     parent: Parents = None,
     block_size: Annotated[
-        str, typer.Option("--block-size", help="Block size of a dynamic output (power of two).")
+        str,
+        typer.Option("--block-size", metavar="SIZE", help="Block size of a dynamic output (power of two)."),
     ] = "2M",
     as_json: JsonFlag = False,
 ) -> None:
@@ -258,10 +259,12 @@ def _stream_summary(report: Mapping[str, Any]) -> str:
 @vhd_app.command()
 @reported
 def stream(
-    node: Annotated[str, typer.Argument(help="The VHD (chain leaf) to export.")],
+    node: Annotated[str, typer.Argument(metavar="NODE", help="The VHD (chain leaf) to export.")],
     base: Annotated[
         str | None,
-        typer.Option("--base", "-b", help="Export only what changed since this node (delta stream)."),
+        typer.Option(
+            "--base", "-b", metavar="BASE", help="Export only what changed since this node (delta stream)."
+        ),
     ] = None,
     output: Annotated[
         str | None, typer.Option("--output", "-o", metavar="OUT", help="Write here instead of stdout.")
@@ -312,7 +315,7 @@ def stream(
 @reported
 def apply(
     stream_path: Annotated[str, typer.Argument(metavar="STREAM", help="A VHD stream file, or - for stdin.")],
-    target: Annotated[str, typer.Argument(help="Raw file or VHD leaf to write into.")],
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="Raw file or VHD leaf to write into.")],
     target_format: Annotated[
         TargetFormat, typer.Option("--format", help="Target format; auto looks for a VHD footer.")
     ] = TargetFormat.auto,
@@ -354,9 +357,10 @@ def apply(
 @vhd_app.command()
 @reported
 def merge(
-    child: Annotated[str, typer.Argument(help="A differencing VHD.")],
+    child: Annotated[str, typer.Argument(metavar="CHILD", help="A differencing VHD.")],
     parent: Annotated[
-        str | None, typer.Option("--parent", "-p", help="Its parent (default: found through the locators).")
+        str | None,
+        typer.Option("--parent", "-p", metavar="P", help="Its parent (default: found through the locators)."),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -384,10 +388,11 @@ def merge(
 @vhd_app.command()
 @reported
 def diff(
-    a: Annotated[str, typer.Argument(help="First image (raw or VHD).")],
-    b: Annotated[str, typer.Argument(help="Second image (raw or VHD).")],
+    a: Annotated[str, typer.Argument(metavar="A", help="First image (raw or VHD).")],
+    b: Annotated[str, typer.Argument(metavar="B", help="Second image (raw or VHD).")],
     granularity: Annotated[
-        str, typer.Option("--granularity", "-g", help="Unit compared: 64K (as XAPI's CBT) or 2M.")
+        str,
+        typer.Option("--granularity", "-g", metavar="SIZE", help="Unit compared: 64K (as XAPI's CBT) or 2M."),
     ] = "2M",
     a_parent: Annotated[
         list[str] | None, typer.Option("--a-parent", metavar="P", help="Ancestors of A, nearest first.")
