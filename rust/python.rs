@@ -383,7 +383,7 @@ impl std::io::Read for FdReader {
 }
 
 #[pyfunction]
-#[pyo3(signature = (src, target, *, target_format="vhd".to_string(), length=None, prefix=Vec::new(), require_full_bitmaps=false, parents=None))]
+#[pyo3(signature = (src, target, *, target_format="vhd".to_string(), length=None, prefix=Vec::new(), require_full_bitmaps=false, parents=None, durable=true))]
 #[allow(clippy::too_many_arguments)]
 fn apply_stream<'py>(
     py: Python<'py>,
@@ -394,6 +394,7 @@ fn apply_stream<'py>(
     prefix: Vec<u8>,
     require_full_bitmaps: bool,
     parents: Option<Vec<PathBuf>>,
+    durable: bool,
 ) -> PyRes<Bound<'py, PyDict>> {
     let r = detached(py, || {
         let t = match target_format.as_str() {
@@ -420,6 +421,7 @@ fn apply_stream<'py>(
                 length,
                 require_full_bitmaps,
             },
+            durable,
         )
     })?;
     report_to_py(py, &r)

@@ -148,13 +148,15 @@ def apply_stream(
     prefix: bytes = b"",
     require_full_bitmaps: bool = False,
     parents: list[str] | None = None,
+    durable: bool = True,
 ) -> StreamReport:
     """Consume a stream forward-only as XAPI's import does: only sectors whose bit is set are
     written, into a raw file or a VHD leaf. All metadata is validated before the first write.
 
     ``length`` is the stream's total size (an HTTP ``Content-Length``, ``prefix`` included); for
     a path or a regular file it defaults to what the file holds. With a length, every BAT entry
-    is bounded before anything is written; never more than ``length`` bytes are read."""
+    is bounded before anything is written; never more than ``length`` bytes are read. With
+    ``durable`` (the default) the target is fsynced before returning."""
 
 def probe_stream_length(prefix: bytes) -> tuple[int, int | None]:
     """The total length of a stream from its first bytes (footer, header, BAT), validated.

@@ -80,13 +80,21 @@ impl BlockSink for ApplySink {
     }
 }
 
-/// Apply a stream read from `src` to `target`.
-pub fn apply<R: Read>(src: R, target: Target, opts: ParseOptions) -> Result<StreamReport> {
+/// Apply a stream read from `src` to `target`; with `durable`, the data is on stable storage
+/// when this returns (fsync), else it may still sit in the page cache.
+pub fn apply<R: Read>(
+    src: R,
+    target: Target,
+    opts: ParseOptions,
+    durable: bool,
+) -> Result<StreamReport> {
     let mut sink = ApplySink { target, size: 0 };
     let report = parse(src, opts, &mut sink)?;
-    match &sink.target {
-        Target::Raw(f) => f.sync_data().ctx(|| "cannot sync the target".into())?,
-        Target::Vhd(c) => c.leaf().sync()?,
+    if durable {
+        match &sink.target {
+            Target::Raw(f) => f.sync_data().ctx(|| "cannot sync the target".into())?,
+            Target::Vhd(c) => c.leaf().sync()?,
+        }
     }
     Ok(report)
 }

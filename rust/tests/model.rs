@@ -48,7 +48,7 @@ fn apply_to_raw(stream: &[u8], raw: &Path) -> Vec<u8> {
         length: Some(stream.len() as u64),
         require_full_bitmaps: false,
     };
-    apply(stream, Target::Raw(f), opts).unwrap();
+    apply(stream, Target::Raw(f), opts, false).unwrap();
     std::fs::read(raw).unwrap()
 }
 

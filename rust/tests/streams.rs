@@ -91,6 +91,7 @@ fn delta_applied_on_base_raw_gives_child() {
                 length: Some(len),
                 require_full_bitmaps: false,
             },
+            true,
         )
         .unwrap();
         assert!(r.sectors_written > 0);
@@ -121,7 +122,7 @@ fn corrupt_streams_are_refused_before_any_write() {
             length: Some(bad.len() as u64),
             require_full_bitmaps: full,
         };
-        let err = apply(&bad[..], Target::Raw(target), opts).unwrap_err();
+        let err = apply(&bad[..], Target::Raw(target), opts, true).unwrap_err();
         assert_eq!(err.kind(), kind, "flip at {at}: {err}");
         assert!(
             std::fs::read(&raw).unwrap() == before,
@@ -138,7 +139,13 @@ fn truncated_stream_is_an_error() {
     for cut in [100usize, 1000, 2100, 5000, good.len() - 100] {
         let raw = dir.path().join(format!("t{cut}.raw"));
         let target = std::fs::File::create(&raw).unwrap();
-        let err = apply(&good[..cut], Target::Raw(target), ParseOptions::default()).unwrap_err();
+        let err = apply(
+            &good[..cut],
+            Target::Raw(target),
+            ParseOptions::default(),
+            true,
+        )
+        .unwrap_err();
         assert!(
             ["stream_length", "truncated", "footer_mismatch"].contains(&err.kind()),
             "cut {cut}: {err}"
