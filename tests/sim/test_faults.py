@@ -180,3 +180,25 @@ def test_host_unreachable(sim: Sim) -> None:
     assert other.pool.get_all()  # the other pool is unaffected
     x.sim.fault_unreachable(False)
     assert x.pool.get_all()
+
+
+def test_http_handler_faults_before_and_after(sim: Sim) -> None:
+    s = sim.session()
+    x = s.xenapi
+    vdi = small_vdi(x)
+    error = ["SR_BACKEND_FAILURE_46", "", "The VDI is not available", ""]
+    x.sim.fault_fail_next_call("export_raw_vdi", error)
+    task = x.task.create("client", "")
+    status, _, _ = http_request(sim, "GET", export_path(s, vdi, "raw", f"&task_id={task}"))
+    assert status == 500 and x.task.get_error_info(task) == error
+    x.sim.fault_fail_next_call("export_raw_vdi:after", error)
+    status, headers, body = http_request(sim, "GET", export_path(s, vdi, "raw"))
+    assert status == 200 and len(body) == 2 * MIB
+    assert x.task.get_error_info(headers["task-id"]) == error
+    _, _, stream = http_request(sim, "GET", export_path(s, vdi, "vhd"))
+    target = x.VDI.clone(vdi)
+    no_space = ["SR_BACKEND_FAILURE_44", "", "There is insufficient space", ""]
+    x.sim.fault_fail_next_call("import_raw_vdi:after", no_space)
+    status, headers = put_stream(sim, import_path(s, target, "vhd"), stream)
+    assert status == 200
+    assert wait_task(x, headers["task-id"])["error_info"] == no_space

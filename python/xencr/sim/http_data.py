@@ -116,6 +116,27 @@ def _dom0_detach(pool: PoolState, vbd: str) -> None:
             pool.db.delete("VBD", vbd)
 
 
+def _fault_before(pool: PoolState, task: str, handler_name: str) -> None:
+    """Injected failure before the 200 (``sim.fault_fail_next_call("<handler>", ...)``): the bound
+    task fails with the error and the client gets XAPI's HTML 500."""
+    try:
+        pool.faults.raise_call_fault(handler_name)
+    except XapiError as err:
+        pool.tasks.fail(task, err)
+        raise HttpFailure(500, err) from None
+
+
+def _complete_or_fault_after(pool: PoolState, task: str, handler_name: str, result: str) -> None:
+    """Injected failure after the data (``"<handler>:after"``), as an SM error reported once the
+    body was consumed: the task fails, the client saw a complete transfer."""
+    try:
+        pool.faults.raise_call_fault(f"{handler_name}:after")
+    except XapiError as err:
+        pool.tasks.fail(task, err)
+        return
+    pool.tasks.complete(task, result)
+
+
 def _cancelled(pool: PoolState, task: str) -> bool:
     """vhd-tool's progress callback polls the task for cancellation (checked before the data)."""
     with pool.db.lock:
@@ -210,6 +231,7 @@ def _export(t: Transfer) -> None:
         except XapiError as err:  # unknown UUID: before the task is bound, HTML 500
             raise HttpFailure(500, err) from None
     task = t.bind_task()
+    _fault_before(pool, task, "export_raw_vdi")
     fmt = q.get("format", "raw")
     if fmt not in ("raw", "vhd"):
         message = f"Unknown format {fmt}" if fmt not in KNOWN_FORMATS else f"Format {fmt} is not simulated"
@@ -273,7 +295,7 @@ def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: 
         pool.log.warning("export of %s failed: %s", uuid, err)
         pool.tasks.fail(task, IO_ERROR)
     else:
-        pool.tasks.complete(task, "")
+        _complete_or_fault_after(pool, task, "export_raw_vdi", "")
 
 
 def _raw_delta(eng: Any, fd: int, path: str, parents: list[str], base_path: str,
@@ -322,6 +344,7 @@ def _import(t: Transfer) -> None:
             t.fail_client_task(XapiError("VDI_MISSING"))
             raise HttpFailure(400)
     task = t.bind_task()
+    _fault_before(pool, task, "import_raw_vdi")
 
     def refuse(status: int, message: str) -> None:
         pool.tasks.fail(task, XapiError("INTERNAL_ERROR", message))
@@ -374,7 +397,7 @@ def _import(t: Transfer) -> None:
             pool.log.warning("import into %s failed: %s", row["uuid"], err)
             pool.tasks.fail(task, IO_ERROR)
         else:
-            pool.tasks.complete(task, wire_xmlrpc.value(vdi))
+            _complete_or_fault_after(pool, task, "import_raw_vdi", wire_xmlrpc.value(vdi))
     finally:
         pool.gc.transfer(sr_ref, -1)
         with pool.db.lock:
