@@ -11,7 +11,7 @@ from typing import Any
 
 from xencr.replication import metadata as md
 from xencr.replication.source import Disk, disks_of
-from xencr.replication.target import RestorePoint, restore_points
+from xencr.replication.target import RestorePoint, restore_points, xo_restore_points
 from xencr.xapi.session import XapiSession
 from xencr.xapi.transfer import changed_blocks
 
@@ -56,6 +56,7 @@ def plan_target(
     full_interval: int,
     force_full: bool,
     probe: bool = True,
+    xo_snapshots: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> TargetPlan:
     """``previous``: this job's earlier snapshots of the VM on the source, oldest first."""
     points = restore_points(t, job_id, vm_uuid, sr_uuid)
@@ -69,6 +70,13 @@ def plan_target(
     # exists (a run killed between the commit and the source bookkeeping loses nothing).
     by_uuid = {rec["uuid"]: (ref, rec) for ref, rec in previous}
     rp = next((p for p in reversed(points) if p.copy_of in by_uuid), None)
+    if rp is None and xo_snapshots:
+        # No chain of ours: continue one Xen Orchestra left (classic keys or a seed).
+        xo_by_uuid = {rec["uuid"]: (ref, rec) for ref, rec in xo_snapshots}
+        rp = next(
+            (p for p in reversed(xo_restore_points(t, vm_uuid, sr_uuid)) if p.copy_of in xo_by_uuid), None
+        )
+        by_uuid |= xo_by_uuid
     if rp is None:
         return all_full("base snapshot deleted" if points else "first run")
     base_snap = by_uuid[rp.copy_of][0]
@@ -87,16 +95,19 @@ def plan_target(
             reason = "disk resized"
         elif held[2] != b.uuid:
             reason = "disk replaced"
-        elif held[1] is None:
+        elif held[1] is None and not rp.xo:
             reason = "replica commit snapshot missing"
-        elif probe and changed_blocks(t, held[0], held[1]) > 0:
+        elif probe and held[1] is not None and changed_blocks(t, held[0], held[1]) > 0:
             reason = "replica disk modified"
-        if reason is None and b is not None and held is not None and held[1] is not None:
-            chain = int(t.api.VDI.get_other_config(held[1]).get(md.FULL_COUNT, "0")) + 1
+        if reason is None and b is not None and held is not None:
+            # Xen Orchestra's live replica disks are their own base (its classic flow clones them).
+            base_vdi = held[1] or held[0]
+            chain = int(t.api.VDI.get_other_config(base_vdi).get(md.FULL_COUNT, "0")) + 1
             if full_interval and chain >= full_interval:
                 reason = "full interval reached"
             else:
-                plans.append(DiskPlan(d, "delta", b.vdi, held[1], chain))
+                why = f"continues Xen Orchestra replica {rp.uuid}" if rp.xo else "delta"
+                plans.append(DiskPlan(d, why, b.vdi, base_vdi, chain))
                 continue
         plans.append(DiskPlan(d, reason or "no base"))
     return TargetPlan(plans, rp, points)

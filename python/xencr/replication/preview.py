@@ -53,6 +53,7 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
     for vm, rec in selected_vms(c, only):
         disks = srcmod.disks_of(src, vm)
         previous = srcmod.job_snapshots(src, vm, c.job.id)
+        foreign = srcmod.foreign_snapshots(src, vm, c.job.id)
         nets = {src.api.network.get_name_label(src.api.VIF.get_network(v)) for v in rec["VIFs"]}
         for t in targets:
             p = plan_target(
@@ -65,6 +66,7 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
                 disks=disks,
                 full_interval=spec.full_interval,
                 force_full=full,
+                xo_snapshots=foreign,
             )
             tp = TargetPreview(rec["name_label"], rec["uuid"], t.name)
             for dp in p.disks:

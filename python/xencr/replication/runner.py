@@ -138,6 +138,7 @@ def replicate_vm(
     result = VmResult(rec["uuid"], rec["name_label"])
     cleaned = {t.name: tgt.cleanup(t.session, job.id, rec["uuid"], t.sr, t.sr_uuid) for t in targets}
     previous = srcmod.job_snapshots(src, vm, job.id)
+    foreign = srcmod.foreign_snapshots(src, vm, job.id)
     nobak = [d.vdi for d in _all_disks(src, vm) if md.NOBAK in d.name]
     try:
         snap, when = srcmod.take_snapshot(
@@ -156,7 +157,19 @@ def replicate_vm(
         for attempt in range(1, job.retries + 2):
             try:
                 _to_target(
-                    src, vm, rec, snap, snap_rec, when, disks, previous, t, job, force_full, tr, progress
+                    src,
+                    vm,
+                    rec,
+                    snap,
+                    snap_rec,
+                    when,
+                    disks,
+                    (previous, foreign),
+                    t,
+                    job,
+                    force_full,
+                    tr,
+                    progress,
                 )
                 tr.outcome, tr.error = "success", None
                 srcmod.mark_exported(src, snap, t.sr_uuid)
@@ -234,7 +247,7 @@ def _to_target(
     snap_rec: dict[str, Any],
     when: datetime,
     disks: list[srcmod.Disk],
-    previous: list[tuple[str, dict[str, Any]]],
+    history: tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]],
     t: Target,
     job: JobSpec,
     force_full: bool,
@@ -248,10 +261,11 @@ def _to_target(
         job_id=job.id,
         vm_uuid=rec["uuid"],
         sr_uuid=t.sr_uuid,
-        previous=previous,
+        previous=history[0],
         disks=disks,
         full_interval=job.full_interval,
         force_full=force_full,
+        xo_snapshots=history[1],
     )
     stamp = md.stamp(when)
     keys = {

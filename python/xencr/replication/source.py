@@ -60,6 +60,17 @@ def job_snapshots(s: XapiSession, vm: str, job_id: str) -> list[tuple[str, dict[
     return sorted(out, key=lambda x: x[1]["other_config"].get(md.SNAPSHOT_TIME, ""))
 
 
+def foreign_snapshots(s: XapiSession, vm: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """The VM's snapshots not made by this job: a Xen Orchestra replica or seed may be based on
+    one of them."""
+    out = []
+    for snap in s.api.VM.get_snapshots(vm):
+        rec = s.api.VM.get_record(snap)
+        if rec["other_config"].get(md.JOB) != job_id and md.JOB not in rec["other_config"]:
+            out.append((str(snap), rec))
+    return out
+
+
 def take_snapshot(
     s: XapiSession,
     vm: str,

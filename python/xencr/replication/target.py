@@ -30,6 +30,8 @@ class RestorePoint:
     record: dict[str, Any]
     # userdevice -> (live VDI ref, commit snapshot VDI ref or None, source snapshot VDI UUID)
     disks: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)
+    # Laid out by Xen Orchestra (classic keys): no commit snapshots, its live disks are the base.
+    xo: bool = False
 
     @property
     def protected(self) -> bool:
@@ -78,6 +80,29 @@ def restore_points(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> l
                 commit,
                 t.api.VDI.get_other_config(live).get(md.COPY_OF, ""),
             )
+        points.append(rp)
+    return sorted(points, key=lambda p: p.snapshot_time)
+
+
+def xo_restore_points(t: XapiSession, vm_uuid: str, sr_uuid: str) -> list[RestorePoint]:
+    """Replicas Xen Orchestra made of this VM on this SR (classic or seeded: `xo:copy_of` on the
+    VM and its disks, `start` blocked), newest last. A chain of theirs can be continued."""
+    points = []
+    for ref, rec in t.api.VM.get_all_records().items():
+        oc = rec["other_config"]
+        if rec["is_a_snapshot"] or md.ROLE in oc or md.XO_COPY_OF not in oc:
+            continue
+        if oc.get(md.XO_SR) != sr_uuid or oc.get(md.XO_VM, vm_uuid) != vm_uuid:
+            continue
+        if "start" not in rec["blocked_operations"]:
+            continue  # a user's clone of a replica carries the keys but no block (xo-compat.md 2)
+        when = oc.get(md.XO_DATETIME, "")
+        rp = RestorePoint(str(ref), rec["uuid"], rec["name_label"], when, oc[md.XO_COPY_OF], rec, xo=True)
+        for vbd in rec["VBDs"]:
+            b = t.api.VBD.get_record(vbd)
+            if b["type"] == "Disk" and b["VDI"] != NULL:
+                copy_of = t.api.VDI.get_other_config(b["VDI"]).get(md.XO_COPY_OF, "")
+                rp.disks[str(b["userdevice"])] = (str(b["VDI"]), None, copy_of)
         points.append(rp)
     return sorted(points, key=lambda p: p.snapshot_time)
 

@@ -140,7 +140,7 @@ class XapiSession:
             delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
 
-    def wait_task(self, task: str, *, timeout: float | None = None, poll: float = 0.2) -> str:
+    def wait_task(self, task: str, *, timeout: float | None = None, poll: float = 0.005) -> str:
         """Wait for a task; return its result (XML-RPC value tags stripped) or raise its error.
         On timeout the task is cancelled. The task is destroyed either way."""
         start = time.monotonic()
@@ -156,6 +156,7 @@ class XapiSession:
                     self.cancel_task(task)
                     raise XapiError("TASK_CANCELLED", [task, f"timed out after {timeout:.0f}s"])
                 time.sleep(poll)
+                poll = min(poll * 2, 0.5)  # most tasks end quickly: poll fast first, then back off
         finally:
             self.destroy_task(task)
 

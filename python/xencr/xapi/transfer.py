@@ -181,6 +181,7 @@ def copy_vdi(
 def _wait(session: XapiSession, task: str, timeout: float | None) -> str:
     """Wait for a handler's task (without destroying it: `copy_vdi` does that once)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.002  # a handler's task usually ends right after its body: poll fast, then back off
     while True:
         status = session.call("task.get_status", task)
         if status == "success":
@@ -190,7 +191,8 @@ def _wait(session: XapiSession, task: str, timeout: float | None) -> str:
             raise XapiError(str(info[0]) if info else "TASK_CANCELLED", info[1:] if info else [task])
         if deadline is not None and time.monotonic() > deadline:
             raise TransferError(f"task {task} did not finish in {timeout:.0f}s")
-        time.sleep(0.1)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _task_failure(session: XapiSession, task: str, wait: float = 0.5) -> XapiError | None:
