@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import socket
+import ssl
+import sys
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 
 from xencr.cli.common import ConfigOption, JsonFlag, columns, load, print_json, reported
-from xencr.config import PoolConfig
-from xencr.credentials import password_source
+from xencr.cli.errors import CliError
+from xencr.config import ConfigError, PoolConfig, default_config_path, load_config, normalise_fingerprint
+from xencr.credentials import password_source, split_url_credentials, warn
+from xencr.replication.jobs import connect
+from xencr.xapi.errors import PoolUnreachable
+from xencr.xapi.tls import display_fingerprint, fetch_fingerprint
 
 pool_app = typer.Typer(
-    help="Configured pools: list them (add and test come with the XAPI client).",
+    help="Configured pools: add (with certificate pinning), list, test.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-
-
-def display_fingerprint(fp: str) -> str:
-    """``sha256:AB:CD:...``, as `openssl x509 -fingerprint -sha256` prints it."""
-    return "sha256:" + ":".join(fp[i : i + 2].upper() for i in range(0, len(fp), 2))
 
 
 def tls_mode(pool: PoolConfig) -> str:
@@ -66,3 +69,123 @@ def list_command(config: ConfigOption = None, json_out: JsonFlag = False) -> Non
         return
     rows = [(p.name, p.url, p.username, password_source(p), tls_mode(p)) for p in pools]
     typer.echo(columns(("NAME", "URL", "USER", "PASSWORD", "TLS"), rows))
+
+
+def _verified(url: str) -> bool:
+    """Does the pool's certificate verify against the system's CAs (and its host name)?"""
+    parts = urlsplit(url)
+    ctx = ssl.create_default_context()
+    try:
+        with (
+            socket.create_connection((parts.hostname or "", parts.port or 443), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname=parts.hostname),
+        ):
+            return True
+    except ssl.SSLCertVerificationError:
+        return False
+    except OSError as err:
+        raise PoolUnreachable(f"{url}: {err.strerror or err}") from None
+
+
+def _toml_str(v: str) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pool_app.command("add")
+@reported
+def add_command(
+    name: Annotated[str, typer.Argument(help="Name of the pool in the config (e.g. site-a).")],
+    url: Annotated[str, typer.Argument(help="https://host[:port] of the pool master.")],
+    username: Annotated[str, typer.Option("--username", help="XAPI user.")] = "root",
+    password_file: Annotated[
+        str | None, typer.Option("--password-file", help="File (mode 0600) holding the password.")
+    ] = None,
+    trust_fingerprint: Annotated[
+        str | None,
+        typer.Option("--trust-fingerprint", help="Pin this certificate (sha256:...) of a self-signed pool."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a pool to the configuration. A self-signed certificate is shown on first contact and
+    pinned once you accept it (or pass --trust-fingerprint). No password is ever written.
+
+    Example:  xencr pool add site-b https://10.0.0.2 --trust-fingerprint sha256:AB:CD:...
+    """
+    path = config or default_config_path()
+    clean, user, password = split_url_credentials(url)
+    if password is not None:
+        warn("the password in the URL was dropped: use XENCR_<POOL>_PASSWORD, --password-file or a prompt")
+    username = user or username
+    cfg = load_config(path) if path.exists() else None
+    if cfg is not None and name in cfg.pools:
+        raise CliError(f"pool {name!r} is already in {path}")
+    pin = None
+    if urlsplit(clean).scheme == "https" and not _verified(clean):
+        seen = fetch_fingerprint(clean)
+        shown = display_fingerprint(seen)
+        if trust_fingerprint is not None:
+            if normalise_fingerprint(trust_fingerprint) != seen:
+                raise CliError(f"{clean} presents {shown}, not the fingerprint given: not added")
+        elif sys.stdin.isatty():
+            typer.echo(f"{clean} presents a certificate that does not verify; its fingerprint is {shown}")
+            if not typer.confirm("Trust (pin) this certificate?", default=False):
+                raise CliError("certificate not trusted: pool not added")
+        else:
+            raise CliError(
+                f"{clean}: certificate does not verify; its fingerprint is {shown}: "
+                f"check it, then add --trust-fingerprint {shown}"
+            )
+        pin = seen
+    lines = [f"\n[pools.{name}]", f"url = {_toml_str(clean)}", f"username = {_toml_str(username)}"]
+    if password_file:
+        lines.append(f"password_file = {_toml_str(password_file)}")
+    if pin:
+        lines.append(f'fingerprint = "{display_fingerprint(pin)}"')
+    before = path.read_text() if path.exists() else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(before + "\n".join(lines) + "\n")
+    try:
+        load_config(path)
+    except ConfigError:
+        path.write_text(before)  # never leave a config that no longer loads
+        raise
+    typer.echo(f"added pool {name!r} to {path}" + (f" (pinned {display_fingerprint(pin)})" if pin else ""))
+
+
+@pool_app.command("test")
+@reported
+def test_command(
+    name: Annotated[str, typer.Argument(help="Configured pool name.")],
+    config: ConfigOption = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Log in to a pool and show what xencr sees: pool, master, API version, SRs and free space.
+
+    Example:  xencr pool test site-a
+    """
+    cfg = load(config)
+    with connect(cfg.pool(name), interactive=sys.stdin.isatty()) as s:
+        pool = s.api.pool.get_all()[0]
+        master = s.api.pool.get_master(pool)
+        major, minor = s.api.host.get_API_version_major(master), s.api.host.get_API_version_minor(master)
+        info = {
+            "pool": s.api.pool.get_name_label(pool),
+            "master": s.api.host.get_name_label(master),
+            "api_version": f"{major}.{minor}",
+            "srs": [
+                {
+                    "name": r["name_label"],
+                    "uuid": r["uuid"],
+                    "type": r["type"],
+                    "free": int(r["physical_size"]) - int(r["physical_utilisation"]),
+                }
+                for r in s.api.SR.get_all_records().values()
+                if r["content_type"] != "iso" and int(r["physical_size"]) > 0
+            ],
+        }
+    if json_out:
+        print_json(info)
+        return
+    typer.echo(f"{name}: pool {info['pool']!r}, master {info['master']!r}, XAPI {info['api_version']}: ok")
+    for sr in info["srs"]:
+        typer.echo(f"  SR {sr['name']} ({sr['type']}, {sr['uuid']}): {sr['free']} bytes free")
