@@ -28,6 +28,12 @@ class Collector:
         with self.pool.db.lock:
             self.busy[sr] = self.busy.get(sr, 0) + delta
 
+    def close(self) -> None:
+        """No new collections; wait for the one in progress (its DB update included)."""
+        self.enabled = False
+        with self.lock:
+            pass
+
     def kick(self, sr: str) -> None:
         if not self.enabled:
             return
@@ -58,7 +64,7 @@ class Collector:
         db = self.pool.db
         storage = self.pool.storage
         with self.lock:
-            while True:
+            while self.enabled:
                 with db.lock:
                     if not db.exists("SR", sr):
                         return merges
@@ -83,3 +89,4 @@ class Collector:
                     self.pool.save()
                 self.pool.log.info("gc: coalesced %s into base copy %s", child_row["uuid"], base_row["uuid"])
                 merges += 1
+            return merges

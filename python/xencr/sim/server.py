@@ -229,6 +229,7 @@ class Simulator:
     def stop(self) -> None:
         for pool in self.pools:
             pool.guests.close()
+            pool.gc.close()  # let a running merge finish and record itself before the process ends
         for server in self.servers:
             server.shutdown()
             server.server_close()
