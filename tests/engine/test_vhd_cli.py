@@ -254,8 +254,8 @@ def test_diff(chain: tuple[str, str], tmp_path: Path) -> None:
     assert code == 0 and out.startswith("0 of 32 units")
 
 
-def test_demo_verifies(tmp_path: Path) -> None:
-    code, out, _ = run("demo", "--keep", str(tmp_path / "demo"))
+def test_vhd_demo_verifies(tmp_path: Path) -> None:
+    code, out, _ = run("vhd", "demo", "--keep", str(tmp_path / "demo"))
     assert code == 0, out
     assert "$ xencr vhd info child.vhd" in out
     assert "base.vhd: ok" in out and "child.vhd: ok" in out

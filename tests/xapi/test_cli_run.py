@@ -153,3 +153,16 @@ def test_plan_and_status(pools: Pools, tmp_path: Path) -> None:
     row = json.loads(out)[0]
     assert row["last_outcome"] == "success" and row["newest"] and row["age_seconds"] < 600
     assert row["rpo_seconds"] == 900 and row["rpo_breach"] is False
+
+
+def test_xencr_demo_end_to_end(tmp_path: Path) -> None:
+    """The README's main command: the replication demo, as the installed `xencr` runs it."""
+    from xencr.cli.app import app as xencr_app
+
+    r = runner.invoke(xencr_app, ["demo", "--keep", str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("== source snapshot" in line for line in lines) == 2
+    assert any("start replica: refused with OPERATION_BLOCKED" in line for line in lines)
+    assert any(line.endswith(": Running") for line in lines)
+    assert lines[-1].startswith("demo succeeded")

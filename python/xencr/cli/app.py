@@ -8,6 +8,13 @@ import typer
 
 from xencr import __version__
 from xencr.cli.errors import reported, settings
+from xencr.cli.history import history_command
+from xencr.cli.init import init_command
+from xencr.cli.jobs import job_app
+from xencr.cli.plan import plan_command, status_command
+from xencr.cli.pools import pool_app
+from xencr.cli.replica import replica_app
+from xencr.cli.run import run_command
 from xencr.cli.sim import sim_app
 from xencr.cli.vhd import vhd_app
 
@@ -18,6 +25,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+app.command("init")(init_command)
+app.add_typer(pool_app, name="pool")
+app.add_typer(job_app, name="job")
+app.command("plan")(plan_command)
+app.command("run")(run_command)
+app.command("status")(status_command)
+app.command("history")(history_command)
+app.add_typer(replica_app, name="replica")
 app.add_typer(vhd_app, name="vhd")
 app.add_typer(sim_app, name="sim")
 
@@ -40,17 +55,33 @@ def _global(
     settings.debug = debug
 
 
+KeepOption = Annotated[
+    str | None, typer.Option("--keep", metavar="DIR", help="Work in DIR and keep the files.")
+]
+
+
 @app.command()
 @reported
-def demo(
-    keep: Annotated[
-        str | None, typer.Option("--keep", metavar="DIR", help="Work in DIR and keep the files.")
-    ] = None,
-) -> None:
-    """Build a small VHD chain, inspect and check it, export a delta stream, apply it to the base's
-    raw content and verify that the result has the chain's content hash.
+def demo(keep: KeepOption = None) -> None:
+    """Replicate two VMs between two simulated pools: a full run, guest writes, a delta run; then
+    prove the newest restore points equal the source snapshots, that a replica refuses to start,
+    and that a clone of one boots.
 
-    Example:  xencr demo --keep /tmp/xencr-demo
+    Example:  xencr demo
+    """
+    from xencr.crdemo import run
+
+    if not run(keep, say=typer.echo):
+        raise typer.Exit(1)
+
+
+@vhd_app.command("demo")
+@reported
+def vhd_demo(keep: KeepOption = None) -> None:
+    """Build a small VHD chain, inspect and check it, export a delta stream, apply it to the base's
+    raw content, merge the chain, and verify every result's content hash.
+
+    Example:  xencr vhd demo --keep /tmp/xencr-vhd-demo
     """
     from xencr.demo import run
 
