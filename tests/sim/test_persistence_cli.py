@@ -173,3 +173,36 @@ def test_harness_for_other_suites(tmp_path: Path) -> None:
         s2 = XenAPI.Session(h.urls[0])
         s2.xenapi.login_with_password("root", "pw", "1.0", "harness")
         assert s2.xenapi.VM.get_name_label(vm) == "vm0"
+
+
+def test_restart_after_a_crash_between_merge_and_record(sim: Sim) -> None:
+    from xencr import _engine
+    from xencr.sim.api.vdi import destroy_vdi, new_vdi, snapshot_vdi
+    from xencr.sim.control import state_lock
+    from xencr.sim.dispatch import Ctx
+    from xencr.sim.pool_state import PoolState
+
+    sim.shutdown()
+    with state_lock(sim.state, wait=True):
+        pool = PoolState(sim.state, 0, sim.password, auth_delay=0)
+        pool.gc.enabled = False  # the "crash" comes before the collector records its merge
+        ctx = Ctx(pool, None, "test")
+        with pool.db.lock:
+            sr = pool.pool_ref and pool.db.get("pool", pool.pool_ref)["default_SR"]
+            vdi = new_vdi(ctx, sr, {"name_label": "crashy", "virtual_size": 4 * MIB, "type": "user",
+                                    "sm_config": {}}, file_size=4 * MIB)
+            pool.storage.write(vdi, 0, b"x" * 4096)
+            snap = snapshot_vdi(ctx, vdi)
+            digest = pool.storage.sha256(vdi)
+            destroy_vdi(ctx, snap)
+            base = pool.storage.parent_ref(vdi)
+            assert base is not None
+            _engine.coalesce(str(pool.storage.path(vdi)), str(pool.storage.path(base)))
+            pool.storage.path(base).unlink(missing_ok=True)
+            uuid = pool.db.get("VDI", vdi)["uuid"]
+            pool.save()
+    sim.start()
+    x = sim.session().xenapi
+    ref = x.VDI.get_by_uuid(uuid)
+    assert "vhd-parent" not in x.VDI.get_sm_config(ref)
+    assert x.sim.hash(uuid) == digest

@@ -28,6 +28,35 @@ class Collector:
         with self.pool.db.lock:
             self.busy[sr] = self.busy.get(sr, 0) + delta
 
+    def recover(self) -> int:
+        """After a crash between a finished merge and its database update: a base copy whose file
+        is gone and which has one child is dropped and the child re-pointed (an interrupted merge,
+        with both files present, is simply resumed by the next collection)."""
+        db, storage = self.pool.db, self.pool.storage
+        fixed = 0
+        with db.lock:
+            for base, rec in db.items("VDI"):
+                if rec["managed"] or storage.path(base).exists():
+                    continue
+                children = [r for r, c in db.items("VDI")
+                            if c["SR"] == rec["SR"] and storage.parent_ref(r) == base]
+                if len(children) != 1:
+                    continue
+                self._relink(children[0], base)
+                fixed += 1
+        return fixed
+
+    def _relink(self, child: str, base: str) -> None:
+        db = self.pool.db
+        sm_config = dict(db.get("VDI", child)["sm_config"])
+        grand = db.get("VDI", base)["sm_config"].get("vhd-parent")
+        if grand:
+            sm_config["vhd-parent"] = grand
+        else:
+            sm_config.pop("vhd-parent", None)
+        db.update("VDI", child, sm_config=sm_config)
+        db.delete("VDI", base)
+
     def close(self) -> None:
         """No new collections; wait for the one in progress (its DB update included)."""
         self.enabled = False
@@ -76,14 +105,7 @@ class Collector:
                     base_path = str(storage.path(base))
                     with storage.file_lock(child_row["uuid"]):
                         engine().coalesce(str(storage.path(child)), base_path)
-                    sm_config = dict(child_row["sm_config"])
-                    grand = base_row["sm_config"].get("vhd-parent")
-                    if grand:
-                        sm_config["vhd-parent"] = grand
-                    else:
-                        sm_config.pop("vhd-parent", None)
-                    db.update("VDI", child, sm_config=sm_config)
-                    db.delete("VDI", base)
+                    self._relink(child, base)
                     storage.delete_file_path(base_path)
                     storage.refresh(sr)
                     self.pool.save()

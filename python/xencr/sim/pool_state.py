@@ -44,6 +44,8 @@ class PoolState:
         self.tasks = TaskRunner(self)
         self.storage = Storage(self)
         self.gc = Collector(self)
+        if self.gc.recover():
+            self.db.save()
         self.guests = GuestActivity(self)
         self.address = "127.0.0.1"
         self.port = 0
