@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, for now: build a VHD chain, check it, export a delta stream, apply it, verify.
+# The main job: replicate two VMs between two simulated pools (full, then delta) and verify.
 set -euo pipefail
 source "$(dirname "$0")/_setup.sh"
 exec .venv/bin/xencr demo "$@"

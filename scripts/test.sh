@@ -7,6 +7,7 @@ run() { say "$*"; "$@"; }
 
 run cargo fmt --check
 run cargo clippy --all-targets -- -D warnings
+run cargo clippy --lib --features python -- -D warnings  # the PyO3 seam too
 run cargo test --release
 run .venv/bin/ruff check python tests
 run .venv/bin/ruff format --check python tests
