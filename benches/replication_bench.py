@@ -94,6 +94,10 @@ def dirty(s: XapiSession, fraction: float, size: int, seed: int) -> int:
     return len(blocks)
 
 
+def disk_of(s: XapiSession, vm: str) -> str:
+    return str(next(s.api.VBD.get_VDI(x) for x in s.api.VM.get_VBDs(vm) if s.api.VBD.get_type(x) == "Disk"))
+
+
 def run_child(cfg: Path) -> tuple[float, int, dict[str, object]]:
     """One `run` in a child process: (seconds, peak RSS in KiB, report)."""
     code = (
@@ -145,27 +149,13 @@ def measure(size: int, changed: float) -> dict[str, float]:
             n = dirty(a, changed, size, 2)
             seconds, rss, report = run_child(cfg)
             assert report["outcome"] == "success" and report["kind"] == "delta", report
-            # curl: the same kind of export (snapshot vs its base), straight to /dev/null.
+            # curl: the same kind of export (a new snapshot against the previous one, with the same
+            # share of changed blocks), straight to /dev/null.
             vm = a.api.VM.get_by_name_label("vm0")[0]
-            snaps = sorted(a.api.VM.get_snapshots(vm), key=lambda r: a.api.VM.get_snapshot_time(r))
-            a.api.sim.write(
-                a.api.VDI.get_uuid(
-                    next(
-                        a.api.VBD.get_VDI(x) for x in a.api.VM.get_VBDs(vm) if a.api.VBD.get_type(x) == "Disk"
-                    )
-                ),
-                "0",
-                "512",
-                "c",
-            )
-            n2 = dirty(a, changed, size, 2)
+            base = max(a.api.VM.get_snapshots(vm), key=lambda r: a.api.VM.get_snapshot_time(r))
+            n2 = dirty(a, changed, size, 3)
             new = a.call_async("VM.snapshot", vm, "curl")
-            disk = lambda v: next(
-                a.api.VBD.get_VDI(x)
-                for x in a.api.VM.get_VBDs(v)  # noqa: E731
-                if a.api.VBD.get_type(x) == "Disk"
-            )
-            curl_s, curl_bytes = curl_export(a, urls[0], disk(new), disk(snaps[-1]))
+            curl_s, curl_bytes = curl_export(a, urls[0], disk_of(a, new), disk_of(a, base))
             a.logout()
             b.logout()
         finally:
