@@ -206,3 +206,32 @@ def test_restart_after_a_crash_between_merge_and_record(sim: Sim) -> None:
     ref = x.VDI.get_by_uuid(uuid)
     assert "vhd-parent" not in x.VDI.get_sm_config(ref)
     assert x.sim.hash(uuid) == digest
+
+
+def test_restart_after_a_crash_before_the_database_save(sim: Sim) -> None:
+    from xencr.sim.api.vdi import destroy_vdi, snapshot_vdi
+    from xencr.sim.control import state_lock
+    from xencr.sim.dispatch import Ctx
+    from xencr.sim.pool_state import PoolState
+
+    x = sim.session().xenapi
+    disk = vm_disk(x, first_vm(x))
+    uuid = x.VDI.get_uuid(disk)
+    victim = x.VDI.clone(disk)
+    victim_uuid = x.VDI.get_uuid(victim)
+    digest, victim_digest = x.sim.hash(uuid), x.sim.hash(victim_uuid)
+    sr_vdis = len(x.SR.get_VDIs(x.VDI.get_SR(disk)))
+    sim.shutdown()
+    with state_lock(sim.state, wait=True):
+        pool = PoolState(sim.state, 0, sim.password, auth_delay=0)
+        pool.gc.enabled = False
+        ctx = Ctx(pool, None, "test")
+        with pool.db.lock:
+            snapshot_vdi(ctx, pool.db.by_uuid("VDI", uuid))  # files changed...
+            destroy_vdi(ctx, pool.db.by_uuid("VDI", victim_uuid))
+        # ...and the process dies before the database is saved
+    sim.start()
+    y = sim.session().xenapi
+    assert y.sim.hash(uuid) == digest and y.sim.hash(victim_uuid) == victim_digest
+    assert len(y.SR.get_VDIs(y.VDI.get_SR(disk))) == sr_vdis
+    assert y.VDI.snapshot(disk)  # the chain works after the undo

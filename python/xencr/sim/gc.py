@@ -9,6 +9,7 @@ the sim-only ``sim.gc`` call. Nothing runs while a transfer uses the SR.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xencr.sim.storage import engine
@@ -106,7 +107,7 @@ class Collector:
                     with storage.file_lock(child_row["uuid"]):
                         engine().coalesce(str(storage.path(child)), base_path)
                     self._relink(child, base)
-                    storage.delete_file_path(base_path)
+                    Path(base_path).unlink(missing_ok=True)  # not journalled: recover() handles it
                     storage.refresh(sr)
                     self.pool.save()
                 self.pool.log.info("gc: coalesced %s into base copy %s", child_row["uuid"], base_row["uuid"])

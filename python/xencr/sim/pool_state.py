@@ -44,8 +44,10 @@ class PoolState:
         self.tasks = TaskRunner(self)
         self.storage = Storage(self)
         self.gc = Collector(self)
+        self.storage.recover()  # file changes of operations whose records were never saved
         if self.gc.recover():
             self.db.save()
+        self.storage.committed()
         self.guests = GuestActivity(self)
         self.address = "127.0.0.1"
         self.port = 0
@@ -64,7 +66,11 @@ class PoolState:
         return refs[0] if refs else NULL_REF
 
     def save(self) -> None:
-        if self.db.save():
+        with self.db.lock:
+            wrote = self.db.save()
+            if not self.db.dirty:
+                self.storage.committed()
+        if wrote:
             from xencr.sim.api.dr import replicate
 
             replicate(self)  # DR: SR metadata and metadata VDIs follow every change

@@ -9,12 +9,14 @@ work goes through :mod:`xencr._engine`.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xencr.sim.db import write_json
 from xencr.sim.errors import XapiError, sr_backend_failure, sr_no_space
 
 if TYPE_CHECKING:
@@ -150,15 +152,70 @@ class Storage:
         self.ensure_space(sr_ref, METADATA_RESERVE)
         engine().create(str(self.sr_dir(sr_ref) / f"{vdi_uuid}.vhd"), size, uuid=vdi_uuid)
 
+    # ------------------------------------------------------------------ crash safety
+    #
+    # File changes that the database does not know yet are journalled in pool<i>/journal/ until the
+    # next database save: a snapshot records its three file names before touching anything, and a
+    # deleted file is only moved aside. On start, journal entries whose database change was never
+    # saved are undone, so files and records always agree (sm journals vdi_clone the same way).
+
+    @property
+    def journal_dir(self) -> Path:
+        path = self.pool.dir / "journal"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _journal(self, name: str, entry: dict[str, str]) -> Path:
+        path = self.journal_dir / f"{name}.json"
+        write_json(path, entry)
+        return path
+
     def delete_file(self, vdi_ref: str) -> None:
-        path = self.path(vdi_ref)
-        if path.exists():
-            path.unlink()
+        self.delete_file_path(str(self.path(vdi_ref)))
 
     def delete_file_path(self, path: str) -> None:
+        """Move the file aside until the database that no longer references it is saved."""
         p = Path(path)
-        if p.exists():
-            p.unlink()
+        if not p.exists():
+            return
+        aside = self.journal_dir / f"{uuidlib.uuid4()}.deleted"
+        self._journal(aside.stem, {"op": "delete", "path": str(p), "aside": str(aside), "uuid": p.stem})
+        os.rename(p, aside)
+
+    def committed(self) -> None:
+        """The database was saved: journalled changes are now permanent."""
+        for entry in self.journal_dir.glob("*.json"):
+            doc = json.loads(entry.read_text())
+            if doc["op"] == "delete":
+                Path(doc["aside"]).unlink(missing_ok=True)
+            entry.unlink(missing_ok=True)
+
+    def recover(self) -> int:
+        """Undo journalled file changes whose database change was never saved; returns how many."""
+        known = {rec["uuid"] for _, rec in self.db.items("VDI")}
+        undone = 0
+        for entry in sorted(self.journal_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            doc = json.loads(entry.read_text())
+            if doc["op"] == "snapshot" and doc["base"] not in known:
+                self._undo_snapshot(Path(doc["dir"]), doc["src"], doc["base"], doc["leaf"])
+                undone += 1
+            elif doc["op"] == "delete":
+                aside = Path(doc["aside"])
+                if doc["uuid"] in known and aside.exists():
+                    os.rename(aside, doc["path"])
+                    undone += 1
+                aside.unlink(missing_ok=True)
+            entry.unlink(missing_ok=True)
+        return undone
+
+    @staticmethod
+    def _undo_snapshot(directory: Path, src_uuid: str, base_uuid: str, leaf_uuid: str) -> None:
+        src, base = directory / f"{src_uuid}.vhd", directory / f"{base_uuid}.vhd"
+        if base.exists():  # the source was renamed: src (if any) is the new empty child
+            src.unlink(missing_ok=True)
+            os.rename(base, src)
+            engine().set_uuid(str(src), src_uuid)
+        (directory / f"{leaf_uuid}.vhd").unlink(missing_ok=True)
 
     def snapshot_files(self, vdi_ref: str) -> tuple[str, str]:
         """``FileVDI._snapshot`` with SNAPSHOT_DOUBLE: returns (base copy uuid, new leaf uuid).
@@ -177,16 +234,17 @@ class Storage:
         src = directory / f"{row['uuid']}.vhd"
         base_uuid, leaf_uuid = str(uuidlib.uuid4()), str(uuidlib.uuid4())
         base = directory / f"{base_uuid}.vhd"
+        self._journal(base_uuid, {"op": "snapshot", "dir": str(directory), "src": row["uuid"],
+                                  "base": base_uuid, "leaf": leaf_uuid})
         with self.file_lock(row["uuid"]):
-            os.rename(src, base)
             try:
+                os.rename(src, base)
                 eng.set_uuid(str(base), base_uuid)
                 size = int(eng.virtual_size(str(base)))
                 eng.create(str(src), size, parent=str(base), uuid=row["uuid"])
                 eng.create(str(directory / f"{leaf_uuid}.vhd"), size, parent=str(base), uuid=leaf_uuid)
             except Exception:
-                if not src.exists():
-                    os.rename(base, src)
+                self._undo_snapshot(directory, row["uuid"], base_uuid, leaf_uuid)
                 raise
         return base_uuid, leaf_uuid
 
