@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from xencr.sim.pool_state import PoolState
 
 COPY_CHUNK = 64 * 1024
+RAW_CHUNK = 2 * 1024 * 1024  # raw imports are written a VHD block at a time
 IO_ERROR = XapiError("VDI_IO_ERROR", "Device I/O errors")
 CONTENT_TYPES = {"raw": "application/octet-stream", "vhd": "application/vhd"}
 KNOWN_FORMATS = ("raw", "vhd", "tar", "qcow2")
@@ -511,31 +512,37 @@ def _receive_chunked(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: 
 def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
                  length: int | None, virtual_size: int, drop: int | None, flip: int | None,
                  rate: int | None) -> None:
-    """Raw body written from offset 0, in bounded chunks, through the VHD leaf."""
+    """Raw body written from offset 0 through the VHD leaf, one 2 MiB block at a time."""
+    read = _body_reader(req)
     offset = 0
-    pending = bytearray(prefix)
     started = time.monotonic()
-    while True:
-        want = COPY_CHUNK if length is None else min(COPY_CHUNK, length - offset - len(pending))
-        if want > 0:
-            chunk = _body_reader(req)(want)
+    pending = bytearray(prefix)
+    ended = False
+    while not ended or pending:
+        # fill up to one block (or the end of the body)
+        while not ended and len(pending) < RAW_CHUNK:
+            want = RAW_CHUNK - len(pending)
+            if length is not None:
+                want = min(want, length - offset - len(pending))
+            chunk = read(want) if want > 0 else b""
+            if not chunk:
+                ended = True
             pending += chunk
-        else:
-            chunk = b"x"
         if drop is not None and offset + len(pending) >= drop:
             raise ConnectionAbortedError("fault: connection dropped")
         if flip is not None and offset <= flip < offset + len(pending):
             pending[flip - offset] ^= 0xFF
-        if pending:
-            if offset + len(pending) > virtual_size:
-                raise OSError("write beyond the end of the VDI")
-            eng.write(path, offset, bytes(pending), parents=parents)
-            offset += len(pending)
-            pending.clear()
+        if not pending:
+            break
+        if offset + len(pending) > virtual_size:
+            raise OSError("write beyond the end of the VDI")
+        eng.write(path, offset, bytes(pending), parents=parents)
+        offset += len(pending)
+        pending.clear()
         if rate:
             ahead = offset / rate - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
-        if not chunk or (length is not None and offset >= length):
-            return
+    if length is not None and offset < length:
+        raise ConnectionError("body ended early")
 
