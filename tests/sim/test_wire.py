@@ -242,3 +242,9 @@ def test_async_modes_follow_datamodel_flags(sim: Sim) -> None:
     # the session is checked before the async mode
     reply = sim.raw().Async.VM.get_all("OpaqueRef:nope")
     assert reply["ErrorDescription"] == ["SESSION_INVALID", "OpaqueRef:nope"]
+
+
+def test_password_never_echoed(sim: Sim) -> None:
+    reply = sim.raw().session.login_with_password("root", ["s3cret-in-a-list"])
+    assert reply["ErrorDescription"][0] == "INTERNAL_ERROR"
+    assert "s3cret" not in str(reply)

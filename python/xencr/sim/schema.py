@@ -134,7 +134,8 @@ def default_record(name: str) -> dict[str, Any]:
 
 
 def _fail(type_: str, value: Any) -> XapiError:
-    return internal_error(f"Failed to unmarshal {type_!r} from {value!r}")
+    # The offending value is not echoed: it may be a password (session.login_with_password).
+    return internal_error(f"Failed to unmarshal a value of type {type(value).__name__} as {type_!r}")
 
 
 def _split_map(type_: str) -> tuple[str, str]:
