@@ -152,3 +152,13 @@ def test_at_most_eight_metadata_srs(sim: Sim) -> None:
     with pytest.raises(XenAPI.Failure) as exc:
         x.PBD.destroy(x.SR.get_PBDs(srs[1])[0])
     assert failure(exc) == ["OPERATION_NOT_ALLOWED", "PBD is currently attached"]
+
+
+def test_open_database_without_a_database(sim: Sim) -> None:
+    x = sim.session(1).xenapi
+    empty = x.VDI.create({"SR": lun_sr(x), "virtual_size": str(4 * 2**20), "type": "metadata",
+                          "sharable": False, "read_only": False, "other_config": {}})
+    with pytest.raises(XenAPI.Failure) as exc:
+        x.VDI.open_database(empty)
+    assert failure(exc) == ["COULD_NOT_IMPORT_DATABASE", "no database found in the VDI"]
+    assert x.VDI.read_database_pool_uuid(empty) == ""
