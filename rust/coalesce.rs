@@ -132,26 +132,22 @@ fn check_mergeable(c: &VhdFile, p: &VhdFile) -> Result<()> {
             "merging disks of different block sizes".into(),
         ));
     }
-    let capacity =
-        u64::from(p.header.as_ref().map_or(0, |h| h.max_table_entries)) * u64::from(p.block_size());
-    if c.size() > capacity {
-        return Err(VhdError::Unsupported(format!(
-            "the child ({} bytes) is larger than the parent's table covers ({capacity} bytes)",
-            c.size()
-        )));
-    }
+    // A child grown larger than its parent is fine: `finish` grows the parent's table first.
     Ok(())
 }
 
 /// Steps 2-4, each idempotent.
 fn finish(c: VhdFile, st: &MergeState, sp: &Path, resumed: bool) -> Result<MergeReport> {
     let mut p = VhdFile::open(&st.parent, true)?;
-    let (blocks_merged, sectors_merged) = copy_sectors(&c, &mut p)?;
-    if c.size() != p.size() {
+    if c.size() > p.size() {
+        // A child grown larger than its parent (a resized disk): the parent takes its size first,
+        // and a table that covers it. Reading the chain is unchanged by either; both idempotent.
+        p.grow_table(c.block_count())?;
         p.footer.current_size = c.size();
         p.footer.geometry = Geometry::for_size(c.size());
     }
     p.write_footers()?;
+    let (blocks_merged, sectors_merged) = copy_sectors(&c, &mut p)?;
     p.sync()?;
     let child_uuid = c.footer.uuid;
     drop(c);

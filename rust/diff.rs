@@ -75,9 +75,13 @@ pub fn diff(a: &Source, b: &Source, granularity: u64) -> Result<DiffReport> {
     let size = std::cmp::max(a.size(), b.size());
     let chunk = std::cmp::max(granularity, 2 << 20);
     let candidates = match (a, b) {
-        (Source::Vhd(x), Source::Vhd(y)) => {
-            candidate_blocks(x, y).map(|c| (c, u64::from(x.block_size())))
-        }
+        (Source::Vhd(x), Source::Vhd(y)) => candidate_blocks(x, y).map(|mut c| {
+            // Past the shorter disk's end, the longer one's shared layers are no longer shared.
+            let bs = u64::from(x.block_size());
+            let short = std::cmp::min(a.size(), b.size());
+            c.extend(short / bs..size.div_ceil(bs));
+            (c, bs)
+        }),
         _ => None,
     };
     let mut ba = vec![0u8; chunk as usize];

@@ -173,6 +173,9 @@ impl VhdFile {
             &vf.footer, &header, &vf.bat, &extra, file_size,
         ));
         vf.header = Some(header);
+        if problems.is_empty() {
+            problems.extend(vf.check_batmap_marks()?);
+        }
         Ok(Inspection {
             file: Some(vf),
             problems,
@@ -221,6 +224,35 @@ impl VhdFile {
             header: h,
             map,
         }))
+    }
+
+    /// A batmap bit says "fully allocated": tapdisk then skips the block's bitmap, so a bit on
+    /// an unallocated block or a partial bitmap would make XenServer read the wrong sectors.
+    fn check_batmap_marks(&self) -> Result<Vec<VhdError>> {
+        let Some(bm) = self.batmap.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let spb = (u64::from(self.block_size()) / 512) as usize;
+        let mut bitmap_buf = vec![0u8; self.bitmap_bytes() as usize];
+        let mut problems = Vec::new();
+        for block in 0..self.block_count() {
+            let (byte, mask) = ((block / 8) as usize, 0x80u8 >> (block & 7));
+            if bm.map.get(byte).is_none_or(|b| b & mask == 0) {
+                continue;
+            }
+            let detail = if !self.read_bitmap(block, &mut bitmap_buf)? {
+                format!("marks block {block} fully allocated, but the BAT has no such block")
+            } else if !bitmap::is_full(&bitmap_buf, spb) {
+                format!("marks block {block} fully allocated, but its sector bitmap is partial")
+            } else {
+                continue;
+            };
+            problems.push(VhdError::Batmap {
+                offset: bm.header.batmap_offset + byte as u64,
+                detail,
+            });
+        }
+        Ok(problems)
     }
 
     pub fn read_exact_at(&self, buf: &mut [u8], at: u64) -> Result<()> {
@@ -466,6 +498,65 @@ impl VhdFile {
         }
         let full = bitmap::is_full(&bm, spb as usize);
         self.update_batmap(block, full)
+    }
+
+    /// Make the BAT cover `entries` blocks (a disk grown larger than its table): write a larger
+    /// BAT (and batmap) at the end of the data, then point the header at it. The header write is
+    /// the commit: a kill before it leaves the old table in force and only unused space behind.
+    pub fn grow_table(&mut self, entries: u32) -> Result<()> {
+        self.require_writable()?;
+        let Some(mut header) = self.header.clone() else {
+            return Err(VhdError::Unsupported(
+                "growing the table of a fixed disk".into(),
+            ));
+        };
+        if entries <= header.max_table_entries {
+            return Ok(());
+        }
+        if entries > crate::format::MAX_TABLE_ENTRIES {
+            return Err(VhdError::TooLarge {
+                structure: "header",
+                offset: self.footer.data_offset + 28,
+                what: "max table entries",
+                found: u64::from(entries),
+                limit: u64::from(crate::format::MAX_TABLE_ENTRIES),
+            });
+        }
+        let mut table = self.bat.clone();
+        table.resize(entries as usize, UNALLOCATED);
+        let at = self.file_size - FOOTER_SIZE;
+        let mut out = bat::to_bytes(&table);
+        let mut new_batmap = None;
+        if let Some(bm) = &self.batmap {
+            let sectors = batmap::size_sectors(entries);
+            let mut map = bm.map.clone();
+            map.resize(sectors as usize * 512, 0);
+            let hdr_at = at + out.len() as u64;
+            let h = BatmapHeader {
+                batmap_offset: hdr_at + 512,
+                batmap_size: sectors,
+                checksum: batmap::checksum(&map, bm.header.version),
+                ..bm.header.clone()
+            };
+            out.extend_from_slice(&h.to_bytes());
+            out.extend_from_slice(&map);
+            new_batmap = Some(Batmap {
+                header_offset: hdr_at,
+                header: h,
+                map,
+            });
+        }
+        let new_size = at + out.len() as u64 + FOOTER_SIZE;
+        self.write_all_at(&self.footer.to_bytes(), new_size - FOOTER_SIZE)?;
+        self.write_all_at(&out, at)?;
+        self.file_size = new_size;
+        header.table_offset = at;
+        header.max_table_entries = entries;
+        self.header = Some(header);
+        self.write_header()?;
+        self.bat = table;
+        self.batmap = new_batmap;
+        Ok(())
     }
 
     /// Rewrite both footers (after changing `self.footer`).

@@ -117,3 +117,45 @@ fn refuses_a_dynamic_disk_and_a_wrong_parent() {
     );
     assert!(!state_path(&child).exists(), "nothing planned on refusal");
 }
+
+#[test]
+fn a_child_grown_past_its_parent_merges() {
+    use xencr_engine::image::create::create;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    create(&base, 4 << 20, 2 << 20, None, None).unwrap();
+    Chain::open(&base, &[], true)
+        .unwrap()
+        .write_at(1 << 20, &[7u8; 4096])
+        .unwrap();
+    create(&child, 12 << 20, 2 << 20, None, Some(&base)).unwrap();
+    let mut c = Chain::open(&child, &[], true).unwrap();
+    c.write_at((9 << 20) + 512, &[9u8; 8192]).unwrap();
+    let before = sha(&child);
+    drop(c);
+    coalesce(&child, None).unwrap();
+    let merged = VhdFile::open(&child, false).unwrap();
+    assert_eq!(merged.size(), 12 << 20);
+    assert!(VhdFile::inspect(&child).unwrap().problems.is_empty());
+    assert_eq!(sha(&child), before);
+}
+
+#[test]
+fn diff_sees_data_past_the_shorter_disk() {
+    use xencr_engine::diff::diff;
+    use xencr_engine::image::create::create;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.vhd");
+    let small = dir.path().join("small.vhd");
+    create(&big, 8 << 20, 2 << 20, None, None).unwrap();
+    Chain::open(&big, &[], true)
+        .unwrap()
+        .write_at(6 << 20, &[5u8; 512])
+        .unwrap();
+    create(&small, 4 << 20, 2 << 20, None, Some(&big)).unwrap();
+    let a = Source::Vhd(Chain::open(&big, &[], false).unwrap());
+    let b = Source::Vhd(Chain::open(&small, &[], false).unwrap());
+    let d = diff(&a, &b, 2 << 20).unwrap();
+    assert_eq!(d.changed, vec![3]);
+}
