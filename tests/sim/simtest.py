@@ -43,8 +43,11 @@ class Sim(RunningSimulator):
 
 
 def user_vms(x: Any) -> dict[str, dict[str, Any]]:
-    return {r: v for r, v in x.VM.get_all_records().items()
-            if not v["is_control_domain"] and not v["is_a_snapshot"] and not v["is_a_template"]}
+    return {
+        r: v
+        for r, v in x.VM.get_all_records().items()
+        if not v["is_control_domain"] and not v["is_a_snapshot"] and not v["is_a_template"]
+    }
 
 
 def first_vm(x: Any, name: str = "vm0") -> str:
@@ -75,8 +78,14 @@ def wait_task(x: Any, task: str) -> dict[str, Any]:
         token = x.event_from([f"task/{task}"], token, 5.0)["token"]
 
 
-def http_request(sim: Sim, method: str, path: str, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, pool: int = 0) -> tuple[int, dict[str, str], bytes]:
+def http_request(
+    sim: Sim,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    pool: int = 0,
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request on a fresh connection; returns status, headers and the whole body."""
     import http.client
     from urllib.parse import urlsplit

@@ -33,8 +33,16 @@ def test_enable_cbt_rules(sim: Sim) -> None:
         x.VDI.enable_cbt(snap)
     assert failure(exc) == ["OPERATION_NOT_ALLOWED", f"VDI is a snapshot: {snap}"]
     sr = x.VDI.get_SR(vdi)
-    suspend = x.VDI.create({"SR": sr, "virtual_size": str(2 * MIB), "type": "suspend", "sharable": False,
-                            "read_only": False, "other_config": {}})
+    suspend = x.VDI.create(
+        {
+            "SR": sr,
+            "virtual_size": str(2 * MIB),
+            "type": "suspend",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     with pytest.raises(XenAPI.Failure) as exc:
         x.VDI.enable_cbt(suspend)
     assert failure(exc) == ["VDI_INCOMPATIBLE_TYPE", suspend, "suspend"]

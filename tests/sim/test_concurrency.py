@@ -38,8 +38,10 @@ def test_snapshots_exports_and_gc_in_parallel(sim: Sim) -> None:
         snap = x.VDI.snapshot(disk)
         snaps.append(snap)
         expected[snap] = x.sim.hash(x.VDI.get_uuid(snap))
-        threads = [threading.Thread(target=export, args=(snap,)),
-                   threading.Thread(target=writer, args=(round_,))]
+        threads = [
+            threading.Thread(target=export, args=(snap,)),
+            threading.Thread(target=writer, args=(round_,)),
+        ]
         if len(snaps) > 2:
             old = snaps.pop(0)
             expected.pop(old)
@@ -58,6 +60,9 @@ def test_snapshots_exports_and_gc_in_parallel(sim: Sim) -> None:
         if snap in expected:
             assert hashlib.sha256(body).hexdigest() == expected[snap]
     # the chain stays short: the base copies of destroyed snapshots were coalesced away
-    chain_bases = [v for v in x.SR.get_VDIs(x.VDI.get_SR(disk)) if not x.VDI.get_managed(v)
-                   and x.VDI.get_name_label(v) == "base copy"]
+    chain_bases = [
+        v
+        for v in x.SR.get_VDIs(x.VDI.get_SR(disk))
+        if not x.VDI.get_managed(v) and x.VDI.get_name_label(v) == "base copy"
+    ]
     assert len(chain_bases) == len(expected)  # one base copy per surviving snapshot

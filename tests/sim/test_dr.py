@@ -94,8 +94,12 @@ def test_failover_to_the_other_pool(sim: Sim, primary: dict[str, Any]) -> None:
     assert y.SR.get_introduced_by(sr) == "OpaqueRef:NULL"  # kept after the DR task goes
     with pytest.raises(XenAPI.Failure) as exc:
         fx.VM.recover(names["dr-vm"], session_to, False)
-    assert failure(exc) == ["VM_TO_IMPORT_IS_NOT_NEWER_VERSION", recovered,
-                            y.VM.get_version(recovered), x.VM.get_version(primary["vm"])]
+    assert failure(exc) == [
+        "VM_TO_IMPORT_IS_NOT_NEWER_VERSION",
+        recovered,
+        y.VM.get_version(recovered),
+        x.VM.get_version(primary["vm"]),
+    ]
     fx.VM_appliance.recover(fx.VM_appliance.get_by_name_label("dr-app")[0], session_to, True)
     app = y.VM_appliance.get_by_uuid(x.VM_appliance.get_uuid(primary["app"]))
     assert [y.VM.get_name_label(v) for v in y.VM_appliance.get_VMs(app)] == ["dr-app-vm"]
@@ -134,8 +138,9 @@ def test_at_most_eight_metadata_srs(sim: Sim) -> None:
     srs = [lun_sr(x)]
     for i in range(8):
         sr = x.SR.introduce("", f"extra {i}", "", "lvmoiscsi", "user", True, {})
-        pbd = x.PBD.create({"host": host, "SR": sr, "device_config": {"SCSIid": f"extra-lun-{i}"},
-                            "other_config": {}})
+        pbd = x.PBD.create(
+            {"host": host, "SR": sr, "device_config": {"SCSIid": f"extra-lun-{i}"}, "other_config": {}}
+        )
         x.PBD.plug(pbd)
         srs.append(sr)
     for sr in srs[:8]:
@@ -156,8 +161,16 @@ def test_at_most_eight_metadata_srs(sim: Sim) -> None:
 
 def test_open_database_without_a_database(sim: Sim) -> None:
     x = sim.session(1).xenapi
-    empty = x.VDI.create({"SR": lun_sr(x), "virtual_size": str(4 * 2**20), "type": "metadata",
-                          "sharable": False, "read_only": False, "other_config": {}})
+    empty = x.VDI.create(
+        {
+            "SR": lun_sr(x),
+            "virtual_size": str(4 * 2**20),
+            "type": "metadata",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     with pytest.raises(XenAPI.Failure) as exc:
         x.VDI.open_database(empty)
     assert failure(exc) == ["COULD_NOT_IMPORT_DATABASE", "no database found in the VDI"]

@@ -12,8 +12,19 @@ from simtest import MIB, Sim, failure, first_vm, vm_disk
 
 def new_vdi(x: Any, **extra: Any) -> str:
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
-    return str(x.VDI.create({"SR": sr, "virtual_size": str(2 * MIB), "type": "user", "sharable": False,
-                             "read_only": False, "other_config": {}, **extra}))
+    return str(
+        x.VDI.create(
+            {
+                "SR": sr,
+                "virtual_size": str(2 * MIB),
+                "type": "user",
+                "sharable": False,
+                "read_only": False,
+                "other_config": {},
+                **extra,
+            }
+        )
+    )
 
 
 def test_vdi_snapshot_refusals(sim: Sim) -> None:

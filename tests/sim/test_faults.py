@@ -27,8 +27,16 @@ from xencr import _engine
 
 def small_vdi(x: Any, size: int = 2 * MIB) -> str:
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
-    vdi = x.VDI.create({"SR": sr, "virtual_size": str(size), "type": "user", "sharable": False,
-                        "read_only": False, "other_config": {}})
+    vdi = x.VDI.create(
+        {
+            "SR": sr,
+            "virtual_size": str(size),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     x.sim.write(x.VDI.get_uuid(vdi), "0", str(size), "fault-data")
     return str(vdi)
 
@@ -77,8 +85,16 @@ def test_drop_import_after_n_bytes(sim: Sim) -> None:
     s = sim.session()
     x = s.xenapi
     src = small_vdi(x)
-    target = x.VDI.create({"SR": x.VDI.get_SR(src), "virtual_size": str(2 * MIB), "type": "user",
-                           "sharable": False, "read_only": False, "other_config": {}})
+    target = x.VDI.create(
+        {
+            "SR": x.VDI.get_SR(src),
+            "virtual_size": str(2 * MIB),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     _, _, stream = http_request(sim, "GET", export_path(s, src, "vhd"))
     x.sim.fault_drop_after("import", "5000")
     status, headers = put_stream(sim, import_path(s, target, "vhd"), stream)
@@ -116,8 +132,7 @@ def test_flip_byte_in_import(sim: Sim) -> None:
     x.sim.write(x.VDI.get_uuid(src), "0", "512", "changed")
     _, _, stream = http_request(sim, "GET", export_path(s, src, "vhd"))
     x.sim.fault_flip_byte("import", "520")  # header checksum area: the import must fail
-    _, headers, _ = http_request(sim, "PUT", import_path(s, target, "vhd"),
-                                 stream)
+    _, headers, _ = http_request(sim, "PUT", import_path(s, target, "vhd"), stream)
     rec = wait_task(x, headers["task-id"])
     assert rec["error_info"] == ["VDI_IO_ERROR", "Device I/O errors"]
     assert x.sim.hash(x.VDI.get_uuid(target)) == before
@@ -150,8 +165,16 @@ def test_fill_sr(sim: Sim) -> None:
     assert rec["physical_utilisation"] == rec["physical_size"]
     no_space = ["SR_BACKEND_FAILURE_44", "", "There is insufficient space", ""]
     with pytest.raises(XenAPI.Failure) as exc:
-        x.VDI.create({"SR": sr, "virtual_size": str(2 * MIB), "type": "user", "sharable": False,
-                      "read_only": False, "other_config": {}})
+        x.VDI.create(
+            {
+                "SR": sr,
+                "virtual_size": str(2 * MIB),
+                "type": "user",
+                "sharable": False,
+                "read_only": False,
+                "other_config": {},
+            }
+        )
     assert failure(exc) == no_space
     with pytest.raises(XenAPI.Failure) as exc:
         x.VM.copy(vm, "full", sr)

@@ -57,8 +57,22 @@ def test_gc_coalesces_single_child_base_copies(sim: Sim) -> None:
 def test_cli_write_and_hash_with_running_server(sim: Sim) -> None:
     x = sim.session().xenapi
     uuid = x.VDI.get_uuid(vm_disk(x, first_vm(x)))
-    result = runner.invoke(app, ["sim", "write", "--state", str(sim.state), uuid, "--offset", "4096",
-                                 "--length", "8192", "--pattern", "cli"])
+    result = runner.invoke(
+        app,
+        [
+            "sim",
+            "write",
+            "--state",
+            str(sim.state),
+            uuid,
+            "--offset",
+            "4096",
+            "--length",
+            "8192",
+            "--pattern",
+            "cli",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["sim", "hash", "--state", str(sim.state), uuid])
     assert result.exit_code == 0 and result.output.strip() == x.sim.hash(uuid)
@@ -68,8 +82,19 @@ def test_cli_write_and_hash_with_running_server(sim: Sim) -> None:
 
 def test_cli_fault_commands(sim: Sim) -> None:
     x = sim.session().xenapi
-    result = runner.invoke(app, ["sim", "fault", "fail-call", "--state", str(sim.state), "VM.clone",
-                                 "OPERATION_NOT_ALLOWED", "from the CLI"])
+    result = runner.invoke(
+        app,
+        [
+            "sim",
+            "fault",
+            "fail-call",
+            "--state",
+            str(sim.state),
+            "VM.clone",
+            "OPERATION_NOT_ALLOWED",
+            "from the CLI",
+        ],
+    )
     assert result.exit_code == 0, result.output
     try:
         x.VM.clone(first_vm(x), "x")
@@ -91,8 +116,22 @@ def test_cli_write_and_hash_offline(sim: Sim) -> None:
     uuid = x.VDI.get_uuid(disk)
     sim.shutdown()
     try:
-        result = runner.invoke(app, ["sim", "write", "--state", str(sim.state), uuid, "--offset", "0",
-                                     "--length", str(MIB), "--pattern", "offline"])
+        result = runner.invoke(
+            app,
+            [
+                "sim",
+                "write",
+                "--state",
+                str(sim.state),
+                uuid,
+                "--offset",
+                "0",
+                "--length",
+                str(MIB),
+                "--pattern",
+                "offline",
+            ],
+        )
         assert result.exit_code == 0, result.output
         result = runner.invoke(app, ["sim", "hash", "--state", str(sim.state), uuid])
         offline_hash = result.output.strip()
@@ -112,17 +151,22 @@ def test_cli_write_and_hash_offline(sim: Sim) -> None:
 
 def test_cli_init_and_serve_subprocess(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    result = runner.invoke(app, ["sim", "init", "--state", str(state), "--pools", "1", "--vms", "1",
-                                 "--disk-mib", "4"])
+    result = runner.invoke(
+        app, ["sim", "init", "--state", str(state), "--pools", "1", "--vms", "1", "--disk-mib", "4"]
+    )
     assert result.exit_code == 0, result.output
     assert (state / "password").stat().st_mode & 0o777 == 0o600
     again = runner.invoke(app, ["sim", "init", "--state", str(state)])
     assert again.exit_code == 1
     xencr = str(Path(sys.executable).with_name("xencr"))
     command = [xencr, "sim", "serve", "--state", str(state), "--port", "0", "--auth-delay", "0"]
-    proc = subprocess.Popen(command,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().split()
@@ -189,8 +233,12 @@ def test_restart_after_a_crash_between_merge_and_record(sim: Sim) -> None:
         ctx = Ctx(pool, None, "test")
         with pool.db.lock:
             sr = pool.pool_ref and pool.db.get("pool", pool.pool_ref)["default_SR"]
-            vdi = new_vdi(ctx, sr, {"name_label": "crashy", "virtual_size": 4 * MIB, "type": "user",
-                                    "sm_config": {}}, file_size=4 * MIB)
+            vdi = new_vdi(
+                ctx,
+                sr,
+                {"name_label": "crashy", "virtual_size": 4 * MIB, "type": "user", "sm_config": {}},
+                file_size=4 * MIB,
+            )
             pool.storage.write(vdi, 0, b"x" * 4096)
             snap = snapshot_vdi(ctx, vdi)
             digest = pool.storage.sha256(vdi)

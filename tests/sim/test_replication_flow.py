@@ -9,24 +9,53 @@ from simtest import MIB, Sim, export_path, first_vm, http_request, import_path, 
 
 BLOCK_MSG = "Start operation for this vm is blocked, clone it if you want to use it."
 # VM.create's required fields (xapi.md 1.9), taken from the source record.
-VM_FIELDS = ("user_version", "is_a_template", "affinity", "memory_static_max", "memory_dynamic_max",
-             "memory_dynamic_min", "memory_static_min", "VCPUs_params", "VCPUs_max", "VCPUs_at_startup",
-             "actions_after_shutdown", "actions_after_reboot", "actions_after_crash", "PV_bootloader",
-             "PV_kernel", "PV_ramdisk", "PV_args", "PV_bootloader_args", "PV_legacy_args", "HVM_boot_policy",
-             "HVM_boot_params", "platform", "PCI_bus", "other_config", "recommendations", "NVRAM",
-             "name_label", "name_description")
+VM_FIELDS = (
+    "user_version",
+    "is_a_template",
+    "affinity",
+    "memory_static_max",
+    "memory_dynamic_max",
+    "memory_dynamic_min",
+    "memory_static_min",
+    "VCPUs_params",
+    "VCPUs_max",
+    "VCPUs_at_startup",
+    "actions_after_shutdown",
+    "actions_after_reboot",
+    "actions_after_crash",
+    "PV_bootloader",
+    "PV_kernel",
+    "PV_ramdisk",
+    "PV_args",
+    "PV_bootloader_args",
+    "PV_legacy_args",
+    "HVM_boot_policy",
+    "HVM_boot_params",
+    "platform",
+    "PCI_bus",
+    "other_config",
+    "recommendations",
+    "NVRAM",
+    "name_label",
+    "name_description",
+)
 
 
-def replicate(sim: Sim, src: Any, dst: Any, vm: str,
-              base: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+def replicate(
+    sim: Sim, src: Any, dst: Any, vm: str, base: dict[str, str] | None
+) -> tuple[str, dict[str, str]]:
     """One run: snapshot, per disk clone-and-delta or create-and-full, replica VM; returns the replica
     and the map source-snapshot-VDI-uuid -> replica VDI (the next run's base)."""
     x, y = src.xenapi, dst.xenapi
     snap = x.VM.snapshot(vm, "xencr snapshot")
     record = x.VM.get_record(snap)
     fields = {k: record[k] for k in VM_FIELDS}
-    fields.update(is_a_template=False, name_label=f"{record['name_label']} replica",
-                  affinity="OpaqueRef:NULL", other_config={"xencr:incomplete": "true"})
+    fields.update(
+        is_a_template=False,
+        name_label=f"{record['name_label']} replica",
+        affinity="OpaqueRef:NULL",
+        other_config={"xencr:incomplete": "true"},
+    )
     replica = y.VM.create(fields)
     y.VM.add_to_blocked_operations(replica, "start", BLOCK_MSG)
     y.VM.add_to_blocked_operations(replica, "start_on", BLOCK_MSG)
@@ -43,8 +72,16 @@ def replicate(sim: Sim, src: Any, dst: Any, vm: str,
             target = y.VDI.clone(prev[1])
             query = export_path(src, vdi, "vhd", f"&base={source_base}")
         else:
-            target = y.VDI.create({"SR": target_sr, "virtual_size": x.VDI.get_virtual_size(vdi),
-                                   "type": "user", "sharable": False, "read_only": False, "other_config": {}})
+            target = y.VDI.create(
+                {
+                    "SR": target_sr,
+                    "virtual_size": x.VDI.get_virtual_size(vdi),
+                    "type": "user",
+                    "sharable": False,
+                    "read_only": False,
+                    "other_config": {},
+                }
+            )
             query = export_path(src, vdi, "vhd")
         status, headers, stream = http_request(sim, "GET", query)
         assert status == 200 and x.task.get_status(headers["task-id"]) == "success"
@@ -53,15 +90,35 @@ def replicate(sim: Sim, src: Any, dst: Any, vm: str,
         # a clone carries the previous copy_of: add_to_ on an existing key is MAP_DUPLICATE_KEY
         y.VDI.remove_from_other_config(target, "xencr:copy_of")
         y.VDI.add_to_other_config(target, "xencr:copy_of", uuid)
-        y.VBD.create({"VM": replica, "VDI": target, "userdevice": x.VBD.get_userdevice(vbd), "bootable": True,
-                      "mode": "RW", "type": "Disk", "empty": False, "other_config": {},
-                      "qos_algorithm_type": "", "qos_algorithm_params": {}})
+        y.VBD.create(
+            {
+                "VM": replica,
+                "VDI": target,
+                "userdevice": x.VBD.get_userdevice(vbd),
+                "bootable": True,
+                "mode": "RW",
+                "type": "Disk",
+                "empty": False,
+                "other_config": {},
+                "qos_algorithm_type": "",
+                "qos_algorithm_params": {},
+            }
+        )
         new_base[uuid] = target
     net = y.network.get_by_name_label("Pool-wide network associated with eth0")[0]
     for vif in x.VM.get_VIFs(snap):
-        y.VIF.create({"VM": replica, "network": net, "device": x.VIF.get_device(vif), "MAC": "",
-                      "MTU": x.VIF.get_MTU(vif), "other_config": {}, "qos_algorithm_type": "",
-                      "qos_algorithm_params": {}})
+        y.VIF.create(
+            {
+                "VM": replica,
+                "network": net,
+                "device": x.VIF.get_device(vif),
+                "MAC": "",
+                "MTU": x.VIF.get_MTU(vif),
+                "other_config": {},
+                "qos_algorithm_type": "",
+                "qos_algorithm_params": {},
+            }
+        )
     y.VM.remove_from_other_config(replica, "xencr:incomplete")  # the commit point
     return replica, new_base
 

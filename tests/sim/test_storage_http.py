@@ -17,14 +17,23 @@ from xencr.sim.guest import pattern_bytes
 BLOCK = 2 * MIB
 
 
-def export(sim: Sim, s: Any, vdi: str, fmt: str = "vhd", base: str | None = None,
-           pool: int = 0) -> tuple[int, dict[str, str], bytes]:
+def export(
+    sim: Sim, s: Any, vdi: str, fmt: str = "vhd", base: str | None = None, pool: int = 0
+) -> tuple[int, dict[str, str], bytes]:
     query = f"session_id={s._session}&vdi={vdi}&format={fmt}" + (f"&base={base}" if base else "")
     return http_request(sim, "GET", f"/export_raw_vdi?{query}", pool=pool)
 
 
-def put(sim: Sim, s: Any, vdi: str, body: bytes, fmt: str = "vhd", extra: str = "",
-        pool: int = 0, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def put(
+    sim: Sim,
+    s: Any,
+    vdi: str,
+    body: bytes,
+    fmt: str = "vhd",
+    extra: str = "",
+    pool: int = 0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     query = f"session_id={s._session}&vdi={vdi}&format={fmt}{extra}"
     return http_request(sim, "PUT", f"/import_raw_vdi?{query}", body, headers, pool=pool)
 
@@ -65,7 +74,7 @@ def test_guest_write_changes_content(sim: Sim) -> None:
     offset, length = 3 * MIB + 100, 5000
     x.sim.write(x.VDI.get_uuid(vdi), str(offset), str(length), "guest-1")
     expected = bytearray(raw)
-    expected[offset:offset + length] = pattern_bytes("guest-1", offset, length)
+    expected[offset : offset + length] = pattern_bytes("guest-1", offset, length)
     assert hash_of(x, vdi) == hashlib.sha256(expected).hexdigest()
     _, _, raw2 = export(sim, s, vdi, "raw")
     assert raw2 == bytes(expected)
@@ -123,8 +132,16 @@ def test_import_raw(sim: Sim) -> None:
     s = sim.session()
     x = s.xenapi
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
-    vdi = x.VDI.create({"SR": sr, "virtual_size": str(4 * MIB), "type": "user", "sharable": False,
-                        "read_only": False, "other_config": {}})
+    vdi = x.VDI.create(
+        {
+            "SR": sr,
+            "virtual_size": str(4 * MIB),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     data = pattern_bytes("raw-import", 0, 3 * MIB)
     status, headers, _ = put(sim, s, vdi, data, "raw")
     assert status == 200 and wait_task(x, headers["task-id"])["status"] == "success"
@@ -141,9 +158,10 @@ def test_import_raw_without_vdi_creates_one(sim: Sim) -> None:
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
     data = pattern_bytes("imported", 0, 2 * MIB)
     status, headers, _ = http_request(
-        sim, "PUT", f"/import_raw_vdi?session_id={s._session}&format=raw&sr_id={sr}", data)
+        sim, "PUT", f"/import_raw_vdi?session_id={s._session}&format=raw&sr_id={sr}", data
+    )
     rec = wait_task(x, headers["task-id"])
-    vdi = rec["result"][len("<value>"):-len("</value>")]
+    vdi = rec["result"][len("<value>") : -len("</value>")]
     assert status == 200 and x.VDI.get_name_label(vdi) == "Imported VDI"
     assert hash_of(x, vdi) == hashlib.sha256(data).hexdigest()
 
@@ -159,20 +177,23 @@ def test_http_auth_and_errors(sim: Sim) -> None:
     import base64
 
     basic = base64.b64encode(f"root:{sim.password}".encode()).decode()
-    status, _, body = http_request(sim, "GET", f"/export_raw_vdi/?vdi={vdi}&format=raw",
-                                   headers={"Authorization": f"Basic {basic}"})
+    status, _, body = http_request(
+        sim, "GET", f"/export_raw_vdi/?vdi={vdi}&format=raw", headers={"Authorization": f"Basic {basic}"}
+    )
     assert status == 200 and len(body) == 8 * MIB
     task = x.task.create("client", "")
     status, _, _ = export(sim, s, vdi, "qcow9")
     assert status == 404
     status, headers, _ = http_request(
-        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi={vdi}&format=bogus&task_id={task}")
+        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi={vdi}&format=bogus&task_id={task}"
+    )
     assert status == 404
     rec = x.task.get_record(task)
     assert rec["status"] == "failure" and rec["error_info"] == ["INTERNAL_ERROR", "Unknown format bogus"]
     task2 = x.task.create("client", "")
     status, _, body = http_request(
-        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi=0000-no&format=vhd&task_id={task2}")
+        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi=0000-no&format=vhd&task_id={task2}"
+    )
     assert status == 500 and b"HTTP 500" in body
     assert x.task.get_status(task2) == "pending"  # the bad UUID failed before the task was bound
     status, _, _ = http_request(sim, "GET", f"/export_raw_vdi?session_id={s._session}&format=vhd")
@@ -186,8 +207,7 @@ def test_import_refusals(sim: Sim) -> None:
     task = x.task.create("client", "")
     status, _, _ = http_request(sim, "PUT", f"/import_raw_vdi?session_id={s._session}&task_id={task}", b"")
     assert status == 400 and x.task.get_error_info(task) == ["VDI_MISSING"]
-    cases = [("&chunked=true", "vhd", {}, "Cannot handle chunked VHD"),
-             ("", "zip", {}, "Unknown format zip")]
+    cases = [("&chunked=true", "vhd", {}, "Cannot handle chunked VHD"), ("", "zip", {}, "Unknown format zip")]
     for extra, fmt, hdrs, message in cases:
         t = x.task.create("client", "")
         status, _, _ = put(sim, s, vdi, b"", fmt, f"{extra}&task_id={t}", headers=hdrs)
@@ -199,18 +219,27 @@ def test_import_refusals(sim: Sim) -> None:
     u = urlsplit(sim.urls[0])
     conn = http.client.HTTPConnection(u.hostname or "", u.port)
     t = x.task.create("client", "")
-    conn.request("PUT", f"/import_raw_vdi?session_id={s._session}&vdi={vdi}&format=vhd&task_id={t}",
-                 iter([b"abc"]), encode_chunked=True)
+    conn.request(
+        "PUT",
+        f"/import_raw_vdi?session_id={s._session}&vdi={vdi}&format=vhd&task_id={t}",
+        iter([b"abc"]),
+        encode_chunked=True,
+    )
     assert conn.getresponse().status == 404
     conn.close()
     assert x.task.get_error_info(t) == ["INTERNAL_ERROR", "Cannot handle encoding: chunked"]
     t = x.task.create("client", "")
     status, _, _ = http_request(
-        sim, "PUT",
-        f"/import_raw_vdi?session_id={s._session}&sr_id={x.VDI.get_SR(vdi)}&format=vhd&task_id={t}", b"")
+        sim,
+        "PUT",
+        f"/import_raw_vdi?session_id={s._session}&sr_id={x.VDI.get_SR(vdi)}&format=vhd&task_id={t}",
+        b"",
+    )
     assert status == 400
-    assert x.task.get_error_info(t) == ["INTERNAL_ERROR",
-                                        "Importing a VHD directly into an SR not yet supported"]
+    assert x.task.get_error_info(t) == [
+        "INTERNAL_ERROR",
+        "Importing a VHD directly into an SR not yet supported",
+    ]
 
 
 def test_bad_vhd_stream_fails_task(sim: Sim) -> None:
@@ -231,14 +260,16 @@ def test_task_binding_and_cancel(sim: Sim) -> None:
     vdi = vm_disk(x, first_vm(x))
     task = x.task.create("my export", "")
     status, headers, _ = http_request(
-        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi={vdi}&format=raw&task_id={task}")
+        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi={vdi}&format=raw&task_id={task}"
+    )
     assert status == 200 and headers["task-id"] == task
     rec = x.task.get_record(task)
     assert rec["status"] == "success" and rec["progress"] == 1.0
     cancelled = x.task.create("cancelled export", "")
     x.task.cancel(cancelled)
-    http_request(sim, "GET",
-                 f"/export_raw_vdi?session_id={s._session}&vdi={vdi}&format=raw&task_id={cancelled}")
+    http_request(
+        sim, "GET", f"/export_raw_vdi?session_id={s._session}&vdi={vdi}&format=raw&task_id={cancelled}"
+    )
     rec = x.task.get_record(cancelled)
     assert rec["status"] == "cancelled" and rec["error_info"] == ["TASK_CANCELLED", cancelled]
 
@@ -269,8 +300,16 @@ def test_export_attaches_to_dom0(sim: Sim) -> None:
 def test_chain_too_long(sim: Sim) -> None:
     x = sim.session().xenapi
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
-    vdi = x.VDI.create({"SR": sr, "virtual_size": str(2 * MIB), "type": "user", "sharable": False,
-                        "read_only": False, "other_config": {}})
+    vdi = x.VDI.create(
+        {
+            "SR": sr,
+            "virtual_size": str(2 * MIB),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     for _ in range(29):
         x.VDI.snapshot(vdi)
     with pytest.raises(XenAPI.Failure) as exc:
@@ -283,8 +322,12 @@ def test_resize_refuses_shrink(sim: Sim) -> None:
     vdi = vm_disk(x, first_vm(x, "vm1"))
     with pytest.raises(XenAPI.Failure) as exc:
         x.VDI.resize(vdi, str(2 * MIB))
-    assert failure(exc) == ["SR_BACKEND_FAILURE_79", "",
-                            "VDI Invalid size [opterr=shrinking not allowed]", ""]
+    assert failure(exc) == [
+        "SR_BACKEND_FAILURE_79",
+        "",
+        "VDI Invalid size [opterr=shrinking not allowed]",
+        "",
+    ]
 
 
 def test_vdi_copy_into_with_base(sim: Sim) -> None:
@@ -300,8 +343,16 @@ def test_vdi_copy_into_with_base(sim: Sim) -> None:
     except XenAPI.Failure as err:
         pytest.skip(f"engine has no diff_stream yet: {err.details}")
     assert same == replica and hash_of(x, replica) == hash_of(x, snap2)
-    small = x.VDI.create({"SR": x.VDI.get_SR(disk), "virtual_size": str(2 * MIB), "type": "user",
-                          "sharable": False, "read_only": False, "other_config": {}})
+    small = x.VDI.create(
+        {
+            "SR": x.VDI.get_SR(disk),
+            "virtual_size": str(2 * MIB),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     with pytest.raises(XenAPI.Failure) as exc:
         x.VDI.copy(snap2, "OpaqueRef:NULL", "OpaqueRef:NULL", small)
     assert failure(exc) == ["VDI_TOO_SMALL", small, str(8 * MIB)]
@@ -311,8 +362,16 @@ def test_import_raw_chunked(sim: Sim) -> None:
     s = sim.session()
     x = s.xenapi
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
-    vdi = x.VDI.create({"SR": sr, "virtual_size": str(4 * MIB), "type": "user", "sharable": False,
-                        "read_only": False, "other_config": {}})
+    vdi = x.VDI.create(
+        {
+            "SR": sr,
+            "virtual_size": str(4 * MIB),
+            "type": "user",
+            "sharable": False,
+            "read_only": False,
+            "other_config": {},
+        }
+    )
     a, b = pattern_bytes("chunk-a", 0, 1000), pattern_bytes("chunk-b", 0, 70000)
 
     def chunk(offset: int, data: bytes) -> bytes:
@@ -322,8 +381,8 @@ def test_import_raw_chunked(sim: Sim) -> None:
     status, headers, _ = put(sim, s, vdi, body, "raw", "&chunked=true")
     assert status == 200 and wait_task(x, headers["task-id"])["status"] == "success"
     expected = bytearray(4 * MIB)
-    expected[512:512 + len(a)] = a
-    expected[3 * MIB:3 * MIB + len(b)] = b
+    expected[512 : 512 + len(a)] = a
+    expected[3 * MIB : 3 * MIB + len(b)] = b
     assert hash_of(x, vdi) == hashlib.sha256(expected).hexdigest()
 
 
@@ -337,8 +396,8 @@ def test_export_raw_with_base_zeroes_unchanged_blocks(sim: Sim) -> None:
     _, _, full = export(sim, s, snap2, "raw")
     status, _, delta = export(sim, s, snap2, "raw", base=snap1)
     assert status == 200 and len(delta) == len(full) == 8 * MIB
-    assert delta[2 * BLOCK:3 * BLOCK] == full[2 * BLOCK:3 * BLOCK]
-    assert delta[:2 * BLOCK] == bytes(2 * BLOCK) and delta[3 * BLOCK:] == bytes(len(full) - 3 * BLOCK)
+    assert delta[2 * BLOCK : 3 * BLOCK] == full[2 * BLOCK : 3 * BLOCK]
+    assert delta[: 2 * BLOCK] == bytes(2 * BLOCK) and delta[3 * BLOCK :] == bytes(len(full) - 3 * BLOCK)
 
 
 def test_handler_task_labels(sim: Sim) -> None:
@@ -361,7 +420,7 @@ def test_resize_grows_and_keeps_content(sim: Sim) -> None:
     x.VDI.resize(disk, str(11 * MIB + 5))
     assert x.VDI.get_virtual_size(disk) == str(12 * MIB)  # rounded up to 2 MiB
     _, _, after = export(sim, s, disk, "raw")
-    assert after[:8 * MIB] == before and after[8 * MIB:] == bytes(4 * MIB)
+    assert after[: 8 * MIB] == before and after[8 * MIB :] == bytes(4 * MIB)
     x.sim.write(x.VDI.get_uuid(disk), str(11 * MIB), str(MIB), "beyond")
     assert int(x.SR.get_virtual_allocation(x.VDI.get_SR(disk))) >= 12 * MIB
 
@@ -375,13 +434,18 @@ def test_vhd_import_needs_content_length(sim: Sim) -> None:
     target = x.VDI.clone(vm_disk(x, first_vm(x)))
     u = urlsplit(sim.urls[0])
     with socket.create_connection((u.hostname or "", u.port or 80)) as sock:
-        sock.sendall(f"PUT /import_raw_vdi?session_id={s._session}&vdi={target}&format=vhd HTTP/1.1\r\n"
-                     f"Host: x\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"PUT /import_raw_vdi?session_id={s._session}&vdi={target}&format=vhd HTTP/1.1\r\n"
+            f"Host: x\r\nConnection: close\r\n\r\n".encode()
+        )
         sock.shutdown(socket.SHUT_WR)
         reply = b""
         while chunk := sock.recv(4096):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200")
-    task = next(line.split(b": ")[1].strip().decode() for line in reply.split(b"\r\n")
-                if line.lower().startswith(b"task-id"))
+    task = next(
+        line.split(b": ")[1].strip().decode()
+        for line in reply.split(b"\r\n")
+        if line.lower().startswith(b"task-id")
+    )
     assert wait_task(x, task)["error_info"] == ["VDI_IO_ERROR", "Device I/O errors"]

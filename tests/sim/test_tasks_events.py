@@ -16,7 +16,7 @@ def test_async_snapshot_result_is_xml_fragment(sim: Sim) -> None:
     assert rec["status"] == "success" and rec["progress"] == 1.0
     assert rec["name_label"] == "Async.VM.snapshot" and rec["type"] == "<none/>"
     assert rec["result"].startswith("<value>OpaqueRef:") and rec["result"].endswith("</value>")
-    snap = rec["result"][len("<value>"):-len("</value>")]
+    snap = rec["result"][len("<value>") : -len("</value>")]
     assert x.VM.get_is_a_snapshot(snap) is True
     assert rec["finished"].value != "19700101T00:00:00Z"
     x.task.destroy(task)

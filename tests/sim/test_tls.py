@@ -34,9 +34,21 @@ def tls_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, li
             ready.set()
 
     # the announce lines (certificate path and fingerprint) are part of what is tested
-    t = threading.Thread(target=serve, args=(state,), daemon=True, kwargs={
-        "pools": None, "host": "127.0.0.1", "port": 0, "password_file": None, "auth_delay": 0.0,
-        "announce": announce, "stop": stop, "tls": True})
+    t = threading.Thread(
+        target=serve,
+        args=(state,),
+        daemon=True,
+        kwargs={
+            "pools": None,
+            "host": "127.0.0.1",
+            "port": 0,
+            "password_file": None,
+            "auth_delay": 0.0,
+            "announce": announce,
+            "stop": stop,
+            "tls": True,
+        },
+    )
     t.start()
     assert ready.wait(30)
     yield state, lines, "tls-pw"
@@ -64,7 +76,8 @@ def test_https_verified_and_pinned(tls_sim: tuple[Path, list[str], str]) -> None
     # an unverifying client can still connect; a verifying one without the CA cannot
     with pytest.raises(ssl.SSLError):
         http.client.HTTPSConnection(u.hostname or "", u.port, context=ssl.create_default_context()).request(
-            "POST", "/", b"")
+            "POST", "/", b""
+        )
     s.xenapi.session.logout()
 
 

@@ -22,8 +22,10 @@ def test_snapshot_fields(sim: Sim) -> None:
     assert rec["snapshot_of"] == vm and rec["snapshot_time"].value != "19700101T00:00:00Z"
     assert rec["blocked_operations"] == {} and rec["order"] == "0" and rec["appliance"] == "OpaqueRef:NULL"
     assert rec["other_config"]["xencr:job"] == "j1" and "protected" in rec["tags"]
-    assert rec["snapshot_info"] == {"disk-snapshot-type": "crash_consistent",
-                                    "power-state-at-snapshot": "Halted"}
+    assert rec["snapshot_info"] == {
+        "disk-snapshot-type": "crash_consistent",
+        "power-state-at-snapshot": "Halted",
+    }
     assert snap in x.VM.get_snapshots(vm)
     assert x.VM.get_parent(vm) == snap
     snap_vdi = vm_disk(x, snap)
@@ -65,7 +67,8 @@ def test_clone_of_snapshot_is_template(sim: Sim) -> None:
     clone_vdi = vm_disk(x, clone)
     assert x.VDI.get_is_a_snapshot(clone_vdi) is False
     assert sorted(x.VIF.get_MAC(v) for v in x.VM.get_VIFs(clone)) != sorted(
-        x.VIF.get_MAC(v) for v in x.VM.get_VIFs(snap))
+        x.VIF.get_MAC(v) for v in x.VM.get_VIFs(snap)
+    )
 
 
 def test_start_snapshot_is_refused(sim: Sim) -> None:
@@ -100,8 +103,10 @@ def test_clone_of_running_vm_and_power_rules(sim: Sim) -> None:
     vbd = x.VM.get_VBDs(vm)[0]
     with pytest.raises(XenAPI.Failure) as exc:
         x.VBD.destroy(vbd)
-    assert failure(exc) == ["OPERATION_NOT_ALLOWED",
-                            f"VBD '{x.VBD.get_uuid(vbd)}' still attached to '{x.VM.get_uuid(vm)}'"]
+    assert failure(exc) == [
+        "OPERATION_NOT_ALLOWED",
+        f"VBD '{x.VBD.get_uuid(vbd)}' still attached to '{x.VM.get_uuid(vm)}'",
+    ]
     assert "clean_shutdown" in x.VM.get_allowed_operations(vm)
     assert "start" not in x.VM.get_allowed_operations(vm)
     snap = x.VM.snapshot(vm, "live")  # allowed in every power state

@@ -90,9 +90,11 @@ def test_ints_accepted_as_strings_or_ints(sim: Sim) -> None:
     assert x.VM.get_start_delay(vm) == "3"
     proxy = sim.raw()
     ref = login_raw(sim)
-    body = (f"<?xml version='1.0'?><methodCall><methodName>VM.set_order</methodName><params>"
-            f"<param><value>{ref}</value></param><param><value>{vm}</value></param>"
-            f"<param><value><i8>5</i8></value></param></params></methodCall>").encode()
+    body = (
+        f"<?xml version='1.0'?><methodCall><methodName>VM.set_order</methodName><params>"
+        f"<param><value>{ref}</value></param><param><value>{vm}</value></param>"
+        f"<param><value><i8>5</i8></value></param></params></methodCall>"
+    ).encode()
     status, _, data = post(sim, "/RPC2", body)
     assert status == 200 and b"Success" in data
     assert x.VM.get_order(vm) == "5"
@@ -186,8 +188,9 @@ def jsonrpc(sim: Sim, doc: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
 
 
 def test_jsonrpc_v1_and_v2(sim: Sim) -> None:
-    status, headers, doc = jsonrpc(sim, {"method": "session.login_with_password",
-                                         "params": ["root", sim.password], "id": 1})
+    status, headers, doc = jsonrpc(
+        sim, {"method": "session.login_with_password", "params": ["root", sim.password], "id": 1}
+    )
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert doc["error"] is None and doc["id"] == 1
     ref = doc["result"]
@@ -198,10 +201,14 @@ def test_jsonrpc_v1_and_v2(sim: Sim) -> None:
     assert vm["snapshot_time"] == "19700101T00:00:00Z"
     _, _, doc = jsonrpc(sim, {"method": "VM.get_record", "params": [ref, "OpaqueRef:x"], "id": 2})
     assert doc == {"result": None, "error": ["HANDLE_INVALID", "VM", "OpaqueRef:x"], "id": 2}
-    _, _, doc = jsonrpc(sim, {"jsonrpc": "2.0", "method": "VM.get_record", "params": [ref, "OpaqueRef:x"],
-                              "id": 0})
-    assert doc == {"jsonrpc": "2.0", "error": {"code": 1, "message": "HANDLE_INVALID",
-                                               "data": ["VM", "OpaqueRef:x"]}, "id": 0}
+    _, _, doc = jsonrpc(
+        sim, {"jsonrpc": "2.0", "method": "VM.get_record", "params": [ref, "OpaqueRef:x"], "id": 0}
+    )
+    assert doc == {
+        "jsonrpc": "2.0",
+        "error": {"code": 1, "message": "HANDLE_INVALID", "data": ["VM", "OpaqueRef:x"]},
+        "id": 0,
+    }
     status, _, _ = jsonrpc(sim, {"method": "VM.get_all", "params": [ref]})  # no id: notification
     assert status == 500
 

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 sim_app = typer.Typer(help="The XAPI simulator: a faithful pool on loopback.", no_args_is_help=True)
-fault_app = typer.Typer(help="Fault injection into a running simulator (each fault is logged).",
-                        no_args_is_help=True)
+fault_app = typer.Typer(
+    help="Fault injection into a running simulator (each fault is logged).", no_args_is_help=True
+)
 sim_app.add_typer(fault_app, name="fault")
 
 StateOpt = Annotated[Path, typer.Option("--state", help="Simulator state directory.")]
@@ -41,8 +42,9 @@ def init(
 
     try:
         password = read_password(state, password_file) if password_file else None
-        init_state(state, pools, vms=vms, disk_size=disk_mib * MIB, sr_size=sr_gib * 1024 * MIB,
-                   password=password)
+        init_state(
+            state, pools, vms=vms, disk_size=disk_mib * MIB, sr_size=sr_gib * 1024 * MIB, password=password
+        )
     except FileExistsError as err:
         _fail(str(err))
     typer.echo(f"initialised {pools} pools in {state} (root password in {state / 'password'})")
@@ -57,8 +59,9 @@ def serve(
     password_file: Annotated[Path | None, typer.Option(help="File holding the root password.")] = None,
     auth_delay: Annotated[float, typer.Option(help="Seconds before a failed login answers (xapi: 5).")] = 5.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every fault and request.")] = False,
-    tls: Annotated[bool, typer.Option("--tls", help="Serve HTTPS with a self-signed certificate in DIR/tls.")]
-    = False,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Serve HTTPS with a self-signed certificate in DIR/tls.")
+    ] = False,
 ) -> None:
     """Serve the pools until SIGTERM/SIGINT; prints one line per pool URL (and, with --tls, the
     certificate's path and SHA-256 fingerprint first).
@@ -68,24 +71,36 @@ def serve(
     from xencr.sim.control import StateBusy
     from xencr.sim.control import serve as run
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
 
     def announce(line: str) -> None:
         typer.echo(line)
         sys.stdout.flush()
 
     try:
-        run(state, pools=pools, host=host, port=port, password_file=password_file, auth_delay=auth_delay,
-            announce=announce, tls=tls)
+        run(
+            state,
+            pools=pools,
+            host=host,
+            port=port,
+            password_file=password_file,
+            auth_delay=auth_delay,
+            announce=announce,
+            tls=tls,
+        )
     except StateBusy:
         _fail(f"{state} is already served by another process")
     except (ValueError, OSError) as err:
         _fail(str(err))
 
 
-def _call(state: Path, method: str, *params: object, vdi_uuid: str | None = None,
-          need_server: bool = False) -> object:
+def _call(
+    state: Path, method: str, *params: object, vdi_uuid: str | None = None, need_server: bool = False
+) -> object:
     from xencr.sim.control import running_server, sim_call
     from xencr.sim.errors import XapiError
 

@@ -59,8 +59,11 @@ class GuestActivity:
                 except ValueError:
                     continue
                 self.credit[vm] = self.credit.get(vm, 0.0) + per_minute * seconds / 60.0
-                disks = [db.get("VBD", v)["VDI"] for v in db.reverse("VM", "VBDs", vm)
-                         if db.get("VBD", v)["type"] == "Disk" and db.get("VBD", v)["mode"] == "RW"]
+                disks = [
+                    db.get("VBD", v)["VDI"]
+                    for v in db.reverse("VM", "VBDs", vm)
+                    if db.get("VBD", v)["type"] == "Disk" and db.get("VBD", v)["mode"] == "RW"
+                ]
                 while self.credit[vm] >= 1.0 and disks:
                     self.credit[vm] -= 1.0
                     n = self.counters.get(vm, 0)

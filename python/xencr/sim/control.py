@@ -64,9 +64,18 @@ def load_pools(root: Path, password: str, *, auth_delay: float) -> list[PoolStat
     return [PoolState(root, i, password, auth_delay=auth_delay) for i in range(pool_count(root))]
 
 
-def serve(root: Path, *, pools: int | None, host: str, port: int, password_file: Path | None,
-          auth_delay: float, announce: Callable[[str], None], stop: threading.Event | None = None,
-          tls: bool = False) -> None:
+def serve(
+    root: Path,
+    *,
+    pools: int | None,
+    host: str,
+    port: int,
+    password_file: Path | None,
+    auth_delay: float,
+    announce: Callable[[str], None],
+    stop: threading.Event | None = None,
+    tls: bool = False,
+) -> None:
     """Serve every pool of ``root`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     from xencr.sim.server import Simulator
     from xencr.sim.tls import ensure_certificate, fingerprint, server_context
@@ -128,8 +137,9 @@ def _ints(value: Any) -> Any:
     return value
 
 
-def sim_call(root: Path, method: str, *params: Any, vdi_uuid: str | None = None,
-             pool_index: int | None = None) -> Any:
+def sim_call(
+    root: Path, method: str, *params: Any, vdi_uuid: str | None = None, pool_index: int | None = None
+) -> Any:
     """Run a sim-only call on the pool holding ``vdi_uuid`` (or pool ``pool_index``, default 0)."""
     server = running_server(root)
     if server is not None:
@@ -137,8 +147,11 @@ def sim_call(root: Path, method: str, *params: Any, vdi_uuid: str | None = None,
         indexes = [pool_index] if pool_index is not None else list(range(len(urls)))
         last: Exception | None = None
         for i in indexes:
-            context = ssl.create_default_context(cafile=str(root / "tls" / "cert.pem")) \
-                if server.get("tls") else None
+            context = (
+                ssl.create_default_context(cafile=str(root / "tls" / "cert.pem"))
+                if server.get("tls")
+                else None
+            )
             proxy = xmlrpc.client.ServerProxy(urls[i] + "/", allow_none=False, context=context)
             reply = getattr(proxy, method)(server["token"], *params)
             if reply.get("Status") == "Success":

@@ -39,8 +39,9 @@ class Collector:
             for base, rec in db.items("VDI"):
                 if rec["managed"] or storage.path(base).exists():
                     continue
-                children = [r for r, c in db.items("VDI")
-                            if c["SR"] == rec["SR"] and storage.parent_ref(r) == base]
+                children = [
+                    r for r, c in db.items("VDI") if c["SR"] == rec["SR"] and storage.parent_ref(r) == base
+                ]
                 if len(children) != 1:
                     continue
                 self._relink(children[0], base)

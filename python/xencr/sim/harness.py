@@ -46,8 +46,17 @@ class RunningSimulator:
 
         def run() -> None:
             try:
-                serve(self.state, pools=None, host="127.0.0.1", port=0, password_file=None, auth_delay=0.0,
-                      announce=announce, stop=self._stop, tls=self.tls)
+                serve(
+                    self.state,
+                    pools=None,
+                    host="127.0.0.1",
+                    port=0,
+                    password_file=None,
+                    auth_delay=0.0,
+                    announce=announce,
+                    stop=self._stop,
+                    tls=self.tls,
+                )
             except BaseException as err:
                 errors.append(err)
                 ready.set()
@@ -70,9 +79,16 @@ class RunningSimulator:
 
 
 @contextmanager
-def running_simulator(state: Path, *, pools: int = 2, vms: int = 2, disk_size: int = 8 * MIB,
-                      sr_size: int = 1024 * MIB, password: str | None = None,
-                      tls: bool = False) -> Iterator[RunningSimulator]:
+def running_simulator(
+    state: Path,
+    *,
+    pools: int = 2,
+    vms: int = 2,
+    disk_size: int = 8 * MIB,
+    sr_size: int = 1024 * MIB,
+    password: str | None = None,
+    tls: bool = False,
+) -> Iterator[RunningSimulator]:
     """Initialise ``state`` if it is empty, serve it on free ports, stop on exit."""
     state.mkdir(parents=True, exist_ok=True)
     if pool_count(state) == 0:

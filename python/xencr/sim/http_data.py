@@ -106,9 +106,18 @@ def _dom0_attach(pool: PoolState, vdi: str) -> str:
         dom0 = next(r for r, rec in db.items("VM") if rec["is_control_domain"])
         used = {db.get("VBD", v)["userdevice"] for v in db.reverse("VM", "VBDs", dom0)}
         slot = next(str(n) for n in range(256) if str(n) not in used)
-        return db.create("VBD", {"VM": dom0, "VDI": vdi, "userdevice": slot, "mode": "RO", "type": "Disk",
-                                 "currently_attached": True,
-                                 "device": f"xvd{chr(ord('a') + int(slot) % 26)}"})
+        return db.create(
+            "VBD",
+            {
+                "VM": dom0,
+                "VDI": vdi,
+                "userdevice": slot,
+                "mode": "RO",
+                "type": "Disk",
+                "currently_attached": True,
+                "device": f"xvd{chr(ord('a') + int(slot) % 26)}",
+            },
+        )
 
 
 def _dom0_detach(pool: PoolState, vbd: str) -> None:
@@ -141,12 +150,20 @@ def _complete_or_fault_after(pool: PoolState, task: str, handler_name: str, resu
 def _cancelled(pool: PoolState, task: str) -> bool:
     """vhd-tool's progress callback polls the task for cancellation (checked before the data)."""
     with pool.db.lock:
-        return pool.db.exists("task", task) and "cancel" in pool.db.get("task", task)[
-            "current_operations"].values()
+        return (
+            pool.db.exists("task", task)
+            and "cancel" in pool.db.get("task", task)["current_operations"].values()
+        )
 
 
-def _fault_copy(read: Callable[[int], bytes], write: Callable[[bytes], None], drop: int | None,
-                flip: int | None, rate: int | None, limit: int | None = None) -> int:
+def _fault_copy(
+    read: Callable[[int], bytes],
+    write: Callable[[bytes], None],
+    drop: int | None,
+    flip: int | None,
+    rate: int | None,
+    limit: int | None = None,
+) -> int:
     """Copy ``read`` → ``write`` in bounded chunks, applying faults; returns bytes copied.
 
     Raises ``ConnectionAbortedError`` when the drop point is reached."""
@@ -180,7 +197,7 @@ def _fd_writer(fd: int) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
     return write
 
@@ -252,29 +269,45 @@ def _export(t: Transfer) -> None:
     try:
         # The VDI (and base) are attached read-only to dom0 before the headers go out.
         vbds = [_dom0_attach(pool, vdi)] + ([_dom0_attach(pool, base)] if base else [])
-        _send_headers(req, 200, {
-            "task-id": task,
-            "Content-Type": CONTENT_TYPES[fmt],
-            "Content-Disposition": f'attachment; filename="{row["uuid"]}.{fmt}"',
-            "Cache-Control": "no-cache, no-store",
-            "Connection": "close",
-        })
+        _send_headers(
+            req,
+            200,
+            {
+                "task-id": task,
+                "Content-Type": CONTENT_TYPES[fmt],
+                "Content-Disposition": f'attachment; filename="{row["uuid"]}.{fmt}"',
+                "Cache-Control": "no-cache, no-store",
+                "Connection": "close",
+            },
+        )
         req.close_connection = True
         drop, flip, rate = pool.faults.take_transfer("export")
         if _cancelled(pool, task):
             pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
             return
-        _send_export(pool, req, task, row["uuid"], fmt, path, parents, base_path, base_parents,
-                     drop, flip, rate)
+        _send_export(
+            pool, req, task, row["uuid"], fmt, path, parents, base_path, base_parents, drop, flip, rate
+        )
     finally:
         pool.gc.transfer(sr, -1)
         for vbd in vbds:
             _dom0_detach(pool, vbd)
 
 
-def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: str, fmt: str, path: str,
-                 parents: list[str], base_path: str | None, base_parents: list[str] | None,
-                 drop: int | None, flip: int | None, rate: int | None) -> None:
+def _send_export(
+    pool: PoolState,
+    req: BaseHTTPRequestHandler,
+    task: str,
+    uuid: str,
+    fmt: str,
+    path: str,
+    parents: list[str],
+    base_path: str | None,
+    base_parents: list[str] | None,
+    drop: int | None,
+    flip: int | None,
+    rate: int | None,
+) -> None:
     sock_fd = req.connection.fileno()
     eng = engine()
 
@@ -290,8 +323,9 @@ def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: 
             produce(sock_fd)
         else:  # faults or TLS: bounded Python copy from a pipe to the (possibly TLS) socket
             sock = req.connection
-            _through_pipe(produce, lambda rfd: _fault_copy(lambda n: os.read(rfd, n), sock.sendall,
-                                                           drop, flip, rate))
+            _through_pipe(
+                produce, lambda rfd: _fault_copy(lambda n: os.read(rfd, n), sock.sendall, drop, flip, rate)
+            )
     except Exception as err:  # vhd-tool failing mid-stream: VDI_IO_ERROR, connection cut
         pool.log.warning("export of %s failed: %s", uuid, err)
         pool.tasks.fail(task, IO_ERROR)
@@ -299,13 +333,15 @@ def _send_export(pool: PoolState, req: BaseHTTPRequestHandler, task: str, uuid: 
         _complete_or_fault_after(pool, task, "export_raw_vdi", "")
 
 
-def _raw_delta(eng: Any, fd: int, path: str, parents: list[str], base_path: str,
-               base_parents: list[str] | None) -> None:
+def _raw_delta(
+    eng: Any, fd: int, path: str, parents: list[str], base_path: str, base_parents: list[str] | None
+) -> None:
     """``format=raw`` with ``base``: vhd-tool writes the whole virtual size, the blocks a VHD delta
     would carry with their data and everything else as zeros (xapi.md 4.2 step 6)."""
     with open(os.devnull, "wb") as sink:
-        report = eng.export_stream(path, sink.fileno(), base=base_path, parents=parents,
-                                   base_parents=base_parents)
+        report = eng.export_stream(
+            path, sink.fileno(), base=base_path, parents=parents, base_parents=base_parents
+        )
     block, size = int(report["block_size"]), int(report["virtual_size"])
     changed = {index for index, _ in report["digests"]}
     write = _fd_writer(fd)
@@ -372,9 +408,17 @@ def _import(t: Transfer) -> None:
         assert sr is not None and length is not None
         with pool.db.lock:
             size = round_vhd_size(length)
-            vdi = new_vdi(Ctx(pool, t.session, "VDI.create"), sr, {
-                "name_label": "Imported VDI", "virtual_size": size, "type": "user", "sm_config": {},
-            }, file_size=size)
+            vdi = new_vdi(
+                Ctx(pool, t.session, "VDI.create"),
+                sr,
+                {
+                    "name_label": "Imported VDI",
+                    "virtual_size": size,
+                    "type": "user",
+                    "sm_config": {},
+                },
+                file_size=size,
+            )
     with pool.db.lock:
         row = pool.db.get("VDI", vdi)
         path, parents = str(pool.storage.path(vdi)), pool.storage.parents(vdi)
@@ -383,8 +427,9 @@ def _import(t: Transfer) -> None:
         pool.gc.transfer(sr_ref, +1)
     try:
         # xapi answers 200 before reading the body; the outcome is only in the task.
-        _send_headers(req, 200, {"task-id": task, "Content-Type": "application/octet-stream",
-                                 "Connection": "close"})
+        _send_headers(
+            req, 200, {"task-id": task, "Content-Type": "application/octet-stream", "Connection": "close"}
+        )
         req.close_connection = True
         if _cancelled(pool, task):
             pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
@@ -392,8 +437,20 @@ def _import(t: Transfer) -> None:
         drop, flip, rate = pool.faults.take_transfer("import")
         try:
             with pool.storage.file_lock(row["uuid"]):
-                _receive(pool, req, fmt, "chunked" in q, path, parents, length, virtual_size, sr_ref,
-                         drop, flip, rate)
+                _receive(
+                    pool,
+                    req,
+                    fmt,
+                    "chunked" in q,
+                    path,
+                    parents,
+                    length,
+                    virtual_size,
+                    sr_ref,
+                    drop,
+                    flip,
+                    rate,
+                )
         except Exception as err:  # any failure after the 200 is VDI_IO_ERROR in the task
             pool.log.warning("import into %s failed: %s", row["uuid"], err)
             pool.tasks.fail(task, IO_ERROR)
@@ -417,9 +474,20 @@ def _buffered_prefix(req: BaseHTTPRequestHandler, length: int | None) -> bytes:
     return data
 
 
-def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bool, path: str,
-             parents: list[str], length: int | None, virtual_size: int, sr_ref: str,
-             drop: int | None, flip: int | None, rate: int | None) -> None:
+def _receive(
+    pool: PoolState,
+    req: BaseHTTPRequestHandler,
+    fmt: str,
+    chunked: bool,
+    path: str,
+    parents: list[str],
+    length: int | None,
+    virtual_size: int,
+    sr_ref: str,
+    drop: int | None,
+    flip: int | None,
+    rate: int | None,
+) -> None:
     eng = engine()
     prefix = _buffered_prefix(req, length)
     sock_fd = req.connection.fileno()
@@ -449,8 +517,14 @@ def _receive(pool: PoolState, req: BaseHTTPRequestHandler, fmt: str, chunked: bo
                 _fd_writer(wfd)(bytes(head))
             if drop is not None and drop <= len(prefix):
                 raise ConnectionAbortedError("fault: connection dropped")
-            _fault_copy(_body_reader(req), _fd_writer(wfd), None if drop is None else drop - len(prefix),
-                        None if flip is None or flip < len(prefix) else flip - len(prefix), rate, remaining)
+            _fault_copy(
+                _body_reader(req),
+                _fd_writer(wfd),
+                None if drop is None else drop - len(prefix),
+                None if flip is None or flip < len(prefix) else flip - len(prefix),
+                rate,
+                remaining,
+            )
 
         _through_pipe(feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents))
         return
@@ -481,8 +555,9 @@ def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
     return bytes(data)
 
 
-def _receive_chunked(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
-                     virtual_size: int) -> None:
+def _receive_chunked(
+    req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes, virtual_size: int
+) -> None:
     """``chunked=true`` raw upload (vhd-tool ``chunked.ml``): ``{offset u64 LE, len u32 LE}`` headers
     each followed by ``len`` bytes written at ``offset``, until a ``{0, 0}`` header."""
     pending = bytearray(prefix)
@@ -509,9 +584,18 @@ def _receive_chunked(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: 
             done += len(data)
 
 
-def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes,
-                 length: int | None, virtual_size: int, drop: int | None, flip: int | None,
-                 rate: int | None) -> None:
+def _receive_raw(
+    req: BaseHTTPRequestHandler,
+    eng: Any,
+    path: str,
+    parents: list[str],
+    prefix: bytes,
+    length: int | None,
+    virtual_size: int,
+    drop: int | None,
+    flip: int | None,
+    rate: int | None,
+) -> None:
     """Raw body written from offset 0 through the VHD leaf, one 2 MiB block at a time."""
     read = _body_reader(req)
     offset = 0
@@ -545,4 +629,3 @@ def _receive_raw(req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list
                 time.sleep(ahead)
     if length is not None and offset < length:
         raise ConnectionError("body ended early")
-

@@ -67,16 +67,25 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _reply(self, status: int, body: bytes, content_type: str,
-               extra: dict[str, str] | None = None) -> None:
+    def _reply(
+        self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+    ) -> None:
         """Status line, headers and body in one write (no Nagle/delayed-ACK stall on keep-alive)."""
-        headers = {"Server": self.version_string(), "Date": self.date_time_string(),
-                   "Content-Type": content_type, "Content-Length": str(len(body)), **(extra or {})}
+        headers = {
+            "Server": self.version_string(),
+            "Date": self.date_time_string(),
+            "Content-Type": content_type,
+            "Content-Length": str(len(body)),
+            **(extra or {}),
+        }
         if headers.get("Connection", "").lower() == "close":
             self.close_connection = True
         phrase = HTTPStatus(status).phrase
-        head = f"{self.protocol_version} {status} {phrase}\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        head = (
+            f"{self.protocol_version} {status} {phrase}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n"
+        )
         self.wfile.write(head.encode("latin-1") + body)
 
     def _error_page(self, status: int) -> None:
@@ -89,8 +98,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _drop_if_unreachable(self) -> bool:
         if self.server.pool.faults.unreachable:
-            self.server.pool.log.warning("fault: host unreachable, dropping %s %s", self.command,
-                                         urlsplit(self.path).path)
+            self.server.pool.log.warning(
+                "fault: host unreachable, dropping %s %s", self.command, urlsplit(self.path).path
+            )
             self.close_connection = True
             return True
         return False
@@ -204,8 +214,9 @@ class PoolServer(ThreadingHTTPServer):
 class Simulator:
     """All pools of one state directory, served until :meth:`stop`."""
 
-    def __init__(self, pools: list[PoolState], host: str, base_port: int,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, pools: list[PoolState], host: str, base_port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.pools = pools
         self.scheme = "https" if tls else "http"
         self.servers: list[PoolServer] = []

@@ -234,8 +234,16 @@ class Storage:
         src = directory / f"{row['uuid']}.vhd"
         base_uuid, leaf_uuid = str(uuidlib.uuid4()), str(uuidlib.uuid4())
         base = directory / f"{base_uuid}.vhd"
-        self._journal(base_uuid, {"op": "snapshot", "dir": str(directory), "src": row["uuid"],
-                                  "base": base_uuid, "leaf": leaf_uuid})
+        self._journal(
+            base_uuid,
+            {
+                "op": "snapshot",
+                "dir": str(directory),
+                "src": row["uuid"],
+                "base": base_uuid,
+                "leaf": leaf_uuid,
+            },
+        )
         with self.file_lock(row["uuid"]):
             try:
                 os.rename(src, base)
@@ -305,4 +313,3 @@ class Storage:
                 os.replace(fresh, path)
             finally:
                 fresh.unlink(missing_ok=True)
-

@@ -19,13 +19,34 @@ def ensure_certificate(root: Path, hostname: str = "127.0.0.1") -> tuple[Path, P
     directory.mkdir(mode=0o700, exist_ok=True)
     cert, key = directory / CERT, directory / KEY
     if not (cert.exists() and key.exists()):
-        san = f"subjectAltName=IP:{hostname},IP:127.0.0.1,DNS:localhost" if hostname != "127.0.0.1" \
+        san = (
+            f"subjectAltName=IP:{hostname},IP:127.0.0.1,DNS:localhost"
+            if hostname != "127.0.0.1"
             else "subjectAltName=IP:127.0.0.1,DNS:localhost"
+        )
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
-             "-subj", "/CN=xencr-sim", "-addext", san],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "3650",
+                "-subj",
+                "/CN=xencr-sim",
+                "-addext",
+                san,
+            ],
+            check=True,
+            capture_output=True,
         )
         os.chmod(key, 0o600)
     return cert, key
@@ -42,4 +63,4 @@ def fingerprint(cert: Path) -> str:
     """SHA-256 fingerprint of the certificate (DER), colon-separated upper-case hex."""
     der = ssl.PEM_cert_to_DER_cert(cert.read_text())
     digest = hashlib.sha256(der).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))

@@ -30,8 +30,17 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         if m is None:
             raise XapiError("INTERNAL_ERROR", f"Parse error in filter expression: {text!r}")
         eq, lp, rp, ident, word = m.groups()
-        out.append(("=", "") if eq else ("(", "") if lp else (")", "") if rp
-                   else ("ident", ident) if ident is not None else (word, ""))
+        out.append(
+            ("=", "")
+            if eq
+            else ("(", "")
+            if lp
+            else (")", "")
+            if rp
+            else ("ident", ident)
+            if ident is not None
+            else (word, "")
+        )
         pos = m.end()
     return out
 

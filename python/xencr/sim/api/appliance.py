@@ -32,23 +32,29 @@ def destroy(ctx: Ctx, app: str) -> None:
     ctx.db.delete("VM_appliance", app)
 
 
-def _run_groups(ctx: Ctx, app: str, op: str, descending: bool, skip_state: str | None,
-                action: Callable[[Ctx, str], None]) -> None:
+def _run_groups(
+    ctx: Ctx, app: str, op: str, descending: bool, skip_state: str | None, action: Callable[[Ctx, str], None]
+) -> None:
     with ctx.db.lock:
         require(ctx, "VM_appliance", app)
-        vms = [v for v in ctx.db.reverse("VM_appliance", "VMs", app)
-               if skip_state is None or ctx.db.get("VM", v)["power_state"] != skip_state]
+        vms = [
+            v
+            for v in ctx.db.reverse("VM_appliance", "VMs", app)
+            if skip_state is None or ctx.db.get("VM", v)["power_state"] != skip_state
+        ]
         orders = {v: int(ctx.db.get("VM", v)["order"]) for v in vms}
     vms.sort(key=lambda v: orders[v], reverse=descending)
     failed: list[str] = []
     for _, group in groupby(vms, key=lambda v: orders[v]):
         threads = []
         for vm in group:
+
             def run(vm: str = vm) -> None:
                 try:
                     action(Ctx(ctx.pool, ctx.session, f"VM.{op}"), vm)
                 except XapiError:
                     failed.append(vm)
+
             t = threading.Thread(target=run, daemon=True)
             t.start()
             threads.append(t)
@@ -60,14 +66,21 @@ def _run_groups(ctx: Ctx, app: str, op: str, descending: bool, skip_state: str |
 
 @handler("VM_appliance.start", locked=False)
 def start(ctx: Ctx, app: str, paused: bool) -> None:
-    _run_groups(ctx, app, "start", False, "Paused" if paused else "Running",
-                lambda c, vm: vm_api.start(c, vm, paused, False))
+    _run_groups(
+        ctx,
+        app,
+        "start",
+        False,
+        "Paused" if paused else "Running",
+        lambda c, vm: vm_api.start(c, vm, paused, False),
+    )
 
 
 def _locked(fn: Callable[[Ctx, str], None]) -> Callable[[Ctx, str], None]:
     def run(c: Ctx, vm: str) -> None:
         with c.db.lock:
             fn(c, vm)
+
     return run
 
 

@@ -56,13 +56,19 @@ def list_changed_blocks(ctx: Ctx, vdi_from: str, vdi_to: str) -> str:
     storage = ctx.pool.storage
     with db.lock:
         src, dst = require(ctx, "VDI", vdi_from), require(ctx, "VDI", vdi_to)
-        attached = [v for v in db.reverse("VDI", "VBDs", vdi_to) if db.get("VBD", v)["currently_attached"]
-                    and not db.get("VM", db.get("VBD", v)["VM"])["is_a_snapshot"]]
+        attached = [
+            v
+            for v in db.reverse("VDI", "VBDs", vdi_to)
+            if db.get("VBD", v)["currently_attached"]
+            and not db.get("VM", db.get("VBD", v)["VM"])["is_a_snapshot"]
+        ]
         if attached:
             raise XapiError("VDI_IN_USE", vdi_to, "list_changed_blocks")
         if not (src["cbt_enabled"] and dst["cbt_enabled"]):
-            raise sr_backend_failure(460, "Failed to calculate changed blocks for given VDIs. "
-                                          "[opterr=CBT is not enabled on both VDIs]")
+            raise sr_backend_failure(
+                460,
+                "Failed to calculate changed blocks for given VDIs. [opterr=CBT is not enabled on both VDIs]",
+            )
         a, a_parents = str(storage.path(vdi_from)), storage.parents(vdi_from)
         b, b_parents = str(storage.path(vdi_to)), storage.parents(vdi_to)
         ctx.pool.gc.transfer(src["SR"], +1)

@@ -36,13 +36,17 @@ def run_guest_scripts(db: Database, vm: str) -> None:
 
 def create_vm_metrics(db: Database, vm: str) -> str:
     row = db.get("VM", vm)
-    metrics = db.create("VM_metrics", {
-        "memory_actual": int(row["memory_target"]) or int(row["memory_static_max"]),
-        "VCPUs_number": int(row["VCPUs_at_startup"]),
-        "install_time": now(), "last_updated": now(),
-        "hvm": row["domain_type"] == "hvm" or bool(row["HVM_boot_policy"]),
-        "current_domain_type": row["domain_type"] or "unspecified",
-    })
+    metrics = db.create(
+        "VM_metrics",
+        {
+            "memory_actual": int(row["memory_target"]) or int(row["memory_static_max"]),
+            "VCPUs_number": int(row["VCPUs_at_startup"]),
+            "install_time": now(),
+            "last_updated": now(),
+            "hvm": row["domain_type"] == "hvm" or bool(row["HVM_boot_policy"]),
+            "current_domain_type": row["domain_type"] or "unspecified",
+        },
+    )
     db.update("VM", vm, metrics=metrics)
     return metrics
 
@@ -67,8 +71,14 @@ def on_start(db: Database, vm: str, pool_index: int) -> None:
     if row["metrics"] == NULL_REF or not db.exists("VM_metrics", row["metrics"]):
         create_vm_metrics(db, vm)
         row = db.get("VM", vm)
-    db.update("VM_metrics", row["metrics"], start_time=now(), last_updated=now(),
-              VCPUs_number=int(row["VCPUs_at_startup"]), state=[])
+    db.update(
+        "VM_metrics",
+        row["metrics"],
+        start_time=now(),
+        last_updated=now(),
+        VCPUs_number=int(row["VCPUs_at_startup"]),
+        state=[],
+    )
     delete_guest_metrics(db, vm)
     if row["other_config"].get(GUEST_TOOLS_KEY, "true") == "false":
         return
@@ -78,12 +88,20 @@ def on_start(db: Database, vm: str, pool_index: int) -> None:
         ip = f"10.{pool_index}.{int(row['domid']) % 250}.{10 + i}"
         networks[f"{device}/ip"] = ip
         networks[f"{device}/ipv4/0"] = ip
-    gm = db.create("VM_guest_metrics", {
-        "os_version": {"name": "Simulated guest", "distro": "xencr-sim", "major": "1", "minor": "0"},
-        "PV_drivers_version": {"major": "9", "minor": "4", "micro": "0", "build": "0"},
-        "PV_drivers_up_to_date": True, "PV_drivers_detected": True, "networks": networks,
-        "other": {"feature-shutdown": "1", "feature-suspend": "1", "has-vendor-device": "0"},
-        "last_updated": now(), "live": True, "can_use_hotplug_vbd": "yes", "can_use_hotplug_vif": "yes",
-    })
+    gm = db.create(
+        "VM_guest_metrics",
+        {
+            "os_version": {"name": "Simulated guest", "distro": "xencr-sim", "major": "1", "minor": "0"},
+            "PV_drivers_version": {"major": "9", "minor": "4", "micro": "0", "build": "0"},
+            "PV_drivers_up_to_date": True,
+            "PV_drivers_detected": True,
+            "networks": networks,
+            "other": {"feature-shutdown": "1", "feature-suspend": "1", "has-vendor-device": "0"},
+            "last_updated": now(),
+            "live": True,
+            "can_use_hotplug_vbd": "yes",
+            "can_use_hotplug_vif": "yes",
+        },
+    )
     db.update("VM", vm, guest_metrics=gm)
     run_guest_scripts(db, vm)

@@ -144,11 +144,20 @@ def describe_pool(pool: PoolState) -> dict[str, Any]:
     db = pool.db
     with db.lock:
         name = db.get("pool", pool.pool_ref)["name_label"] if db.exists("pool", pool.pool_ref) else ""
-        srs = [{"uuid": r["uuid"], "name": r["name_label"], "type": r["type"],
-                "size": int(r["physical_size"]), "used": int(r["physical_utilisation"])}
-               for _, r in db.items("SR")]
-        networks = [{"uuid": r["uuid"], "name": r["name_label"], "bridge": r["bridge"]}
-                    for _, r in db.items("network")]
+        srs = [
+            {
+                "uuid": r["uuid"],
+                "name": r["name_label"],
+                "type": r["type"],
+                "size": int(r["physical_size"]),
+                "used": int(r["physical_utilisation"]),
+            }
+            for _, r in db.items("SR")
+        ]
+        networks = [
+            {"uuid": r["uuid"], "name": r["name_label"], "bridge": r["bridge"]}
+            for _, r in db.items("network")
+        ]
         vms = []
         for ref, r in db.items("VM"):
             if r["is_control_domain"]:
@@ -158,13 +167,31 @@ def describe_pool(pool: PoolState) -> dict[str, Any]:
                 vdi = db.get("VBD", vbd)["VDI"]
                 if db.exists("VDI", vdi):
                     v = db.get("VDI", vdi)
-                    disks.append({"uuid": v["uuid"], "name": v["name_label"], "size": int(v["virtual_size"]),
-                                  "userdevice": db.get("VBD", vbd)["userdevice"]})
-            vms.append({"uuid": r["uuid"], "name": r["name_label"], "power_state": r["power_state"],
-                        "is_a_snapshot": r["is_a_snapshot"], "is_a_template": r["is_a_template"],
-                        "disks": sorted(disks, key=lambda d: str(d["userdevice"]))})
-    return {"index": pool.index, "name": name, "srs": srs, "networks": networks,
-            "vms": sorted(vms, key=lambda v: (v["is_a_snapshot"], v["name"]))}
+                    disks.append(
+                        {
+                            "uuid": v["uuid"],
+                            "name": v["name_label"],
+                            "size": int(v["virtual_size"]),
+                            "userdevice": db.get("VBD", vbd)["userdevice"],
+                        }
+                    )
+            vms.append(
+                {
+                    "uuid": r["uuid"],
+                    "name": r["name_label"],
+                    "power_state": r["power_state"],
+                    "is_a_snapshot": r["is_a_snapshot"],
+                    "is_a_template": r["is_a_template"],
+                    "disks": sorted(disks, key=lambda d: str(d["userdevice"])),
+                }
+            )
+    return {
+        "index": pool.index,
+        "name": name,
+        "srs": srs,
+        "networks": networks,
+        "vms": sorted(vms, key=lambda v: (v["is_a_snapshot"], v["name"])),
+    }
 
 
 @sim_call("sim.info")

@@ -14,8 +14,17 @@ from xencr.sim.storage import engine, round_vhd_size
 from xencr.sim.values import EPOCH, NULL_REF, now
 
 # Fields a snapshot/clone copies from its source (xapi_vdi.ml snapshot_and_clone).
-_COPIED = ("name_label", "name_description", "type", "sharable", "other_config", "xenstore_data",
-           "on_boot", "allow_caching", "tags")
+_COPIED = (
+    "name_label",
+    "name_description",
+    "type",
+    "sharable",
+    "other_config",
+    "xenstore_data",
+    "on_boot",
+    "allow_caching",
+    "tags",
+)
 
 
 def attached_vbds(db: Database, vdi_ref: str) -> list[str]:
@@ -51,8 +60,14 @@ def new_vdi(ctx: Ctx, sr: str, fields: dict[str, Any], *, file_size: int | None)
     if file_size is not None:
         ctx.pool.storage.create_file(sr, vdi_uuid, file_size)
     record = {
-        "uuid": vdi_uuid, "SR": sr, "location": vdi_uuid, "managed": True, "missing": False,
-        "snapshot_time": EPOCH, "on_boot": "persist", "storage_lock": False,
+        "uuid": vdi_uuid,
+        "SR": sr,
+        "location": vdi_uuid,
+        "managed": True,
+        "missing": False,
+        "snapshot_time": EPOCH,
+        "on_boot": "persist",
+        "storage_lock": False,
         **fields,
     }
     ref = ctx.db.create("VDI", record)
@@ -115,21 +130,36 @@ def _snapshot_or_clone(ctx: Ctx, vdi: str, *, is_snapshot: bool) -> str:
     base_uuid, leaf_uuid = ctx.pool.storage.snapshot_files(vdi)
     # FileVDI._snapshot: the base copy is introduced hidden, read-only and unmanaged.
     base_sm = {"vhd-parent": grandparent} if grandparent else {}
-    db.create("VDI", {
-        "uuid": base_uuid, "SR": sr, "name_label": "base copy", "read_only": True, "managed": False,
-        "location": base_uuid, "virtual_size": row["virtual_size"], "sm_config": base_sm,
-        "type": row["type"], "snapshot_time": EPOCH, "on_boot": "persist",
-    })
+    db.create(
+        "VDI",
+        {
+            "uuid": base_uuid,
+            "SR": sr,
+            "name_label": "base copy",
+            "read_only": True,
+            "managed": False,
+            "location": base_uuid,
+            "virtual_size": row["virtual_size"],
+            "sm_config": base_sm,
+            "type": row["type"],
+            "snapshot_time": EPOCH,
+            "on_boot": "persist",
+        },
+    )
     db.update("VDI", vdi, sm_config={**row["sm_config"], "vhd-parent": base_uuid})
     fields: dict[str, Any] = {k: _copy(row[k]) for k in _COPIED}
-    fields.update({
-        "uuid": leaf_uuid, "virtual_size": row["virtual_size"], "read_only": False,
-        "sm_config": {"vhd-parent": base_uuid},
-        "is_a_snapshot": is_snapshot,
-        "snapshot_of": vdi if is_snapshot else NULL_REF,
-        "snapshot_time": now() if is_snapshot else EPOCH,
-        "cbt_enabled": bool(row["cbt_enabled"]) if is_snapshot else False,
-    })
+    fields.update(
+        {
+            "uuid": leaf_uuid,
+            "virtual_size": row["virtual_size"],
+            "read_only": False,
+            "sm_config": {"vhd-parent": base_uuid},
+            "is_a_snapshot": is_snapshot,
+            "snapshot_of": vdi if is_snapshot else NULL_REF,
+            "snapshot_time": now() if is_snapshot else EPOCH,
+            "cbt_enabled": bool(row["cbt_enabled"]) if is_snapshot else False,
+        }
+    )
     return new_vdi(ctx, sr, fields, file_size=None)
 
 
@@ -206,8 +236,18 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
         else:
             target_sr = sr if sr != NULL_REF else row["SR"]
             storage.ensure_space(target_sr, int(row["physical_utilisation"]))
-            fields = {k: _copy(row[k]) for k in ("name_label", "name_description", "type", "sharable",
-                                                  "other_config", "xenstore_data", "tags")}
+            fields = {
+                k: _copy(row[k])
+                for k in (
+                    "name_label",
+                    "name_description",
+                    "type",
+                    "sharable",
+                    "other_config",
+                    "xenstore_data",
+                    "tags",
+                )
+            }
             fields.update({"virtual_size": row["virtual_size"], "read_only": False, "sm_config": {}})
             target = new_vdi(ctx, target_sr, fields, file_size=int(row["virtual_size"]))
         target_row = db.get("VDI", target)
@@ -219,8 +259,16 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
         ctx.pool.gc.transfer(target_row["SR"], +1)
     eng = engine()
     try:
-        _copy_data(eng, storage.file_lock(target_row["uuid"]), src_path, src_parents, target_path,
-                   target_parents, base_path, base_parents)
+        _copy_data(
+            eng,
+            storage.file_lock(target_row["uuid"]),
+            src_path,
+            src_parents,
+            target_path,
+            target_parents,
+            base_path,
+            base_parents,
+        )
     finally:
         ctx.pool.gc.transfer(row["SR"], -1)
         ctx.pool.gc.transfer(target_row["SR"], -1)
@@ -229,8 +277,16 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
     return target
 
 
-def _copy_data(eng: Any, lock: Any, src_path: str, src_parents: list[str], target_path: str,
-               target_parents: list[str], base_path: str | None, base_parents: list[str] | None) -> None:
+def _copy_data(
+    eng: Any,
+    lock: Any,
+    src_path: str,
+    src_parents: list[str],
+    target_path: str,
+    target_parents: list[str],
+    base_path: str | None,
+    base_parents: list[str] | None,
+) -> None:
     with lock:
         if base_path is None:
             _pipe_stream(
@@ -239,8 +295,9 @@ def _copy_data(eng: Any, lock: Any, src_path: str, src_parents: list[str], targe
             )
         else:
             _pipe_stream(
-                lambda fd: eng.diff_stream(base_path, src_path, fd, a_parents=base_parents,
-                                           b_parents=src_parents),
+                lambda fd: eng.diff_stream(
+                    base_path, src_path, fd, a_parents=base_parents, b_parents=src_parents
+                ),
                 lambda fd: eng.apply_stream(fd, target_path, parents=target_parents),
             )
 
@@ -292,4 +349,3 @@ def lookup(db: Database, value: str) -> str:
         raise handle_invalid("VDI", value)
     ref: str = db.ref_of("VDI", value)
     return ref
-
