@@ -220,3 +220,22 @@ def _check_hashes(pools: Pools, snapshot: str | None, restore_point: str | None)
         }
 
     return hashes(s, s.api.VM.get_by_uuid(snapshot)) == hashes(t, t.api.VM.get_by_uuid(restore_point))
+
+
+def test_vm_timeout_cuts_a_slow_transfer(pools: Pools, cfg: Path) -> None:
+    config = load_config(cfg)
+    s = pools.session(0)
+    for i in range(6):
+        _write(pools, f"slow-{i}")
+    before_points, before_vms, before_vdis, _ = _state(pools, cfg)
+    s.api.sim.fault_rate(str(256 * 1024))  # a 2 MiB block takes 8 s at this rate
+    try:
+        with connected(config, config.job(JOB), interactive=False) as c:
+            spec = dataclasses.replace(spec_of(c.job, None), vm_timeout=1.5)
+            report = run_job(c.source, [ref for ref, _ in selected_vms(c)], targets_of(c), spec)
+    finally:
+        s.api.sim.fault_clear()
+    tr = report.vms[0].targets[0]
+    assert tr.outcome == "failure" and tr.error and "deadline" in tr.error
+    assert not tr.warnings, "a timeout is not retried"
+    assert _state(pools, cfg)[:3] == (before_points, before_vms, before_vdis)

@@ -23,7 +23,7 @@ from xencr.replication import target as tgt
 from xencr.replication.decide import DiskPlan, plan_target
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import TransferError, copy_vdi
+from xencr.xapi.transfer import TransferError, TransferTimeout, copy_vdi
 
 log = logging.getLogger("xencr.replication")
 
@@ -136,6 +136,8 @@ def replicate_vm(
 ) -> VmResult:
     rec = src.api.VM.get_record(vm)
     result = VmResult(rec["uuid"], rec["name_label"])
+    # The per-VM timeout covers every target and attempt; transfers are cut when it passes.
+    deadline = time.monotonic() + job.vm_timeout if job.vm_timeout else None
     cleaned = {t.name: tgt.cleanup(t.session, job.id, rec["uuid"], t.sr, t.sr_uuid) for t in targets}
     previous = srcmod.job_snapshots(src, vm, job.id)
     foreign = srcmod.foreign_snapshots(src, vm, job.id)
@@ -170,6 +172,7 @@ def replicate_vm(
                     force_full,
                     tr,
                     progress,
+                    deadline,
                 )
                 tr.outcome, tr.error = "success", None
                 srcmod.mark_exported(src, snap, t.sr_uuid)
@@ -207,7 +210,7 @@ def _worth_retrying(err: BaseException) -> bool:
     """Data-path failures may pass on a second attempt; a refusal (a full SR, a bad request) won't."""
     if isinstance(err, XapiError):
         return err.code in ("VDI_IO_ERROR", "TASK_CANCELLED")
-    return True
+    return not isinstance(err, TransferTimeout)
 
 
 def hold(point: str) -> None:
@@ -253,8 +256,11 @@ def _to_target(
     force_full: bool,
     tr: TargetResult,
     progress: Progress,
+    deadline: float | None = None,
 ) -> None:
     ts = t.session
+    if deadline is not None and time.monotonic() > deadline:
+        raise TransferTimeout(f"the VM's timeout ({job.vm_timeout:.0f}s) passed before {t.name}")
     plan = plan_target(
         src,
         ts,
@@ -291,7 +297,7 @@ def _to_target(
         hold("before-transfer")
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
             pairs = list(zip(plan.disks, new_vdis, strict=True))
-            results = list(pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job), pairs))
+            results = list(pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job, deadline), pairs))
         tr.disks = results
         total = sum(d.bytes_sent for d in results)
         kinds = ", ".join(f"{d.userdevice}: {d.kind}" for d in results)
@@ -318,7 +324,9 @@ def _to_target(
         tr.expired.append(rp.uuid)
 
 
-def _send(src: XapiSession, ts: XapiSession, dp: DiskPlan, vdi: str, job: JobSpec) -> DiskResult:
+def _send(
+    src: XapiSession, ts: XapiSession, dp: DiskPlan, vdi: str, job: JobSpec, deadline: float | None
+) -> DiskResult:
     r = copy_vdi(
         src,
         dp.disk.vdi,
@@ -327,6 +335,7 @@ def _send(src: XapiSession, ts: XapiSession, dp: DiskPlan, vdi: str, job: JobSpe
         base_vdi=dp.base_source_vdi,
         rate_limit=job.rate_limit,
         timeout=job.vm_timeout,
+        deadline=deadline,
     )
     digest = hashlib.sha256("".join(f"{b}:{h};" for b, h in r.digests).encode()).hexdigest()
     return DiskResult(

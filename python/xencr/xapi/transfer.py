@@ -34,6 +34,10 @@ class TransferError(Exception):
     """A transfer failed; ``str()`` is one readable line."""
 
 
+class TransferTimeout(TransferError):
+    """The transfer ran past its deadline and was cut."""
+
+
 @dataclass
 class TransferReport:
     stream_length: int
@@ -124,8 +128,11 @@ def copy_vdi(
     base_vdi: str | None = None,
     rate_limit: int | None = None,
     timeout: float | None = None,
+    deadline: float | None = None,
 ) -> TransferReport:
-    """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``."""
+    """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``. Past
+    ``deadline`` (a `time.monotonic()` value) the connections are cut and `TransferTimeout`
+    raised; the pools then fail their tasks."""
     start = time.monotonic()
     src_task = str(src.call("task.create", "xencr export", f"export of {src_vdi}"))
     dst_task = str(dst.call("task.create", "xencr import", f"import into {dst_vdi}"))
@@ -146,13 +153,18 @@ def copy_vdi(
         socks.append(d)
         path = "/import_raw_vdi?" + _query(dst, dst_task, vdi=dst_vdi, format="vhd")
         _send_request(d, "PUT", path, dst.endpoint.host, total)
+        watchdog = _Watchdog(socks, deadline)
         try:
             report = _pump(s, d, head, total, rate_limit)
         except (_engine.VhdError, OSError) as err:
+            if watchdog.fired:
+                raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
             # Closing the import connection mid-body makes the pool fail its import task.
             raise _task_failure(dst, dst_task, wait=2.0) or TransferError(
                 f"transfer of {src_vdi}: {err}"
             ) from None
+        finally:
+            watchdog.cancel()
         status, _, _ = _read_head(d, "import")
         if status != 200:
             raise _task_failure(dst, dst_task) or TransferError(f"import into {dst_vdi}: HTTP {status}")
@@ -176,6 +188,29 @@ def copy_vdi(
             if not done:
                 session.cancel_task(task)
             session.destroy_task(task)
+
+
+class _Watchdog:
+    """Shuts the transfer's sockets down at the deadline: the engine's blocking read or write
+    then fails, and the transfer ends without waiting for the stall timeout."""
+
+    def __init__(self, socks: list[socket.socket], deadline: float | None) -> None:
+        self.fired = False
+        self._timer: threading.Timer | None = None
+        if deadline is not None:
+            self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire, [socks])
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self, socks: list[socket.socket]) -> None:
+        self.fired = True
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _wait(session: XapiSession, task: str, timeout: float | None) -> str:
