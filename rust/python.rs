@@ -5,6 +5,8 @@ use std::fs::File;
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use pyo3::exceptions::{PyException, PyOSError};
 use pyo3::prelude::*;
@@ -65,6 +67,68 @@ pub fn borrow_fd(fd: i32) -> ManuallyDrop<File> {
     // which holds a reference to the object that owns it; ManuallyDrop guarantees we never
     // close it, so no double close or use-after-close can come from this side.
     ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A byte counter a Python thread can read while a coarse call runs without the GIL: how a
+/// caller shows progress, rate and ETA without a per-block callback.
+#[pyclass(frozen, module = "xencr._engine")]
+pub struct Progress {
+    done: Arc<AtomicU64>,
+}
+
+#[pymethods]
+impl Progress {
+    #[new]
+    fn new() -> Self {
+        Progress {
+            done: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Bytes read from the source so far (for an export: bytes written).
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts the bytes that pass through a reader or a writer into a `Progress`.
+struct Counted<T> {
+    inner: T,
+    done: Option<Arc<AtomicU64>>,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T, progress: &Option<Py<Progress>>) -> Self {
+        Counted {
+            inner,
+            done: progress.as_ref().map(|p| p.get().done.clone()),
+        }
+    }
+    fn add(&self, n: usize) {
+        if let Some(d) = &self.done {
+            d.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.add(n);
+        Ok(n)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.add(n);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyRes<Bound<'py, PyAny>> {
@@ -300,7 +364,7 @@ fn stream_length(
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, dst, base=None, *, parents=None, base_parents=None, skip_zero_blocks=false, rate_limit=None))]
+#[pyo3(signature = (path, dst, base=None, *, parents=None, base_parents=None, skip_zero_blocks=false, rate_limit=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn export_stream<'py>(
     py: Python<'py>,
@@ -311,6 +375,7 @@ fn export_stream<'py>(
     base_parents: Option<Vec<PathBuf>>,
     skip_zero_blocks: bool,
     rate_limit: Option<u64>,
+    progress: Option<Py<Progress>>,
 ) -> PyRes<Bound<'py, PyDict>> {
     let r = detached(py, || {
         let (chain, base_chain) =
@@ -319,11 +384,12 @@ fn export_stream<'py>(
         match dst {
             Endpoint::Fd(fd) => {
                 let mut f = borrow_fd(fd);
-                export::export(&chain, b, &mut *f, skip_zero_blocks, rate_limit)
+                let mut w = Counted::new(&mut *f, &progress);
+                export::export(&chain, b, &mut w, skip_zero_blocks, rate_limit)
             }
             Endpoint::Path(p) => {
                 let f = File::create(&p).ctx(|| format!("cannot create {}", p.display()))?;
-                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                let mut w = Counted::new(std::io::BufWriter::with_capacity(1 << 20, f), &progress);
                 export::export(&chain, b, &mut w, skip_zero_blocks, rate_limit)
             }
         }
@@ -383,7 +449,7 @@ impl std::io::Read for FdReader {
 }
 
 #[pyfunction]
-#[pyo3(signature = (src, target, *, target_format="vhd".to_string(), length=None, prefix=Vec::new(), require_full_bitmaps=false, parents=None, durable=true))]
+#[pyo3(signature = (src, target, *, target_format="vhd".to_string(), length=None, prefix=Vec::new(), require_full_bitmaps=false, parents=None, durable=true, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn apply_stream<'py>(
     py: Python<'py>,
@@ -395,6 +461,7 @@ fn apply_stream<'py>(
     require_full_bitmaps: bool,
     parents: Option<Vec<PathBuf>>,
     durable: bool,
+    progress: Option<Py<Progress>>,
 ) -> PyRes<Bound<'py, PyDict>> {
     let r = detached(py, || {
         let t = match target_format.as_str() {
@@ -414,6 +481,7 @@ fn apply_stream<'py>(
             }
         };
         let (source, length) = open_source(src, prefix, length)?;
+        let source = Counted::new(source, &progress);
         apply(
             source,
             t,
@@ -428,7 +496,8 @@ fn apply_stream<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (src, dst, *, length=None, prefix=Vec::new(), rate_limit=None, require_full_bitmaps=true))]
+#[pyo3(signature = (src, dst, *, length=None, prefix=Vec::new(), rate_limit=None, require_full_bitmaps=true, progress=None))]
+#[allow(clippy::too_many_arguments)]
 fn transform<'py>(
     py: Python<'py>,
     src: Endpoint,
@@ -437,9 +506,11 @@ fn transform<'py>(
     prefix: Vec<u8>,
     rate_limit: Option<u64>,
     require_full_bitmaps: bool,
+    progress: Option<Py<Progress>>,
 ) -> PyRes<Bound<'py, PyDict>> {
     let r = detached(py, || {
         let (source, length) = open_source(src, prefix, length)?;
+        let source = Counted::new(source, &progress);
         let opts = ParseOptions {
             length,
             require_full_bitmaps,
@@ -589,6 +660,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)?;
     m.add("DIGEST_ALGORITHM", "xxh3-128")?;
     m.add("VhdError", py.get_type::<VhdError>())?;
+    m.add_class::<Progress>()?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(chain, m)?)?;

@@ -36,6 +36,14 @@ class VhdError(Exception):
     offset: int | None
     """Byte offset in the file or stream where the problem is, when there is one."""
 
+class Progress:
+    """A byte counter that a coarse call updates as it goes; read ``bytes`` from another thread
+    (the call releases the GIL) to show progress, rate and ETA."""
+
+    def __init__(self) -> None: ...
+    @property
+    def bytes(self) -> int: ...
+
 class StreamReport(TypedDict):
     bytes_in: int
     bytes_out: int
@@ -136,6 +144,7 @@ def export_stream(
     base_parents: list[str] | None = None,
     skip_zero_blocks: bool = False,
     rate_limit: int | None = None,
+    progress: Progress | None = None,
 ) -> StreamReport:
     """XAPI-style export stream (vhd-tool layout): full, or delta against ``base``'s chain."""
 
@@ -149,6 +158,7 @@ def apply_stream(
     require_full_bitmaps: bool = False,
     parents: list[str] | None = None,
     durable: bool = True,
+    progress: Progress | None = None,
 ) -> StreamReport:
     """Consume a stream forward-only as XAPI's import does: only sectors whose bit is set are
     written, into a raw file or a VHD leaf. All metadata is validated before the first write.
@@ -173,6 +183,7 @@ def transform(
     prefix: bytes = b"",
     rate_limit: int | None = None,
     require_full_bitmaps: bool = True,
+    progress: Progress | None = None,
 ) -> StreamReport:
     """Pass a stream through unchanged while validating it, digesting each block and throttling
     (blocking the reader when over ``rate_limit`` bytes/s)."""
