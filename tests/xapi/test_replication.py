@@ -112,3 +112,38 @@ def test_written_replica_disk_forces_a_full(pools: Pools) -> None:
     report = run_job(src, [vm], [t], JOB)
     tr = _check_replica(src, t, report)
     assert {d.reason for d in tr.disks} == {"replica disk modified"}
+
+
+class _Recorder:
+    """A TransferMonitor that keeps every counter it handed out."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[int, Any]] = {}
+        self.ended: list[str] = []
+
+    def begin(self, label: str, total: int) -> Any:
+        from xencr import _engine
+
+        counter = _engine.Progress()
+        self.seen[label] = (total, counter)
+        return counter
+
+    def end(self, label: str) -> None:
+        self.ended.append(label)
+
+
+def test_transfers_report_progress(pools: Pools) -> None:
+    from xencr.cli.live import LiveTransfers
+
+    src, t = pools.session(0), _target(pools)
+    vm = _vm(src, "vm1")
+    rec = _Recorder()
+    report = run_job(src, [vm], [t], JOB, monitor=rec)
+    tr = _check_replica(src, t, report)
+    assert list(rec.seen) == rec.ended == [f"vm1 -> pool1 disk {d.userdevice}" for d in tr.disks]
+    for total, counter in rec.seen.values():
+        assert counter.bytes == total > 0, "the counter reached the stream's length"
+    total, counter = next(iter(rec.seen.values()))
+    live = LiveTransfers(enabled=False)
+    line = live.line(type("T", (), {"label": "x", "total": total, "counter": counter, "start": 0.0})(), 1.0)
+    assert line.startswith("x: 100% ") and "ETA 0:00" in line

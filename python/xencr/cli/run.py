@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from xencr.cli.common import ConfigOption, load, reported
+from xencr.cli.live import LiveTransfers
 from xencr.replication.jobs import report_json, run_configured
 from xencr.replication.runner import RunReport
 
@@ -61,15 +62,18 @@ def run_command(
         if not json_out:
             typer.echo(line, err=True)
 
-    report = run_configured(
-        cfg,
-        job,
-        only=vm or None,
-        full=full,
-        schedule_id=schedule,
-        interactive=sys.stdin.isatty(),
-        progress=progress,
-    )
+    # A live line per disk in flight (rate, ETA) on a terminal; plain log lines otherwise.
+    with LiveTransfers(enabled=False if json_out else None) as live:
+        report = run_configured(
+            cfg,
+            job,
+            only=vm or None,
+            full=full,
+            schedule_id=schedule,
+            interactive=sys.stdin.isatty(),
+            progress=progress,
+            monitor=live,
+        )
     if json_out:
         typer.echo(report_json(report))
     else:

@@ -11,7 +11,7 @@ from typing import Any
 
 from xencr.config import Config, ConfigError, JobConfig, PoolConfig
 from xencr.credentials import resolve_password
-from xencr.replication.runner import JobSpec, Progress, RunReport, Target, run_job
+from xencr.replication.runner import JobSpec, Progress, RunReport, Target, TransferMonitor, run_job
 from xencr.replication.select import is_candidate
 from xencr.state import StateDB
 from xencr.xapi.session import Endpoint, XapiSession
@@ -105,6 +105,7 @@ def run_configured(
     trigger: str = "manual",
     interactive: bool = False,
     progress: Progress = lambda _: None,
+    monitor: TransferMonitor | None = None,
 ) -> RunReport:
     job = config.job(job_ref)
     spec = spec_of(job, schedule_id)
@@ -114,7 +115,7 @@ def run_configured(
         vms = selected_vms(c, only)
         run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
         try:
-            report = _run_recorded(db, run_id, c, vms, targets, spec, full, progress)
+            report = _run_recorded(db, run_id, c, vms, targets, spec, full, progress, monitor)
         except BaseException as err:
             # A run that raised is over: say so now rather than leave it "running".
             db.finish_run(run_id, "failure", str(err) or type(err).__name__)
@@ -132,13 +133,16 @@ def _run_recorded(
     spec: JobSpec,
     full: bool,
     progress: Progress,
+    monitor: TransferMonitor | None,
 ) -> RunReport:
     tasks = {
         (ref, t.sr_uuid): db.start_task(run_id, rec["uuid"], rec["name_label"], t.sr_uuid)
         for ref, rec in vms
         for t in targets
     }
-    report = run_job(c.source, [ref for ref, _ in vms], targets, spec, force_full=full, progress=progress)
+    report = run_job(
+        c.source, [ref for ref, _ in vms], targets, spec, force_full=full, progress=progress, monitor=monitor
+    )
     for (ref, _), vr in zip(vms, report.vms, strict=True):
         for t in targets:
             tr = next((x for x in vr.targets if x.sr_uuid == t.sr_uuid), None)

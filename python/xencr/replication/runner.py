@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from xencr import _engine
 from xencr._engine import VhdError
 from xencr.replication import metadata as md
 from xencr.replication import source as srcmod
@@ -121,6 +122,14 @@ class RunReport:
 Progress = Callable[[str], None]
 
 
+class TransferMonitor(Protocol):
+    """Follows transfers as they run (the CLI's live display): ``begin`` returns the engine
+    counter the transfer updates."""
+
+    def begin(self, label: str, total: int) -> _engine.Progress: ...
+    def end(self, label: str) -> None: ...
+
+
 def _error_line(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
@@ -133,6 +142,7 @@ def replicate_vm(
     *,
     force_full: bool = False,
     progress: Progress = lambda _: None,
+    monitor: TransferMonitor | None = None,
 ) -> VmResult:
     rec = src.api.VM.get_record(vm)
     result = VmResult(rec["uuid"], rec["name_label"])
@@ -173,6 +183,7 @@ def replicate_vm(
                     tr,
                     progress,
                     deadline,
+                    monitor,
                 )
                 tr.outcome, tr.error = "success", None
                 srcmod.mark_exported(src, snap, t.sr_uuid)
@@ -257,6 +268,7 @@ def _to_target(
     tr: TargetResult,
     progress: Progress,
     deadline: float | None = None,
+    monitor: TransferMonitor | None = None,
 ) -> None:
     ts = t.session
     if deadline is not None and time.monotonic() > deadline:
@@ -297,7 +309,10 @@ def _to_target(
         hold("before-transfer")
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
             pairs = list(zip(plan.disks, new_vdis, strict=True))
-            results = list(pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job, deadline), pairs))
+            label = f"{rec['name_label']} -> {t.name}"
+            results = list(
+                pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job, deadline, monitor, label), pairs)
+            )
         tr.disks = results
         total = sum(d.bytes_sent for d in results)
         kinds = ", ".join(f"{d.userdevice}: {d.kind}" for d in results)
@@ -316,7 +331,11 @@ def _to_target(
         _discard(ts, replica, new_vdis)
         raise
     tr.restore_point = str(ts.api.VM.get_uuid(replica))
-    progress(f"{rec['name_label']} -> {t.name}: restore point {tr.restore_point} ({_human(tr.bytes_sent)})")
+    seconds = max((d.seconds for d in tr.disks), default=0.0)
+    speed = f", {_human(int(tr.bytes_sent / seconds))}/s" if seconds > 0 else ""
+    progress(
+        f"{rec['name_label']} -> {t.name}: restore point {tr.restore_point} ({_human(tr.bytes_sent)}{speed})"
+    )
     # Retention: the oldest complete restore points beyond the schedule's count; never the newest.
     points = tgt.restore_points(ts, job.id, rec["uuid"], t.sr_uuid)
     for rp in points[: max(0, len(points) - max(1, job.retention))]:
@@ -325,7 +344,32 @@ def _to_target(
 
 
 def _send(
-    src: XapiSession, ts: XapiSession, dp: DiskPlan, vdi: str, job: JobSpec, deadline: float | None
+    src: XapiSession,
+    ts: XapiSession,
+    dp: DiskPlan,
+    vdi: str,
+    job: JobSpec,
+    deadline: float | None,
+    monitor: TransferMonitor | None = None,
+    label: str = "",
+) -> DiskResult:
+    name = f"{label} disk {dp.disk.userdevice}"
+    hook = (lambda total: monitor.begin(name, total)) if monitor else None
+    try:
+        return _copy(src, ts, dp, vdi, job, deadline, hook)
+    finally:
+        if monitor:
+            monitor.end(name)
+
+
+def _copy(
+    src: XapiSession,
+    ts: XapiSession,
+    dp: DiskPlan,
+    vdi: str,
+    job: JobSpec,
+    deadline: float | None,
+    hook: Callable[[int], _engine.Progress] | None,
 ) -> DiskResult:
     r = copy_vdi(
         src,
@@ -336,6 +380,7 @@ def _send(
         rate_limit=job.rate_limit,
         timeout=job.vm_timeout,
         deadline=deadline,
+        progress=hook,
     )
     digest = hashlib.sha256("".join(f"{b}:{h};" for b, h in r.digests).encode()).hexdigest()
     return DiskResult(
@@ -377,13 +422,16 @@ def run_job(
     *,
     force_full: bool = False,
     progress: Progress = lambda _: None,
+    monitor: TransferMonitor | None = None,
 ) -> RunReport:
     """Replicate ``vms`` (refs on ``src``) to every target; VMs run ``job.concurrency`` at once."""
     report = RunReport(job.name, datetime.now(UTC))
 
     def one(vm: str) -> VmResult:
         try:
-            return replicate_vm(src, vm, targets, job, force_full=force_full, progress=progress)
+            return replicate_vm(
+                src, vm, targets, job, force_full=force_full, progress=progress, monitor=monitor
+            )
         except RETRYABLE as err:
             return VmResult("", vm, error=_error_line(err))
 

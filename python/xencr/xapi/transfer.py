@@ -16,6 +16,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
@@ -129,10 +130,12 @@ def copy_vdi(
     rate_limit: int | None = None,
     timeout: float | None = None,
     deadline: float | None = None,
+    progress: Callable[[int], _engine.Progress | None] | None = None,
 ) -> TransferReport:
     """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``. Past
     ``deadline`` (a `time.monotonic()` value) the connections are cut and `TransferTimeout`
-    raised; the pools then fail their tasks."""
+    raised; the pools then fail their tasks. ``progress(total)`` may return an engine byte
+    counter for the stream (its length being known once the head has arrived)."""
     start = time.monotonic()
     src_task = str(src.call("task.create", "xencr export", f"export of {src_vdi}"))
     dst_task = str(dst.call("task.create", "xencr import", f"import into {dst_vdi}"))
@@ -155,7 +158,8 @@ def copy_vdi(
         _send_request(d, "PUT", path, dst.endpoint.host, total)
         watchdog = _Watchdog(socks, deadline)
         try:
-            report = _pump(s, d, head, total, rate_limit)
+            counter = progress(total) if progress else None
+            report = _pump(s, d, head, total, rate_limit, counter)
         except (_engine.VhdError, OSError) as err:
             if watchdog.fired:
                 raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
@@ -247,16 +251,28 @@ def _task_failure(session: XapiSession, task: str, wait: float = 0.5) -> XapiErr
 
 
 def _pump(
-    s: socket.socket, d: socket.socket, head: bytes, total: int, rate: int | None
+    s: socket.socket,
+    d: socket.socket,
+    head: bytes,
+    total: int,
+    rate: int | None,
+    counter: _engine.Progress | None = None,
 ) -> _engine.StreamReport:
     """Move the stream's remaining bytes from ``s`` to ``d`` through the engine."""
     if not isinstance(s, ssl.SSLSocket) and not isinstance(d, ssl.SSLSocket):
-        return _engine.transform(s.fileno(), d.fileno(), length=total, prefix=head, rate_limit=rate)
-    return _pump_tls(s, d, head, total, rate)
+        return _engine.transform(
+            s.fileno(), d.fileno(), length=total, prefix=head, rate_limit=rate, progress=counter
+        )
+    return _pump_tls(s, d, head, total, rate, counter)
 
 
 def _pump_tls(
-    s: socket.socket, d: socket.socket, head: bytes, total: int, rate: int | None
+    s: socket.socket,
+    d: socket.socket,
+    head: bytes,
+    total: int,
+    rate: int | None,
+    counter: _engine.Progress | None = None,
 ) -> _engine.StreamReport:
     """TLS records must be decrypted in Python: relay them through pipes around the engine."""
     in_r, in_w = os.pipe()
@@ -290,7 +306,7 @@ def _pump_tls(
     for t in threads:
         t.start()
     try:
-        report = _engine.transform(in_r, out_w, length=total, prefix=head, rate_limit=rate)
+        report = _engine.transform(in_r, out_w, length=total, prefix=head, rate_limit=rate, progress=counter)
     finally:
         os.close(in_r)
         os.close(out_w)
