@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from xapitest import PASSWORD, Pools
 
 from xencr.cli.plan import plan_command, status_command
-from xencr.cli.replica import replica_app
+from xencr.cli.replica import replica_app, verify_command
 from xencr.cli.run import run_command
 from xencr.replication import metadata as md
 from xencr.state import StateDB
@@ -23,6 +23,7 @@ app.command("run")(run_command)
 app.command("plan")(plan_command)
 app.command("status")(status_command)
 app.add_typer(replica_app, name="replica")
+app.command("verify")(verify_command)
 runner = CliRunner()
 
 
@@ -166,3 +167,22 @@ def test_xencr_demo_end_to_end(tmp_path: Path) -> None:
     assert any("start replica: refused with OPERATION_BLOCKED" in line for line in lines)
     assert any(line.endswith(": Running") for line in lines)
     assert lines[-1].startswith("demo succeeded")
+
+
+def test_verify_rereads_what_was_sent(pools: Pools, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, pools, vms='["vm1"]')
+    assert _invoke("run", "cli", "--config", str(cfg))[0] == 0
+    rows = json.loads(_invoke("replica", "list", "cli", "--config", str(cfg), "--json")[1])
+    newest = rows[-1]["uuid"]
+    code, out, _ = _invoke("verify", newest, "--config", str(cfg), "--json")
+    assert code == 0, out
+    checks = json.loads(out)
+    assert checks and all(c["ok"] and c["blocks"] > 0 for c in checks)
+    # A write into the replica's disk: verify says so and fails.
+    t = pools.session(1)
+    vm = t.api.VM.get_by_uuid(newest)
+    vdi = next(t.api.VBD.get_VDI(b) for b in t.api.VM.get_VBDs(vm) if t.api.VBD.get_type(b) == "Disk")
+    t.api.sim.write(t.api.VDI.get_uuid(vdi), "0", "4096", "corrupt")
+    code, out, _ = _invoke("verify", newest, "--config", str(cfg))
+    assert code == 1
+    assert "MISMATCH" in out and "written since the commit" in out

@@ -3,6 +3,7 @@ exact strings users and Xen Orchestra see."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 PREFIX = "xencr:"
@@ -17,6 +18,36 @@ RUN = "xencr:run"
 ROLE = "xencr:role"  # "source-snapshot", "replica", "replica-disk", "commit-snapshot"
 BYTES = "xencr:bytes"
 DIGEST = "xencr:digest"  # digest of the per-block digest list recorded at transfer
+BLOCKS = "xencr:blocks"  # the block indices that transfer carried, as ranges ("0-3,7")
+
+
+def digest_of_list(algorithm: str, digests: list[tuple[int, str]]) -> str:
+    """One value for a transfer's per-block digests, in the form kept in `DIGEST`."""
+    text = "".join(f"{b}:{h};" for b, h in sorted(digests))
+    return f"{algorithm}-list:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"0-3,7"``."""
+    out: list[str] = []
+    for i in sorted(indices):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == i - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        elif out and "-" not in out[-1] and int(out[-1]) == i - 1:
+            out[-1] = f"{out[-1]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
+
+
+def parse_ranges(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
 FULL_COUNT = "xencr:chain"  # runs since the last full, per disk (full_interval)
 
 

@@ -5,7 +5,6 @@ only the snapshots the next deltas need."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -63,6 +62,7 @@ class DiskResult:
     blocks: int = 0
     seconds: float = 0.0
     digest: str = ""
+    block_indices: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -321,8 +321,11 @@ def _to_target(
             f"xencr replica of {rec['name_label']} at {stamp}: {_human(total)} transferred ({kinds})"
         )
         for d, vdi in zip(results, new_vdis, strict=True):
-            ts.api.VDI.remove_from_other_config(vdi, md.DIGEST)
-            ts.api.VDI.add_to_other_config(vdi, md.DIGEST, d.digest)
+            # What `xencr verify` re-reads and compares: which blocks came, and their digests.
+            oc = dict(ts.api.VDI.get_other_config(vdi))
+            ts.api.VDI.set_other_config(
+                vdi, oc | {md.DIGEST: d.digest, md.BLOCKS: md.ranges(d.block_indices)}
+            )
         hold("before-commit")
         tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
         hold("after-commit")
@@ -382,7 +385,6 @@ def _copy(
         deadline=deadline,
         progress=hook,
     )
-    digest = hashlib.sha256("".join(f"{b}:{h};" for b, h in r.digests).encode()).hexdigest()
     return DiskResult(
         dp.disk.userdevice,
         dp.disk.name,
@@ -391,7 +393,8 @@ def _copy(
         r.bytes_sent,
         r.blocks,
         r.seconds,
-        f"{r.digest_algorithm}-list:{digest}",
+        md.digest_of_list(r.digest_algorithm, r.digests),
+        [b for b, _ in r.digests],
     )
 
 

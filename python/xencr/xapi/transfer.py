@@ -344,3 +344,60 @@ def changed_blocks(session: XapiSession, vdi: str, base_vdi: str) -> int:
             sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
+
+
+def read_digests(session: XapiSession, vdi: str) -> _engine.StreamReport:
+    """Re-read a VDI through a full export and digest every block it holds (the data goes to
+    /dev/null through the engine; nothing is written anywhere)."""
+    task = str(session.call("task.create", "xencr verify", f"re-read of {vdi}"))
+    sock = _connect(session)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        _send_request(
+            sock,
+            "GET",
+            "/export_raw_vdi?" + _query(session, task, vdi=vdi, format="vhd"),
+            session.endpoint.host,
+            None,
+        )
+        status, _, rest = _read_head(sock, "export")
+        if status != 200:
+            raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
+        head, total = _read_stream_head(sock, rest)
+        if isinstance(sock, ssl.SSLSocket):
+            return _pump_tls_to(sock, devnull, head, total)
+        return _engine.transform(sock.fileno(), devnull, length=total, prefix=head)
+    finally:
+        os.close(devnull)
+        with contextlib.suppress(OSError):
+            sock.close()
+        session.cancel_task(task)
+        session.destroy_task(task)
+
+
+def _pump_tls_to(s: socket.socket, out_fd: int, head: bytes, total: int) -> _engine.StreamReport:
+    """Decrypt in a thread into a pipe the engine reads."""
+    r, w = os.pipe()
+    errors: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            left = total - len(head)
+            while left > 0 and (chunk := s.recv(min(left, 1 << 20))):
+                _write_all(w, chunk)
+                left -= len(chunk)
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            os.close(w)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        report = _engine.transform(r, out_fd, length=total, prefix=head)
+    finally:
+        os.close(r)
+        t.join()
+    if errors:
+        raise OSError(str(errors[0]))
+    return report
