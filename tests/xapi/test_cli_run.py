@@ -171,6 +171,10 @@ def test_xencr_demo_end_to_end(tmp_path: Path) -> None:
 
 def test_verify_rereads_what_was_sent(pools: Pools, tmp_path: Path) -> None:
     cfg = _config(tmp_path, pools, vms='["vm1"]')
+    s = pools.session(0)
+    src_vm = s.api.VM.get_by_name_label("vm1")[0]
+    src_vdi = next(s.api.VBD.get_VDI(b) for b in s.api.VM.get_VBDs(src_vm) if s.api.VBD.get_type(b) == "Disk")
+    s.api.sim.write(s.api.VDI.get_uuid(src_vdi), str(5 * 1024 * 1024), "4096", "verify")
     assert _invoke("run", "cli", "--config", str(cfg))[0] == 0
     rows = json.loads(_invoke("replica", "list", "cli", "--config", str(cfg), "--json")[1])
     newest = rows[-1]["uuid"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,6 +203,15 @@ class PoolServer(ThreadingHTTPServer):
         self.pool = pool
         self.tls = tls
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that drops its connection (a cut transfer, a killed process) is routine for
+        # a pool: log it, instead of socketserver's traceback on stderr.
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError, ssl.SSLError)):
+            self.pool.log.info("connection from %s ended: %s", client_address, err)
+            return
+        self.pool.log.exception("request from %s failed", client_address)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
