@@ -61,6 +61,16 @@ def test_full_then_delta(pools: Pools) -> None:
     tr2 = _check_replica(src, t, second)
     assert tr2.kind == "delta", [d.reason for d in tr2.disks]
     assert [d.blocks for d in tr2.disks] == [1]
+    # Counted by the target pool's import, not by us: one 2 MiB block, all its sectors.
+    replica = t.session.api.VM.get_by_uuid(tr2.restore_point)
+    vdi = next(
+        t.session.api.VBD.get_VDI(b)
+        for b in t.session.api.VM.get_VBDs(replica)
+        if t.session.api.VBD.get_type(b) == "Disk"
+    )
+    stats = t.session.api.sim.import_stats(t.session.api.VDI.get_uuid(vdi))
+    assert (int(stats["blocks"]), int(stats["sectors_written"])) == (1, 4096)
+    assert int(stats["bytes_in"]) == tr2.bytes_sent
     # Only the snapshot the next delta needs stays on the source.
     snaps = [r for r in src.api.VM.get_snapshots(vm) if src.api.VM.get_other_config(r).get(md.JOB) == JOB.id]
     assert [src.api.VM.get_uuid(s) for s in snaps] == [second.vms[0].snapshot]

@@ -437,7 +437,7 @@ def _import(t: Transfer) -> None:
         drop, flip, rate = pool.faults.take_transfer("import")
         try:
             with pool.storage.file_lock(row["uuid"]):
-                _receive(
+                report = _receive(
                     pool,
                     req,
                     fmt,
@@ -455,6 +455,11 @@ def _import(t: Transfer) -> None:
             pool.log.warning("import into %s failed: %s", row["uuid"], err)
             pool.tasks.fail(task, IO_ERROR)
         else:
+            if report is not None:
+                # What the pool itself received: tests compare it with what xencr says it sent.
+                stats = {k: int(report[k]) for k in ("bytes_in", "blocks", "sectors_written")}
+                pool.imports[row["uuid"]] = stats
+                pool.log.info("import into %s: %s", row["uuid"], stats)
             _complete_or_fault_after(pool, task, "import_raw_vdi", wire_xmlrpc.value(vdi))
     finally:
         pool.gc.transfer(sr_ref, -1)
@@ -487,7 +492,8 @@ def _receive(
     drop: int | None,
     flip: int | None,
     rate: int | None,
-) -> None:
+) -> Any:
+    """Receive the body; a VHD import returns the engine's report of what it applied."""
     eng = engine()
     prefix = _buffered_prefix(req, length)
     sock_fd = req.connection.fileno()
@@ -502,8 +508,9 @@ def _receive(
             if pool.storage.free(sr_ref) < length:
                 raise OSError("no space left on the SR")
     if fmt == "vhd" and not faulty:
-        eng.apply_stream(sock_fd, path, target_format="vhd", length=length, prefix=prefix, parents=parents)
-        return
+        return eng.apply_stream(
+            sock_fd, path, target_format="vhd", length=length, prefix=prefix, parents=parents
+        )
     if fmt == "vhd":
         remaining = None if length is None else length - len(prefix)
         head = bytearray(prefix)
@@ -526,12 +533,14 @@ def _receive(
                 remaining,
             )
 
-        _through_pipe(feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents))
-        return
+        return _through_pipe(
+            feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents)
+        )
     if chunked:
         _receive_chunked(req, eng, path, parents, prefix, virtual_size)
-        return
+        return None
     _receive_raw(req, eng, path, parents, prefix, length, virtual_size, drop, flip, rate)
+    return None
 
 
 def _body_reader(req: BaseHTTPRequestHandler) -> Callable[[int], bytes]:

@@ -41,6 +41,8 @@ class PoolState:
         self.password = password
         self.auth_delay = auth_delay
         self.faults = Faults(self.log)
+        # Per VDI UUID: what the last VHD import received (bytes, blocks, sectors written).
+        self.imports: dict[str, dict[str, int]] = {}
         self.tasks = TaskRunner(self)
         self.storage = Storage(self)
         self.gc = Collector(self)

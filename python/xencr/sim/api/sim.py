@@ -72,6 +72,13 @@ def _hash(pool: PoolState, vdi_uuid: str) -> str:
     return pool.storage.sha256(vdi)
 
 
+@sim_call("sim.import_stats")
+def _import_stats(pool: PoolState, vdi_uuid: str) -> dict[str, Any]:
+    """What the last VHD import into this VDI received, as the pool counted it ({} if none)."""
+    _vdi(pool, vdi_uuid)  # UUID_INVALID for an unknown VDI
+    return dict(pool.imports.get(vdi_uuid, {}))
+
+
 @sim_call("sim.fault_fail_next_call")
 def _fail_next(pool: PoolState, method: str, description: list[str]) -> str:
     if not description:
