@@ -295,7 +295,12 @@ def _to_target(
         md.SNAPSHOT_TIME: md.precise(when),
     }
     hold("before-replica")
-    replica = tgt.create_replica(ts, snap_rec | {"name_label": rec["name_label"]}, keys)
+    # The snapshot has the disks' moment; startup settings (order, delays, HA priority) are
+    # reset on snapshots, so they come from the VM itself.
+    startup = {
+        k: rec[k] for k in ("order", "start_delay", "shutdown_delay", "ha_restart_priority") if k in rec
+    }
+    replica = tgt.create_replica(ts, snap_rec | startup | {"name_label": rec["name_label"]}, keys)
     new_vdis: list[str] = []
     try:
         for dp in plan.disks:

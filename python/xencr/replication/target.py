@@ -153,9 +153,10 @@ def _vm_record(src_rec: dict[str, Any], name: str, keys: dict[str, str]) -> dict
         ha_restart_priority="",
         ha_always_run=False,
     )
-    # The startup order and delays travel as metadata too (DR reads them back).
-    for k in ("order", "start_delay"):
-        rec["other_config"][f"xencr:{k}"] = str(src_rec.get(k, 0))
+    # The startup order, delays and HA priority travel as metadata (failover reads them back);
+    # the replica itself has HA cleared.
+    for k in ("order", "start_delay", "ha_restart_priority"):
+        rec["other_config"][f"xencr:{k}"] = str(src_rec.get(k, ""))
     return rec
 
 
