@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
-def start_sim(state: Path, disk_size: int) -> tuple[threading.Event, list[str]]:
+def start_sim(state: Path, disk_size: int) -> tuple[threading.Event, threading.Thread, list[str]]:
     init_state(state, 2, vms=1, disk_size=disk_size, sr_size=8 * disk_size, password=PASSWORD)
     stop, ready, urls = threading.Event(), threading.Event(), []
 
@@ -49,7 +49,7 @@ def start_sim(state: Path, disk_size: int) -> tuple[threading.Event, list[str]]:
             if len(urls) == 2:
                 ready.set()
 
-    threading.Thread(
+    thread = threading.Thread(
         target=lambda: serve(
             state,
             pools=None,
@@ -61,9 +61,10 @@ def start_sim(state: Path, disk_size: int) -> tuple[threading.Event, list[str]]:
             stop=stop,
         ),
         daemon=True,
-    ).start()
+    )
+    thread.start()
     assert ready.wait(60)
-    return stop, urls
+    return stop, thread, urls
 
 
 def write_config(d: Path, urls: list[str], sr: str) -> Path:
@@ -138,7 +139,7 @@ def curl_export(s: XapiSession, url: str, snap_vdi: str, base_vdi: str) -> tuple
 def measure(size: int, changed: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="xencr-bench-") as tmp:
         d = Path(tmp)
-        stop, urls = start_sim(d / "sim", size)
+        stop, thread, urls = start_sim(d / "sim", size)
         try:
             a = XapiSession(Endpoint(urls[0]), "root", PASSWORD)
             b = XapiSession(Endpoint(urls[1]), "root", PASSWORD)
@@ -160,6 +161,7 @@ def measure(size: int, changed: float) -> dict[str, float]:
             b.logout()
         finally:
             stop.set()
+            thread.join(60)  # before the state folder goes
     ours = float(report["bytes"]) / float(report["disk_s"])
     theirs = curl_bytes / curl_s
     return {

@@ -509,7 +509,7 @@ def _receive(
                 raise OSError("no space left on the SR")
     if fmt == "vhd" and not faulty:
         return eng.apply_stream(
-            sock_fd, path, target_format="vhd", length=length, prefix=prefix, parents=parents
+            sock_fd, path, target_format="vhd", length=length, prefix=prefix, parents=parents, durable=False
         )
     if fmt == "vhd":
         remaining = None if length is None else length - len(prefix)
