@@ -18,15 +18,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
-from xencr.sim.control import serve  # noqa: E402
-from xencr.sim.layout import init_state  # noqa: E402
+from xencr.sim.harness import running_simulator  # noqa: E402
 from xencr.xapi.session import Endpoint, XapiSession  # noqa: E402
 
 MIB = 1 << 20
@@ -37,34 +35,6 @@ PASSWORD = "bench-password"
 def parse_size(text: str) -> int:
     units = {"M": MIB, "G": 1024 * MIB}
     return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
-
-
-def start_sim(state: Path, disk_size: int) -> tuple[threading.Event, threading.Thread, list[str]]:
-    init_state(state, 2, vms=1, disk_size=disk_size, sr_size=8 * disk_size, password=PASSWORD)
-    stop, ready, urls = threading.Event(), threading.Event(), []
-
-    def announce(line: str) -> None:
-        if line.startswith("pool"):
-            urls.append(line.split()[1])
-            if len(urls) == 2:
-                ready.set()
-
-    thread = threading.Thread(
-        target=lambda: serve(
-            state,
-            pools=None,
-            host="127.0.0.1",
-            port=0,
-            password_file=None,
-            auth_delay=0.0,
-            announce=announce,
-            stop=stop,
-        ),
-        daemon=True,
-    )
-    thread.start()
-    assert ready.wait(60)
-    return stop, thread, urls
 
 
 def write_config(d: Path, urls: list[str], sr: str) -> Path:
@@ -139,8 +109,10 @@ def curl_export(s: XapiSession, url: str, snap_vdi: str, base_vdi: str) -> tuple
 def measure(size: int, changed: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="xencr-bench-") as tmp:
         d = Path(tmp)
-        stop, thread, urls = start_sim(d / "sim", size)
-        try:
+        with running_simulator(
+            d / "sim", pools=2, vms=1, disk_size=size, sr_size=8 * size, password=PASSWORD
+        ) as sim:
+            urls = sim.urls
             a = XapiSession(Endpoint(urls[0]), "root", PASSWORD)
             b = XapiSession(Endpoint(urls[1]), "root", PASSWORD)
             sr = b.api.SR.get_uuid(b.api.pool.get_default_SR(b.api.pool.get_all()[0]))
@@ -159,9 +131,6 @@ def measure(size: int, changed: float) -> dict[str, float]:
             curl_s, curl_bytes = curl_export(a, urls[0], disk_of(a, new), disk_of(a, base))
             a.logout()
             b.logout()
-        finally:
-            stop.set()
-            thread.join(60)  # before the state folder goes
     ours = float(report["bytes"]) / float(report["disk_s"])
     theirs = curl_bytes / curl_s
     return {

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from xencr.cli.run import summary_lines
@@ -17,47 +15,12 @@ from xencr.config import load_config
 from xencr.replication import metadata as md
 from xencr.replication.jobs import connect, run_configured
 from xencr.replication.target import restore_points
-from xencr.sim.control import serve
-from xencr.sim.layout import init_state
+from xencr.sim.harness import running_simulator
 from xencr.xapi.errors import XapiError
 from xencr.xapi.session import Endpoint, XapiSession
 
 MIB = 1024 * 1024
 JOB = "demo"
-
-
-@contextmanager
-def simulator(state: Path, password: str) -> Iterator[list[str]]:
-    init_state(state, 2, vms=2, disk_size=64 * MIB, sr_size=4096 * MIB, password=password)
-    stop, ready, urls = threading.Event(), threading.Event(), []
-
-    def announce(line: str) -> None:
-        if line.startswith("pool"):
-            urls.append(line.split()[1])
-            if len(urls) == 2:
-                ready.set()
-
-    def run() -> None:
-        serve(
-            state,
-            pools=None,
-            host="127.0.0.1",
-            port=0,
-            password_file=None,
-            auth_delay=0.0,
-            announce=announce,
-            stop=stop,
-        )
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    if not ready.wait(30):
-        raise RuntimeError("the simulator did not start")
-    try:
-        yield urls
-    finally:
-        stop.set()
-        t.join(30)
 
 
 def _config(d: Path, urls: list[str], password: str, sr: str) -> Path:
@@ -94,7 +57,10 @@ def run(keep: str | None = None, say: Callable[[str], None] = print) -> bool:
         d = Path(keep) if keep else Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
         password = os.urandom(12).hex()
-        with simulator(d / "sim", password) as urls:
+        with running_simulator(
+            d / "sim", pools=2, vms=2, disk_size=64 * MIB, sr_size=4096 * MIB, password=password
+        ) as sim:
+            urls = sim.urls
             say(f"simulator: pool site-a at {urls[0]}, pool site-b at {urls[1]}")
             with XapiSession(Endpoint(urls[1]), "root", password) as b:
                 sr = b.api.SR.get_name_label(b.api.pool.get_default_SR(b.api.pool.get_all()[0]))

@@ -151,7 +151,7 @@ def replicate_vm(
     cleaned = {t.name: tgt.cleanup(t.session, job.id, rec["uuid"], t.sr, t.sr_uuid) for t in targets}
     previous = srcmod.job_snapshots(src, vm, job.id)
     foreign = srcmod.foreign_snapshots(src, vm, job.id)
-    nobak = [d.vdi for d in _all_disks(src, vm) if md.NOBAK in d.name]
+    nobak = [d.vdi for d in srcmod.disks_of(src, vm, with_nobak=True) if md.NOBAK in d.name]
     try:
         snap, when = srcmod.take_snapshot(
             src, vm, rec, job.id, job.name, job.schedule_id, job.snapshot_mode, nobak
@@ -232,25 +232,6 @@ def hold(point: str) -> None:
     Path(os.environ.get("XENCR_TEST_HOLD_FILE", "/dev/null")).write_text(point)
     while True:
         time.sleep(3600)
-
-
-def _all_disks(s: XapiSession, vm: str) -> list[srcmod.Disk]:
-    out = []
-    for vbd in s.api.VM.get_VBDs(vm):
-        r = s.api.VBD.get_record(vbd)
-        if r["type"] == "Disk" and not r["empty"]:
-            v = s.api.VDI.get_record(r["VDI"])
-            out.append(
-                srcmod.Disk(
-                    str(r["userdevice"]),
-                    str(r["VDI"]),
-                    v["uuid"],
-                    v["name_label"],
-                    int(v["virtual_size"]),
-                    bool(r["bootable"]),
-                )
-            )
-    return out
 
 
 def _to_target(

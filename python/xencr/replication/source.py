@@ -27,15 +27,15 @@ class Disk:
     bootable: bool
 
 
-def disks_of(s: XapiSession, vm: str) -> list[Disk]:
-    """Disk VBDs (no CDs, no empty drives, no `[NOBAK]` disks), in user-device order."""
+def disks_of(s: XapiSession, vm: str, *, with_nobak: bool = False) -> list[Disk]:
+    """Disk VBDs (no CDs, no empty drives, no `[NOBAK]` disks unless asked), in user-device order."""
     out = []
     for vbd in s.api.VM.get_VBDs(vm):
         r = s.api.VBD.get_record(vbd)
         if r["type"] != "Disk" or r["empty"] or r["VDI"] == "OpaqueRef:NULL":
             continue
         v = s.api.VDI.get_record(r["VDI"])
-        if md.NOBAK in v["name_label"]:
+        if md.NOBAK in v["name_label"] and not with_nobak:
             continue
         out.append(
             Disk(

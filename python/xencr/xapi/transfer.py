@@ -252,64 +252,64 @@ def _task_failure(session: XapiSession, task: str, wait: float = 0.5) -> XapiErr
 
 def _pump(
     s: socket.socket,
-    d: socket.socket,
+    d: socket.socket | int,
     head: bytes,
     total: int,
-    rate: int | None,
+    rate: int | None = None,
     counter: _engine.Progress | None = None,
 ) -> _engine.StreamReport:
-    """Move the stream's remaining bytes from ``s`` to ``d`` through the engine."""
+    """Move the stream's remaining bytes from ``s`` to ``d`` (a socket or a descriptor) through
+    the engine: descriptor to descriptor when there is no TLS; TLS records must be decrypted and
+    encrypted in Python, so threads relay them through pipes around the engine."""
+    out_fd = d if isinstance(d, int) else d.fileno()
     if not isinstance(s, ssl.SSLSocket) and not isinstance(d, ssl.SSLSocket):
         return _engine.transform(
-            s.fileno(), d.fileno(), length=total, prefix=head, rate_limit=rate, progress=counter
+            s.fileno(), out_fd, length=total, prefix=head, rate_limit=rate, progress=counter
         )
-    return _pump_tls(s, d, head, total, rate, counter)
-
-
-def _pump_tls(
-    s: socket.socket,
-    d: socket.socket,
-    head: bytes,
-    total: int,
-    rate: int | None,
-    counter: _engine.Progress | None = None,
-) -> _engine.StreamReport:
-    """TLS records must be decrypted in Python: relay them through pipes around the engine."""
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
     errors: list[BaseException] = []
+    closing: list[int] = []
+    threads: list[threading.Thread] = []
 
-    def feed() -> None:
+    def run(target: Callable[[], None], fd: int) -> None:
         try:
+            target()
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            os.close(fd)
+
+    in_fd = s.fileno()
+    if isinstance(s, ssl.SSLSocket):
+        in_r, in_w = os.pipe()
+
+        def feed() -> None:
             left = total - len(head)
-            while left > 0:
-                chunk = s.recv(min(left, 1 << 20))
-                if not chunk:
-                    break
+            while left > 0 and (chunk := s.recv(min(left, 1 << 20))):
                 _write_all(in_w, chunk)
                 left -= len(chunk)
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            os.close(in_w)
 
-    def drain() -> None:
-        try:
+        threads.append(threading.Thread(target=run, args=(feed, in_w), daemon=True))
+        in_fd = in_r
+        closing.append(in_r)
+    if isinstance(d, ssl.SSLSocket):
+        out_r, out_w = os.pipe()
+
+        def drain() -> None:
             while chunk := os.read(out_r, 1 << 20):
                 d.sendall(chunk)
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            os.close(out_r)
 
-    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+        threads.append(threading.Thread(target=run, args=(drain, out_r), daemon=True))
+        out_fd = out_w
+        closing.append(out_w)
     for t in threads:
         t.start()
     try:
-        report = _engine.transform(in_r, out_w, length=total, prefix=head, rate_limit=rate, progress=counter)
+        report = _engine.transform(
+            in_fd, out_fd, length=total, prefix=head, rate_limit=rate, progress=counter
+        )
     finally:
-        os.close(in_r)
-        os.close(out_w)
+        for fd in closing:
+            os.close(fd)  # ends the relays: EOF for the drain, EPIPE for a stuck feed
         for t in threads:
             t.join()
     if errors:
@@ -364,40 +364,10 @@ def read_digests(session: XapiSession, vdi: str) -> _engine.StreamReport:
         if status != 200:
             raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
         head, total = _read_stream_head(sock, rest)
-        if isinstance(sock, ssl.SSLSocket):
-            return _pump_tls_to(sock, devnull, head, total)
-        return _engine.transform(sock.fileno(), devnull, length=total, prefix=head)
+        return _pump(sock, devnull, head, total)
     finally:
         os.close(devnull)
         with contextlib.suppress(OSError):
             sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
-
-
-def _pump_tls_to(s: socket.socket, out_fd: int, head: bytes, total: int) -> _engine.StreamReport:
-    """Decrypt in a thread into a pipe the engine reads."""
-    r, w = os.pipe()
-    errors: list[BaseException] = []
-
-    def feed() -> None:
-        try:
-            left = total - len(head)
-            while left > 0 and (chunk := s.recv(min(left, 1 << 20))):
-                _write_all(w, chunk)
-                left -= len(chunk)
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            os.close(w)
-
-    t = threading.Thread(target=feed, daemon=True)
-    t.start()
-    try:
-        report = _engine.transform(r, out_fd, length=total, prefix=head)
-    finally:
-        os.close(r)
-        t.join()
-    if errors:
-        raise OSError(str(errors[0]))
-    return report
