@@ -12,6 +12,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,16 +183,33 @@ class StateDB:
             raise StateError(f"{self.path}: cannot open the state database: {err}") from None
         try:
             self._db.execute("PRAGMA busy_timeout = 30000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            self._setup_with_retries()
         except sqlite3.DatabaseError as err:
             self._db.close()
             raise StateError(f"{self.path}: not a usable state database: {err}") from None
         except StateError:
             self._db.close()
             raise
+
+    def _setup_with_retries(self, seconds: float = 30.0) -> None:
+        """Switching a new file to WAL needs it to itself, and SQLite answers "locked" at once
+        rather than waiting on the busy timeout: several processes opening a fresh database
+        together (a daemon and a manual run) take turns here."""
+        deadline = time.monotonic() + seconds
+        delay = 0.01
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as err:
+                transient = "locked" in str(err) or "busy" in str(err)
+                if not transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     # -- plumbing
 
