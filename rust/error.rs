@@ -140,6 +140,9 @@ pub enum VhdError {
     #[error("size mismatch: {0}")]
     SizeMismatch(String),
 
+    #[error("{host} answered HTTP {status}")]
+    Http { host: String, status: u16 },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -175,6 +178,7 @@ impl VhdError {
             VhdError::Batmap { .. } => "batmap",
             VhdError::MergeState { .. } => "merge_state",
             VhdError::SizeMismatch(_) => "size_mismatch",
+            VhdError::Http { .. } => "http_status",
             VhdError::Io { .. } => "io",
         }
     }

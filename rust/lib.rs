@@ -7,6 +7,7 @@ pub mod diff;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod net;
 pub mod stream;
 
 #[cfg(feature = "python")]

@@ -74,6 +74,7 @@ pub fn borrow_fd(fd: i32) -> ManuallyDrop<File> {
 #[pyclass(frozen, module = "xencr._engine")]
 pub struct Progress {
     done: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
 }
 
 #[pymethods]
@@ -82,6 +83,7 @@ impl Progress {
     fn new() -> Self {
         Progress {
             done: Arc::new(AtomicU64::new(0)),
+            total: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -89,6 +91,12 @@ impl Progress {
     #[getter]
     fn bytes(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
+    }
+
+    /// The stream's total length once known (0 before), for calls that learn it themselves.
+    #[getter]
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 }
 
@@ -652,6 +660,76 @@ fn probe_stream_length(py: Python<'_>, prefix: Vec<u8>) -> PyRes<(u64, Option<u6
     })
 }
 
+fn trust_of(spec: Option<String>) -> crate::Result<Option<crate::net::Trust>> {
+    match spec.as_deref() {
+        None => Ok(None),
+        Some("verify") => Ok(Some(crate::net::Trust::SystemRoots)),
+        Some(pin) => crate::net::parse_pin(pin)
+            .map(|p| Some(crate::net::Trust::Pinned(p)))
+            .ok_or_else(|| Error::BadRange(format!("{pin:?} is not a sha256 fingerprint"))),
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (src_fd, src_host, src_path, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, dst_tls=None, rate_limit=None, require_full_bitmaps=true, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn relay<'py>(
+    py: Python<'py>,
+    src_fd: i32,
+    src_host: String,
+    src_path: String,
+    dst_fd: Option<i32>,
+    dst_host: Option<String>,
+    dst_path: Option<String>,
+    src_tls: Option<String>,
+    dst_tls: Option<String>,
+    rate_limit: Option<u64>,
+    require_full_bitmaps: bool,
+    progress: Option<Py<Progress>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let counters = progress
+        .as_ref()
+        .map(|p| (p.get().done.clone(), p.get().total.clone()));
+    let (r, status) = detached(py, || {
+        let src = crate::net::Side {
+            fd: src_fd,
+            host: src_host,
+            path: src_path,
+            tls: trust_of(src_tls)?,
+        };
+        let dst = match (dst_fd, dst_host, dst_path) {
+            (Some(fd), Some(host), Some(path)) => Some(crate::net::Side {
+                fd,
+                host,
+                path,
+                tls: trust_of(dst_tls)?,
+            }),
+            (None, _, _) => None,
+            _ => {
+                return Err(Error::BadRange(
+                    "dst_fd, dst_host and dst_path go together".into(),
+                ))
+            }
+        };
+        let update = |done: u64, total: u64| {
+            if let Some((d, t)) = &counters {
+                d.store(done, Ordering::Relaxed);
+                t.store(total, Ordering::Relaxed);
+            }
+        };
+        crate::net::relay(
+            &src,
+            dst.as_ref(),
+            rate_limit,
+            require_full_bitmaps,
+            Some(&update),
+        )
+    })?;
+    let d = report_to_py(py, &r)?;
+    d.set_item("import_status", status)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -679,6 +757,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(transform, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     m.add_function(wrap_pyfunction!(probe_stream_length, m)?)?;
+    m.add_function(wrap_pyfunction!(relay, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(diff_stream, m)?)?;
     Ok(())
