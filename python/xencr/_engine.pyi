@@ -43,6 +43,9 @@ class Progress:
     def __init__(self) -> None: ...
     @property
     def bytes(self) -> int: ...
+    @property
+    def total(self) -> int:
+        """The stream's length once the call knows it (0 before); set by :func:`relay`."""
 
 class StreamReport(TypedDict):
     bytes_in: int
@@ -174,6 +177,28 @@ def probe_stream_length(prefix: bytes) -> tuple[int, int | None]:
     Returns ``(need, None)`` while ``prefix`` is too short (give at least ``need`` bytes), then
     ``(head_length, total_length)``. XAPI's export sends no ``Content-Length`` and its import
     requires one: a relay reads the head, announces the total, then forwards everything."""
+
+def relay(
+    src_fd: int,
+    src_host: str,
+    src_path: str,
+    dst_fd: int | None = None,
+    dst_host: str | None = None,
+    dst_path: str | None = None,
+    *,
+    src_tls: str | None = None,
+    dst_tls: str | None = None,
+    rate_limit: int | None = None,
+    require_full_bitmaps: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """XAPI's export to XAPI's import over connected TCP descriptors (the caller's): TLS where
+    ``*_tls`` is given (``"verify"``: the system CAs and host name; ``"sha256:..."``/hex: exactly
+    that certificate), ``GET src_path``, the length probed from the stream's head, ``PUT
+    dst_path`` with that ``Content-Length``, and the stream through :func:`transform`. With no
+    destination the stream is only validated and digested. Returns the transform's report plus
+    ``import_status`` (the import's HTTP status, or None). A non-200 export raises
+    :class:`VhdError` of kind ``http_status``."""
 
 def transform(
     src: int | str,

@@ -151,9 +151,10 @@ def test_transfers_report_progress(pools: Pools) -> None:
     report = run_job(src, [vm], [t], JOB, monitor=rec)
     tr = _check_replica(src, t, report)
     assert list(rec.seen) == rec.ended == [f"vm1 -> pool1 disk {d.userdevice}" for d in tr.disks]
-    for total, counter in rec.seen.values():
-        assert counter.bytes == total > 0, "the counter reached the stream's length"
-    total, counter = next(iter(rec.seen.values()))
+    for _, counter in rec.seen.values():
+        assert counter.bytes == counter.total > 0, "the counter reached the stream's length"
+    _, counter = next(iter(rec.seen.values()))
+    total = counter.total
     live = LiveTransfers(enabled=False)
     line = live.line(type("T", (), {"label": "x", "total": total, "counter": counter, "start": 0.0})(), 1.0)
     assert line.startswith("x: 100% ") and "ETA 0:00" in line

@@ -10,7 +10,7 @@ from xapitest import PASSWORD, Pools, run_sim
 
 from xencr.xapi.errors import FingerprintMismatch, PoolUnreachable
 from xencr.xapi.session import Endpoint, XapiSession
-from xencr.xapi.transfer import copy_vdi
+from xencr.xapi.transfer import copy_vdi, read_digests
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,6 @@ def test_pinned_transfer_over_tls(tls_pools: Pools) -> None:
     report = copy_vdi(src, vdi, dst, target)
     assert report.kind == "full" and report.blocks > 0
     assert dst.api.sim.hash(dst.api.VDI.get_uuid(target)) == src.api.sim.hash(src.api.VDI.get_uuid(vdi))
+    # Re-reading over TLS gives back the digests the transfer recorded.
+    again = read_digests(dst, target)
+    assert dict(again["digests"]) == dict(report.digests)

@@ -46,6 +46,8 @@ class LiveTransfers:
 
     @staticmethod
     def line(t: _Transfer, now: float) -> str:
+        total = t.total or t.counter.total  # a relay learns the length itself
+        t = _Transfer(t.label, total, t.counter, t.start)
         done = min(t.counter.bytes, t.total)
         elapsed = max(now - t.start, 1e-6)
         speed = done / elapsed

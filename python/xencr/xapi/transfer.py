@@ -3,21 +3,21 @@ engine's transform (validation, per-block digests, rate limit). No temporary fil
 buffer. XAPI's export sends no ``Content-Length`` and its import requires one, so the stream's
 head (footer, header, BAT) is read first and its total length announced before forwarding.
 
-Plain HTTP: the engine moves bytes socket to socket with no Python in the data path. HTTPS:
-two relay threads carry TLS records between the sockets and pipes the engine reads and writes
-(bounded by the pipes' buffers)."""
+Python opens the TCP connections (so a watchdog can cut them at a deadline) and follows the
+pools' tasks; the engine does the rest on those descriptors: TLS where a pool is HTTPS (rustls,
+system CAs or a pinned certificate), the HTTP exchange, and the stream. No byte of a disk passes
+through Python."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlencode
 
 from xencr import _engine
@@ -51,7 +51,8 @@ class TransferReport:
     imported_vdi: str = ""
 
 
-def _connect(session: XapiSession) -> socket.socket:
+def _tcp(session: XapiSession) -> socket.socket:
+    """A TCP connection to the pool, with kernel-level stall timeouts."""
     e = session.endpoint
     try:
         raw = socket.create_connection((e.host, e.port), timeout=30)
@@ -63,6 +64,13 @@ def _connect(session: XapiSession) -> socket.socket:
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return raw
+
+
+def _connect(session: XapiSession) -> socket.socket:
+    """A connection for a small HTTP exchange done in Python (TLS by Python's ssl)."""
+    e = session.endpoint
+    raw = _tcp(session)
     if e.scheme != "https":
         return raw
     ctx = client_context(e.fingerprint, e.verify_tls)
@@ -145,38 +153,47 @@ def copy_vdi(
         params = {"vdi": src_vdi, "format": "vhd"}
         if base_vdi:
             params["base"] = base_vdi
-        s = _connect(src)
-        socks.append(s)
-        _send_request(s, "GET", "/export_raw_vdi?" + _query(src, src_task, **params), src.endpoint.host, None)
-        status, _, rest = _read_head(s, "export")
-        if status != 200:
-            raise _task_failure(src, src_task) or TransferError(f"export of {src_vdi}: HTTP {status}")
-        head, total = _read_stream_head(s, rest)
-        d = _connect(dst)
-        socks.append(d)
-        path = "/import_raw_vdi?" + _query(dst, dst_task, vdi=dst_vdi, format="vhd")
-        _send_request(d, "PUT", path, dst.endpoint.host, total)
+        export_path = "/export_raw_vdi?" + _query(src, src_task, **params)
+        import_path = "/import_raw_vdi?" + _query(dst, dst_task, vdi=dst_vdi, format="vhd")
+        s, d = _tcp(src), _tcp(dst)
+        socks += [s, d]
         watchdog = _Watchdog(socks, deadline)
+        # TLS (where a side is HTTPS), the HTTP exchange and the stream all in the engine, on
+        # the TCP connections opened here, so that the watchdog can still cut them.
+        counter = progress(0) if progress else None  # the engine learns the length: `.total`
         try:
-            counter = progress(total) if progress else None
-            report = _pump(s, d, head, total, rate_limit, counter)
+            report = _engine.relay(
+                s.fileno(),
+                src.endpoint.host,
+                export_path,
+                d.fileno(),
+                dst.endpoint.host,
+                import_path,
+                src_tls=_tls_spec(src),
+                dst_tls=_tls_spec(dst),
+                rate_limit=rate_limit,
+                progress=counter,
+            )
         except (_engine.VhdError, OSError) as err:
             if watchdog.fired:
                 raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
+            if getattr(err, "kind", "") == "http_status":  # the pool said why in its task (xapi.md 4.1)
+                raise _task_failure(src, src_task) or TransferError(f"export of {src_vdi}: {err}") from None
             # Closing the import connection mid-body makes the pool fail its import task.
             raise _task_failure(dst, dst_task, wait=2.0) or TransferError(
                 f"transfer of {src_vdi}: {err}"
             ) from None
         finally:
             watchdog.cancel()
-        status, _, _ = _read_head(d, "import")
-        if status != 200:
-            raise _task_failure(dst, dst_task) or TransferError(f"import into {dst_vdi}: HTTP {status}")
+        if report.get("import_status", 200) != 200:
+            raise _task_failure(dst, dst_task) or TransferError(
+                f"import into {dst_vdi}: HTTP {report.get('import_status')}"
+            )
         imported = _wait(dst, dst_task, timeout)
         _wait(src, src_task, timeout)
         done = True
         return TransferReport(
-            stream_length=total,
+            stream_length=int(report["bytes_in"]),
             bytes_sent=int(report["bytes_out"]),
             blocks=int(report["blocks"]),
             kind="delta" if report["disk_type"] == "differencing" else "full",
@@ -192,6 +209,18 @@ def copy_vdi(
             if not done:
                 session.cancel_task(task)
             session.destroy_task(task)
+
+
+def _tls_spec(session: XapiSession) -> str | None:
+    """How the engine trusts this pool: plain HTTP, a pinned certificate, or the system CAs."""
+    e = session.endpoint
+    if e.scheme != "https":
+        return None
+    if e.fingerprint:
+        return e.fingerprint
+    if not e.verify_tls:
+        raise TransferError(f"{e.url}: unverified TLS is not used for disk transfers; pin the certificate")
+    return "verify"
 
 
 class _Watchdog:
@@ -250,80 +279,6 @@ def _task_failure(session: XapiSession, task: str, wait: float = 0.5) -> XapiErr
         time.sleep(0.05)
 
 
-def _pump(
-    s: socket.socket,
-    d: socket.socket | int,
-    head: bytes,
-    total: int,
-    rate: int | None = None,
-    counter: _engine.Progress | None = None,
-) -> _engine.StreamReport:
-    """Move the stream's remaining bytes from ``s`` to ``d`` (a socket or a descriptor) through
-    the engine: descriptor to descriptor when there is no TLS; TLS records must be decrypted and
-    encrypted in Python, so threads relay them through pipes around the engine."""
-    out_fd = d if isinstance(d, int) else d.fileno()
-    if not isinstance(s, ssl.SSLSocket) and not isinstance(d, ssl.SSLSocket):
-        return _engine.transform(
-            s.fileno(), out_fd, length=total, prefix=head, rate_limit=rate, progress=counter
-        )
-    errors: list[BaseException] = []
-    closing: list[int] = []
-    threads: list[threading.Thread] = []
-
-    def run(target: Callable[[], None], fd: int) -> None:
-        try:
-            target()
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            os.close(fd)
-
-    in_fd = s.fileno()
-    if isinstance(s, ssl.SSLSocket):
-        in_r, in_w = os.pipe()
-
-        def feed() -> None:
-            left = total - len(head)
-            while left > 0 and (chunk := s.recv(min(left, 1 << 20))):
-                _write_all(in_w, chunk)
-                left -= len(chunk)
-
-        threads.append(threading.Thread(target=run, args=(feed, in_w), daemon=True))
-        in_fd = in_r
-        closing.append(in_r)
-    if isinstance(d, ssl.SSLSocket):
-        out_r, out_w = os.pipe()
-
-        def drain() -> None:
-            while chunk := os.read(out_r, 1 << 20):
-                d.sendall(chunk)
-
-        threads.append(threading.Thread(target=run, args=(drain, out_r), daemon=True))
-        out_fd = out_w
-        closing.append(out_w)
-    for t in threads:
-        t.start()
-    try:
-        report = _engine.transform(
-            in_fd, out_fd, length=total, prefix=head, rate_limit=rate, progress=counter
-        )
-    finally:
-        for fd in closing:
-            os.close(fd)  # ends the relays: EOF for the drain, EPIPE for a stuck feed
-        for t in threads:
-            t.join()
-    if errors:
-        raise OSError(str(errors[0]))
-    return report
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def changed_blocks(session: XapiSession, vdi: str, base_vdi: str) -> int:
     """How many blocks ``vdi`` holds that ``base_vdi`` does not, read from the head of a delta
     export alone (footer, header, BAT): the connection is closed before any data flows."""
@@ -346,27 +301,20 @@ def changed_blocks(session: XapiSession, vdi: str, base_vdi: str) -> int:
         session.destroy_task(task)
 
 
-def read_digests(session: XapiSession, vdi: str) -> _engine.StreamReport:
-    """Re-read a VDI through a full export and digest every block it holds (the data goes to
-    /dev/null through the engine; nothing is written anywhere)."""
+def read_digests(session: XapiSession, vdi: str) -> dict[str, Any]:
+    """Re-read a VDI through a full export and digest every block it holds (the stream is only
+    validated and digested by the engine; nothing is written anywhere)."""
     task = str(session.call("task.create", "xencr verify", f"re-read of {vdi}"))
-    sock = _connect(session)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    sock = _tcp(session)
     try:
-        _send_request(
-            sock,
-            "GET",
-            "/export_raw_vdi?" + _query(session, task, vdi=vdi, format="vhd"),
-            session.endpoint.host,
-            None,
-        )
-        status, _, rest = _read_head(sock, "export")
-        if status != 200:
-            raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
-        head, total = _read_stream_head(sock, rest)
-        return _pump(sock, devnull, head, total)
+        path = "/export_raw_vdi?" + _query(session, task, vdi=vdi, format="vhd")
+        try:
+            return dict(_engine.relay(sock.fileno(), session.endpoint.host, path, src_tls=_tls_spec(session)))
+        except _engine.VhdError as err:
+            if err.kind == "http_status":
+                raise _task_failure(session, task) or TransferError(f"export of {vdi}: {err}") from None
+            raise
     finally:
-        os.close(devnull)
         with contextlib.suppress(OSError):
             sock.close()
         session.cancel_task(task)
