@@ -163,28 +163,28 @@ def replicate_vm(
     result.snapshot = snap_rec["uuid"]
     disks = srcmod.disks_of(src, snap)
     progress(f"{rec['name_label']}: snapshot {snap_rec['uuid']} ({len(disks)} disk(s))")
+    shared = _VmRun(
+        src,
+        vm,
+        rec,
+        snap,
+        snap_rec,
+        when,
+        disks,
+        previous,
+        foreign,
+        job,
+        force_full,
+        progress,
+        deadline,
+        monitor,
+    )
     for t in targets:
         tr = TargetResult(t.name, t.sr_uuid, cleaned=cleaned[t.name])
         result.targets.append(tr)
         for attempt in range(1, job.retries + 2):
             try:
-                _to_target(
-                    src,
-                    vm,
-                    rec,
-                    snap,
-                    snap_rec,
-                    when,
-                    disks,
-                    (previous, foreign),
-                    t,
-                    job,
-                    force_full,
-                    tr,
-                    progress,
-                    deadline,
-                    monitor,
-                )
+                _to_target(shared, t, tr)
                 tr.outcome, tr.error = "success", None
                 srcmod.mark_exported(src, snap, t.sr_uuid)
                 break
@@ -234,23 +234,37 @@ def hold(point: str) -> None:
         time.sleep(3600)
 
 
-def _to_target(
-    src: XapiSession,
-    vm: str,
-    rec: dict[str, Any],
-    snap: str,
-    snap_rec: dict[str, Any],
-    when: datetime,
-    disks: list[srcmod.Disk],
-    history: tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]],
-    t: Target,
-    job: JobSpec,
-    force_full: bool,
-    tr: TargetResult,
-    progress: Progress,
-    deadline: float | None = None,
-    monitor: TransferMonitor | None = None,
-) -> None:
+@dataclass(frozen=True)
+class _VmRun:
+    """What every target of one VM's run shares: the VM, its new snapshot and the settings."""
+
+    src: XapiSession
+    vm: str
+    rec: dict[str, Any]
+    snap: str
+    snap_rec: dict[str, Any]
+    when: datetime
+    disks: list[srcmod.Disk]
+    previous: list[tuple[str, dict[str, Any]]]  # this job's earlier snapshots, oldest first
+    foreign: list[tuple[str, dict[str, Any]]]  # other snapshots (a Xen Orchestra base, perhaps)
+    job: JobSpec
+    force_full: bool
+    progress: Progress
+    deadline: float | None
+    monitor: TransferMonitor | None
+
+
+def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
+    """One attempt at one target: plan, build the replica, stream every disk, commit, retention.
+    Anything it built is destroyed if it fails."""
+    src, vm, rec, snap_rec, when, disks = run.src, run.vm, run.rec, run.snap_rec, run.when, run.disks
+    job, force_full, progress, deadline, monitor = (
+        run.job,
+        run.force_full,
+        run.progress,
+        run.deadline,
+        run.monitor,
+    )
     ts = t.session
     if deadline is not None and time.monotonic() > deadline:
         raise TransferTimeout(f"the VM's timeout ({job.vm_timeout:.0f}s) passed before {t.name}")
@@ -260,11 +274,11 @@ def _to_target(
         job_id=job.id,
         vm_uuid=rec["uuid"],
         sr_uuid=t.sr_uuid,
-        previous=history[0],
+        previous=run.previous,
         disks=disks,
         full_interval=job.full_interval,
         force_full=force_full,
-        xo_snapshots=history[1],
+        xo_snapshots=run.foreign,
     )
     stamp = md.stamp(when)
     keys = {
