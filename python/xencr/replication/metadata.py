@@ -14,7 +14,6 @@ SR = "xencr:sr"  # target SR UUID
 COPY_OF = "xencr:copy_of"  # source snapshot VM UUID (on replicas) / snapshot VDI UUID (on disks)
 SNAPSHOT_TIME = "xencr:snapshot_time"  # `precise()` form
 COMPLETE = "xencr:complete"  # "false" from creation, "true" at the commit point
-RUN = "xencr:run"
 ROLE = "xencr:role"  # "source-snapshot", "replica", "replica-disk", "commit-snapshot"
 BYTES = "xencr:bytes"
 DIGEST = "xencr:digest"  # digest of the per-block digest list recorded at transfer
@@ -51,11 +50,6 @@ def parse_ranges(text: str) -> list[int]:
 FULL_COUNT = "xencr:chain"  # runs since the last full, per disk (full_interval)
 
 
-def exported_key(sr_uuid: str) -> str:
-    """On a source snapshot: its transfer to that target SR was committed."""
-    return f"xencr:exported:{sr_uuid}"
-
-
 # Xen Orchestra's keys (read to continue an XO chain; see xo-compat.md 1.1).
 XO_JOB = "xo:backup:job"
 XO_SCHEDULE = "xo:backup:schedule"
@@ -64,11 +58,6 @@ XO_SR = "xo:backup:sr"
 XO_DATETIME = "xo:backup:datetime"
 XO_EXPORTED = "xo:backup:exported"
 XO_COPY_OF = "xo:copy_of"
-XO_DATETIME_PLACEHOLDER = "19700101T000000Z"
-
-
-def xo_base_delta_key(sr_uuid: str) -> str:
-    return f"xo:base_delta:{sr_uuid}"
 
 
 START_BLOCKED = "Start operation for this vm is blocked, clone it if you want to use it."

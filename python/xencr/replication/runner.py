@@ -186,7 +186,6 @@ def replicate_vm(
             try:
                 _to_target(shared, t, tr)
                 tr.outcome, tr.error = "success", None
-                srcmod.mark_exported(src, snap, t.sr_uuid)
                 break
             except RETRYABLE as err:
                 tr.error = _error_line(err)

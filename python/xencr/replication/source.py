@@ -115,12 +115,6 @@ def take_snapshot(
     return snap, now
 
 
-def mark_exported(s: XapiSession, snap: str, sr_uuid: str) -> None:
-    key = md.exported_key(sr_uuid)
-    s.api.VM.remove_from_other_config(snap, key)
-    s.api.VM.add_to_other_config(snap, key, "true")
-
-
 def destroy_snapshot(s: XapiSession, snap: str) -> None:
     """A snapshot VM and its disks (VM.destroy keeps the disks)."""
     vdis = [d.vdi for d in disks_of(s, snap)]

@@ -23,6 +23,21 @@ API_VERSION = (2, 21)  # what XCP-ng 8.3 reports (xapi.md 1.5)
 PASSWORD_FILE = "password"
 
 
+# What a plugged SR of a simulated pool allows (every SR kind the simulator makes).
+SR_OPERATIONS = (
+    "vdi_create",
+    "vdi_destroy",
+    "vdi_resize",
+    "vdi_clone",
+    "vdi_snapshot",
+    "scan",
+    "pbd_create",
+    "pbd_destroy",
+    "vdi_introduce",
+    "update",
+)
+
+
 def write_password(root: Path, password: str | None) -> str:
     password = password or secrets.token_urlsafe(12)
     path = root / PASSWORD_FILE
@@ -151,18 +166,7 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
                 "shared": False,
                 "physical_size": sr_size,
                 "sm_config": {"devserial": f"sim-{n}-{k}"},
-                "allowed_operations": [
-                    "vdi_create",
-                    "vdi_destroy",
-                    "vdi_resize",
-                    "vdi_clone",
-                    "vdi_snapshot",
-                    "scan",
-                    "pbd_create",
-                    "pbd_destroy",
-                    "vdi_introduce",
-                    "update",
-                ],
+                "allowed_operations": list(SR_OPERATIONS),
             },
         )
         db.create(
@@ -180,18 +184,7 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
             "content_type": "user",
             "shared": True,
             "physical_size": sr_size,
-            "allowed_operations": [
-                "vdi_create",
-                "vdi_destroy",
-                "vdi_resize",
-                "vdi_clone",
-                "vdi_snapshot",
-                "scan",
-                "pbd_create",
-                "pbd_destroy",
-                "vdi_introduce",
-                "update",
-            ],
+            "allowed_operations": list(SR_OPERATIONS),
         },
     )
     db.create(
