@@ -68,6 +68,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (task_id, disk)
         )""",
     ),
+    (
+        # When the restore point was taken (its age is what the RPO measures, not the task's end),
+        # orphans a task cleaned up, and the scheduler's fire times per (job, schedule).
+        "ALTER TABLE tasks ADD COLUMN snapshot_time TEXT",
+        "ALTER TABLE tasks ADD COLUMN cleaned INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE schedule_fires (
+            job_id TEXT NOT NULL,
+            schedule_id TEXT NOT NULL,
+            last_fire TEXT,
+            next_fire TEXT,
+            PRIMARY KEY (job_id, schedule_id)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -130,6 +143,8 @@ class TaskRow:
     bytes_sent: int
     error: str | None
     restore_point: str | None
+    snapshot_time: datetime | None = None  # the restore point's moment (schema 2)
+    cleaned: int = 0  # orphans this task cleaned up (schema 2)
 
     @property
     def duration(self) -> timedelta | None:
@@ -347,6 +362,8 @@ class StateDB:
         bytes_sent: int = 0,
         error: str | None = None,
         restore_point: str | None = None,
+        snapshot_time: datetime | None = None,
+        cleaned: int = 0,
     ) -> None:
         if outcome not in TASK_OUTCOMES:
             raise ValueError(f"unknown task outcome {outcome!r} (one of {', '.join(sorted(TASK_OUTCOMES))})")
@@ -355,8 +372,18 @@ class StateDB:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE tasks SET outcome = ?, finished_at = ?, transfer = ?, bytes_sent = ?, error = ?,"
-                " restore_point = ? WHERE id = ?",
-                (outcome, _to_text(self._clock()), transfer, bytes_sent, error, restore_point, task_id),
+                " restore_point = ?, snapshot_time = ?, cleaned = ? WHERE id = ?",
+                (
+                    outcome,
+                    _to_text(self._clock()),
+                    transfer,
+                    bytes_sent,
+                    error,
+                    restore_point,
+                    None if snapshot_time is None else _to_text(snapshot_time),
+                    cleaned,
+                    task_id,
+                ),
             )
             if cur.rowcount != 1:
                 raise KeyError(f"no task {task_id}")
@@ -366,8 +393,36 @@ class StateDB:
                 [(task_id, disk, reason) for disk, reason in (reasons or {}).items()],
             )
 
+    def skip_task(self, run_id: int, vm_uuid: str, vm_name: str, target_sr: str, reason: str) -> int:
+        """Record a VM/target this run did not attempt (e.g. still busy from a previous run): a
+        finished task with outcome 'skipped' and ``reason`` as its error; its id."""
+        now = _to_text(self._clock())
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, started_at, finished_at, outcome,"
+                " error) VALUES (?, ?, ?, ?, ?, ?, 'skipped', ?)",
+                (run_id, vm_uuid, vm_name, target_sr, now, now, reason),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
     def tasks(self, run_id: int) -> list[TaskRow]:
         return self._tasks("WHERE run_id = ? ORDER BY id", (run_id,))
+
+    def all_tasks(self, job: str | None = None, since: datetime | None = None) -> list[TaskRow]:
+        """Tasks in id order, of the runs of ``job`` (name or id) started at or after ``since``."""
+        where: list[str] = []
+        args: list[Any] = []
+        if job is not None:
+            where.append("(r.job_id = ? OR r.job_name = ?)")
+            args += [job, job]
+        if since is not None:
+            where.append("r.started_at >= ?")
+            args.append(_to_text(since))
+        clause = "WHERE run_id IN (SELECT r.id FROM runs r" + (
+            " WHERE " + " AND ".join(where) if where else ""
+        )
+        return self._tasks(clause + ") ORDER BY id", args)
 
     def last_task(self, vm_uuid: str, target_sr: str, *, outcome: str | None = None) -> TaskRow | None:
         """The newest task of this VM to this SR (of any outcome, or only ``outcome``)."""
@@ -392,6 +447,32 @@ class StateDB:
                 ):
                     reasons[r["task_id"]][r["disk"]] = r["reason"]
         return [_task_row(r, reasons[r["id"]]) for r in rows]
+
+    # -- schedules
+
+    def set_fire(
+        self, job_id: str, schedule_id: str, *, last: datetime | None, next: datetime | None
+    ) -> None:
+        """Record a schedule's last and next fire times (the daemon's view, shown by status)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO schedule_fires (job_id, schedule_id, last_fire, next_fire) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (job_id, schedule_id) DO UPDATE SET"
+                " last_fire = excluded.last_fire, next_fire = excluded.next_fire",
+                (
+                    job_id,
+                    schedule_id,
+                    None if last is None else _to_text(last),
+                    None if next is None else _to_text(next),
+                ),
+            )
+
+    def fires(self) -> dict[tuple[str, str], tuple[datetime | None, datetime | None]]:
+        """(job_id, schedule_id) -> (last fire, next fire) as recorded by ``set_fire``."""
+        return {
+            (r["job_id"], r["schedule_id"]): (_from_text(r["last_fire"]), _from_text(r["next_fire"]))
+            for r in self._read("SELECT * FROM schedule_fires ORDER BY job_id, schedule_id")
+        }
 
     # -- recovery
 
@@ -466,4 +547,6 @@ def _task_row(r: sqlite3.Row, reasons: dict[str, str]) -> TaskRow:
         bytes_sent=r["bytes_sent"],
         error=r["error"],
         restore_point=r["restore_point"],
+        snapshot_time=_from_text(r["snapshot_time"]),
+        cleaned=r["cleaned"],
     )

@@ -44,7 +44,7 @@ def test_migrations_from_empty(tmp_path: Path) -> None:
         assert db.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
     con = sqlite3.connect(path)
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"schema_version", "runs", "tasks", "task_disks"} <= tables
+    assert {"schema_version", "runs", "tasks", "task_disks", "schedule_fires"} <= tables
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == list(
         range(1, SCHEMA_VERSION + 1)
@@ -62,7 +62,10 @@ def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
     con.execute("INSERT INTO schema_version VALUES (?, 'later')", (SCHEMA_VERSION + 1,))
     con.commit()
     con.close()
-    with pytest.raises(StateError, match=r"written by a newer xencr \(schema 2, this one knows 1\)"):
+    with pytest.raises(
+        StateError,
+        match=rf"written by a newer xencr \(schema {SCHEMA_VERSION + 1}, this one knows {SCHEMA_VERSION}\)",
+    ):
         StateDB(path)
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database at all" * 100)
@@ -284,3 +287,95 @@ def test_readers_are_not_blocked_by_a_writer(tmp_path: Path) -> None:
     assert [r.job_name for r in reader.runs()] == ["web"]
     assert writer.start_run("j", "db", None, "manual") == 2
     raw.close()
+
+
+def test_v1_database_migrates_in_place(tmp_path: Path) -> None:
+    """A database written by the first schema keeps its history and gains the v2 columns/table."""
+    path = tmp_path / "state.sqlite"
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for statement in MIGRATIONS[0]:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version VALUES (1, '2026-01-01T00:00:00.000000Z')")
+    con.execute(
+        "INSERT INTO runs (job_id, job_name, trigger, started_at, finished_at, outcome, host, pid)"
+        " VALUES ('j', 'web', 'manual', '2026-01-01T00:00:00.000000Z', '2026-01-01T00:01:00.000000Z',"
+        " 'success', 'h', 1)"
+    )
+    con.execute(
+        "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, started_at, finished_at, outcome,"
+        " transfer, bytes_sent, restore_point) VALUES (1, 'vm', 'web-1', 'sr',"
+        " '2026-01-01T00:00:00.000000Z', '2026-01-01T00:01:00.000000Z', 'success', 'full', 42, 'rp')"
+    )
+    con.execute("INSERT INTO task_disks VALUES (1, 'xvda', 'first run')")
+    con.close()
+
+    with StateDB(path) as db:
+        assert db.schema_version == SCHEMA_VERSION == 2
+        [run] = db.runs()
+        assert (run.job_name, run.outcome) == ("web", "success")
+        [task] = db.tasks(run.id)
+        assert (task.bytes_sent, task.restore_point, task.reasons) == (42, "rp", {"xvda": "first run"})
+        assert (task.snapshot_time, task.cleaned) == (None, 0)  # unknown for old rows
+        # The new columns and table work on the migrated file.
+        t = db.start_task(run.id, "vm", "web-1", "sr")
+        snap = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        db.finish_task(t, "success", transfer="delta", snapshot_time=snap, cleaned=2)
+        assert (db.tasks(run.id)[1].snapshot_time, db.tasks(run.id)[1].cleaned) == (snap, 2)
+        db.set_fire("j", "s", last=None, next=snap)
+        assert db.fires() == {("j", "s"): (None, snap)}
+    con = sqlite3.connect(path)
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    con.close()
+
+
+def test_snapshot_time_cleaned_and_skips(db: StateDB, clock: FakeClock) -> None:
+    run_id = db.start_run("j", "web", "s1", "schedule")
+    t = db.start_task(run_id, "vm1", "web-1", "sr")
+    snap = T0 - timedelta(seconds=3)
+    paris = snap.astimezone(ZoneInfo("Europe/Paris"))
+    db.finish_task(t, "success", transfer="delta", snapshot_time=paris, cleaned=3, restore_point="rp")
+    clock.advance(seconds=5)
+    s = db.skip_task(run_id, "vm2", "web-2", "sr", "skipped: previous run still running")
+    done, skipped = db.tasks(run_id)
+    assert done.snapshot_time == snap and done.snapshot_time.tzinfo is UTC and done.cleaned == 3
+    assert skipped.id == s
+    assert (skipped.outcome, skipped.error, skipped.vm_name, skipped.transfer, skipped.bytes_sent) == (
+        "skipped",
+        "skipped: previous run still running",
+        "web-2",
+        None,
+        0,
+    )
+    assert skipped.started_at == skipped.finished_at == T0 + timedelta(seconds=5)
+    assert skipped.duration == timedelta(0) and (skipped.snapshot_time, skipped.cleaned) == (None, 0)
+    last = db.last_task("vm2", "sr")
+    assert last is not None and last.outcome == "skipped"
+
+
+def test_all_tasks_filters(db: StateDB, clock: FakeClock) -> None:
+    r1 = db.start_run("web-id", "web", None, "manual")
+    t1 = db.start_task(r1, "vm", "web-1", "sr")
+    clock.advance(hours=1)
+    r2 = db.start_run("db-id", "db", None, "manual")
+    t2 = db.start_task(r2, "vm2", "db-1", "sr")
+    clock.advance(hours=1)
+    r3 = db.start_run("web-id", "web", None, "manual")
+    t3 = db.skip_task(r3, "vm", "web-1", "sr", "skipped: previous run still running")
+    assert [t.id for t in db.all_tasks()] == [t1, t2, t3]
+    assert [t.id for t in db.all_tasks("web")] == [t1, t3]
+    assert [t.id for t in db.all_tasks("db-id")] == [t2]
+    assert [t.id for t in db.all_tasks(since=T0 + timedelta(minutes=30))] == [t2, t3]
+    assert [t.id for t in db.all_tasks("web", since=T0 + timedelta(minutes=30))] == [t3]
+
+
+def test_schedule_fires(db: StateDB) -> None:
+    assert db.fires() == {}
+    nxt = T0 + timedelta(minutes=10)
+    db.set_fire("j1", "s1", last=None, next=nxt)
+    db.set_fire("j1", "s2", last=T0, next=None)
+    db.set_fire("j1", "s1", last=T0, next=nxt + timedelta(minutes=10))  # replaces
+    assert db.fires() == {
+        ("j1", "s1"): (T0, nxt + timedelta(minutes=10)),
+        ("j1", "s2"): (T0, None),
+    }
