@@ -12,6 +12,7 @@ import fnmatch
 import math
 import os
 import re
+import socket
 import tomllib
 import uuid
 import zoneinfo
@@ -32,6 +33,15 @@ SnapshotMode = Literal["normal", "checkpoint", "offline"]
 SNAPSHOT_MODES: tuple[SnapshotMode, ...] = ("normal", "checkpoint", "offline")
 
 CONFIG_ENV = "XENCR_CONFIG"
+
+# When a job's run is reported (webhook, email): never; when a task failed or was interrupted;
+# that, or an RPO breach after the run; after every run.
+ReportWhen = Literal["never", "failure", "breach", "always"]
+REPORT_WHEN: tuple[ReportWhen, ...] = ("never", "failure", "breach", "always")
+
+SmtpSecurity = Literal["none", "starttls", "tls"]
+SMTP_SECURITY: tuple[SmtpSecurity, ...] = ("none", "starttls", "tls")
+SMTP_PASSWORD_ENV = "XENCR_SMTP_PASSWORD"
 
 
 class ConfigError(Exception):
@@ -309,6 +319,8 @@ class PoolConfig:
     fingerprint: str | None = None  # 64 lower-case hex digits (sha256 of the DER certificate)
     verify_tls: bool = True
     url_password: Secret | None = field(default=None, compare=False)
+    max_exports: int = 2  # disk exports from this pool at once (all jobs of one process)
+    max_imports: int = 2  # disk imports into this pool at once
 
     def __post_init__(self) -> None:
         if not self.password_env:
@@ -321,7 +333,8 @@ class PoolConfig:
         return (
             f"PoolConfig(name={self.name!r}, url={self.url!r}, username={self.username!r}, "
             f"password_file={self.password_file!r}, password_env={self.password_env!r}, "
-            f"fingerprint={self.fingerprint!r}, verify_tls={self.verify_tls!r}"
+            f"fingerprint={self.fingerprint!r}, verify_tls={self.verify_tls!r}, "
+            f"max_exports={self.max_exports!r}, max_imports={self.max_imports!r}"
             + (", url_password=<hidden>" if self.url_password is not None else "")
             + ")"
         )
@@ -376,6 +389,10 @@ class JobConfig:
     full_interval: int = 0
     vm_timeout: int | None = None  # seconds
     enabled: bool = True
+    report_when: ReportWhen = "failure"
+    webhook: str | None = None  # http(s) URL receiving the run report as JSON
+    email_to: list[str] = field(default_factory=list)
+    rpo: int | None = None  # seconds; the job's RPO, whatever its schedules say
 
     @property
     def selectors(self) -> list[VmSelector]:
@@ -401,12 +418,45 @@ class JobConfig:
         raise ConfigError(f"job '{self.name}' has no schedule {schedule_id!r} (schedules: {known})")
 
 
+@dataclass(frozen=True, repr=False)
+class SmtpConfig:
+    """The mail relay for job reports. The password comes from the environment or a 0600 file,
+    never from the TOML text."""
+
+    host: str
+    port: int = 25
+    security: SmtpSecurity = "none"
+    username: str | None = None
+    password: Secret | None = field(default=None, compare=False)
+    sender: str = field(default_factory=lambda: f"xencr@{socket.gethostname()}")
+
+    def __repr__(self) -> str:
+        # Written out so that no field added later can leak a secret by default.
+        return (
+            f"SmtpConfig(host={self.host!r}, port={self.port!r}, security={self.security!r}, "
+            f"username={self.username!r}, sender={self.sender!r}"
+            + (", password=<hidden>" if self.password is not None else "")
+            + ")"
+        )
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """``xencr daemon``: where it serves and writes metrics, and how long a stop waits for transfers."""
+
+    metrics_listen: str | None = None  # "HOST:PORT"
+    metrics_textfile: Path | None = None
+    grace: int = 60  # seconds between SIGTERM and cancelling what still runs
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
     pools: dict[str, PoolConfig]
     jobs: dict[str, JobConfig]
     state_path: Path
+    smtp: SmtpConfig | None = None
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     def job(self, ref: str) -> JobConfig:
         """A job by name or id; a :class:`ConfigError` naming the known jobs otherwise."""
@@ -618,6 +668,8 @@ def _read_pool(path: Path, name: str, t: _Table, warn: Callable[[str], None]) ->
         except ValueError as err:
             raise t.error("fingerprint", str(err)) from None
     verify_tls = t.get("verify_tls", bool, True)
+    max_exports = t.integer("max_exports", 2, 1)
+    max_imports = t.integer("max_imports", 2, 1)
     t.finish()
     return PoolConfig(
         name=name,
@@ -628,6 +680,8 @@ def _read_pool(path: Path, name: str, t: _Table, warn: Callable[[str], None]) ->
         fingerprint=fingerprint,
         verify_tls=verify_tls,
         url_password=Secret(url_password) if url_password is not None else None,
+        max_exports=max_exports,
+        max_imports=max_imports,
     )
 
 
@@ -695,7 +749,25 @@ def _selectors(t: _Table, name: str, default: Any) -> list[str]:
     return values
 
 
-def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig]) -> JobConfig:
+def _http_url(t: _Table, name: str) -> str | None:
+    url: str | None = t.get(name, str, None)
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        # Not echoed: a webhook URL often carries its token.
+        raise t.error(name, "invalid URL: expected http(s)://host[:port]/path")
+    return url.strip()
+
+
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig], smtp: SmtpConfig | None) -> JobConfig:
     if not name.strip():
         raise t.error(None, "a job name must not be empty")
     job_id = t.text("id", None) or job_id_for(name)
@@ -723,6 +795,15 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig]) -> JobConfi
     mode = t.get("snapshot_mode", str, "normal")
     if mode not in SNAPSHOT_MODES:
         raise t.error("snapshot_mode", f"must be one of {', '.join(SNAPSHOT_MODES)}, not {mode!r}")
+    report_when: str = t.get("report_when", str, "failure")
+    if report_when not in REPORT_WHEN:
+        raise t.error("report_when", f"must be one of {', '.join(REPORT_WHEN)}, not {report_when!r}")
+    email_to = t.strings("email_to", [])
+    for i, address in enumerate(email_to):
+        if not _EMAIL.fullmatch(address.strip()):
+            raise t.error(f"email_to[{i}]", f"invalid e-mail address {address!r}")
+    if email_to and smtp is None:
+        raise t.error("email_to", "needs an [smtp] table saying which mail server to use")
     job = JobConfig(
         name=name,
         id=job_id,
@@ -736,9 +817,73 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig]) -> JobConfi
         full_interval=t.integer("full_interval", 0, 0),
         vm_timeout=t.converted("vm_timeout", parse_duration),
         enabled=t.get("enabled", bool, True),
+        report_when=report_when,
+        webhook=_http_url(t, "webhook"),
+        email_to=[a.strip() for a in email_to],
+        rpo=t.converted("rpo", parse_duration),
     )
     t.finish()
     return job
+
+
+def _read_smtp(path: Path, t: _Table) -> SmtpConfig:
+    host = t.text("host").strip()
+    security: str = t.get("security", str, "none")
+    if security not in SMTP_SECURITY:
+        raise t.error("security", f"must be one of {', '.join(SMTP_SECURITY)}, not {security!r}")
+    # The usual port of each kind of connection unless one is given.
+    port = t.integer("port", {"none": 25, "starttls": 587, "tls": 465}[security], 1)
+    if port > 65535:
+        raise t.error("port", f"must be at most 65535, not {port}")
+    username = t.get("username", str, None)
+    if username is not None and not username:
+        raise t.error("username", "must not be empty")
+    if "password" in t.data:
+        t.taken.add("password")
+        raise t.error("password", f"is not read from the file: set {SMTP_PASSWORD_ENV} or password_file")
+    password_env: str = t.get("password_env", str, SMTP_PASSWORD_ENV)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+        raise t.error("password_env", f"invalid environment variable name {password_env!r}")
+    password_file = t.get("password_file", str, None)
+    sender = t.get("sender", str, None)
+    if sender is not None and not _EMAIL.fullmatch(sender.strip()):
+        raise t.error("sender", f"invalid e-mail address {sender!r}")
+    t.finish()
+    password: str | None = os.environ.get(password_env) or None
+    if password is None and password_file is not None:
+        try:
+            password = credentials.read_password_file(_resolve_path(path.parent, password_file), _SMTP)
+        except credentials.CredentialError as err:
+            raise t.error("password_file", str(err).replace(f" of pool '{_SMTP}'", "")) from None
+    return SmtpConfig(
+        host=host,
+        port=port,
+        security=security,
+        username=username,
+        password=Secret(password) if password is not None else None,
+        **({"sender": sender.strip()} if sender is not None else {}),
+    )
+
+
+_SMTP = "\0smtp"  # a pool name no pool can have, to strip from credential messages
+
+
+def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
+    listen = t.get("metrics_listen", str, None)
+    if listen is not None:
+        host, colon, port = listen.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise t.error(
+                "metrics_listen", f"invalid address {listen!r}: expected HOST:PORT like 127.0.0.1:9464"
+            )
+    textfile = t.get("metrics_textfile", str, None)
+    grace = t.converted("grace", parse_duration, minimum=0)
+    t.finish()
+    return DaemonConfig(
+        metrics_listen=listen.strip() if listen is not None else None,
+        metrics_textfile=_resolve_path(path.parent, textfile) if textfile else None,
+        grace=60 if grace is None else grace,
+    )
 
 
 def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = None) -> Config:
@@ -755,15 +900,18 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
     pools_t = top.sub("pools", {})
     pools = {name: _read_pool(path, name, pools_t.sub(name), warn) for name in pools_t.data}
     pools_t.taken.update(pools)
+    smtp = _read_smtp(path, top.sub("smtp")) if "smtp" in top.data else None
+    top.taken.add("smtp")
+    daemon = _read_daemon(path, top.sub("daemon", {}))
     jobs_t = top.sub("jobs", {})
-    jobs = {name: _read_job(name, jobs_t.sub(name), pools) for name in jobs_t.data}
+    jobs = {name: _read_job(name, jobs_t.sub(name), pools, smtp) for name in jobs_t.data}
     owners: dict[str, str] = {}
     for job in jobs.values():
         if job.id in owners:
             raise jobs_t.error(job.name, f"same id as job '{owners[job.id]}'")
         owners[job.id] = job.name
     top.finish()
-    return Config(path=path, pools=pools, jobs=jobs, state_path=state_path)
+    return Config(path=path, pools=pools, jobs=jobs, state_path=state_path, smtp=smtp, daemon=daemon)
 
 
 def load_config(path: Path | None = None, *, warn: Callable[[str], None] | None = None) -> Config:
@@ -795,6 +943,26 @@ SAMPLE_CONFIG = """\
 # state = "~/.local/share/xencr/state.sqlite"
 
 # ---------------------------------------------------------------------------------------------
+# The daemon (`xencr daemon`).
+
+[daemon]
+grace = "60s"                   # on SIGTERM, transfers still running after this are cancelled
+# metrics_listen = "127.0.0.1:9464"                       # serve Prometheus /metrics here
+# metrics_textfile = "/var/lib/node_exporter/xencr.prom"  # node-exporter textfile, after each run
+
+# ---------------------------------------------------------------------------------------------
+# Mail relay for the jobs' email_to reports. The password comes from $XENCR_SMTP_PASSWORD (or
+# the variable named by password_env), else from password_file (mode 0600), never from this file.
+
+[smtp]
+host = "smtp.example.com"
+# port = 587                    # default: 25, or 587 with starttls, 465 with tls
+security = "starttls"           # "none", "starttls" or "tls"
+# username = "xencr"
+# password_env = "XENCR_SMTP_PASSWORD"
+# sender = "xencr@dr.example.com"  # default: xencr@<this host's name>
+
+# ---------------------------------------------------------------------------------------------
 # Pools: XAPI endpoints, without secrets. The password of pool NAME comes from, in order:
 #   the environment variable XENCR_<NAME>_PASSWORD (site-a -> XENCR_SITE_A_PASSWORD),
 #   password_file (mode 0600 or stricter), or a prompt when run on a terminal.
@@ -807,6 +975,8 @@ username = "root"                          # default "root"
 # Pin a self-signed certificate (as `xencr pool add` shows it; colons and case do not matter):
 # fingerprint = "sha256:3f2a5b0c71e49d1288af603bc7d2194ea50f6ce83197b42d5ef00a83c61b7d9c"
 verify_tls = true                          # false: accept any certificate (not recommended)
+# max_exports = 2                          # disk exports from this pool at once (all jobs)
+# max_imports = 2                          # disk imports into this pool at once (all jobs)
 
 [pools.site-b]
 url = "https://pool-b.example.com:443"
@@ -825,6 +995,11 @@ snapshot_mode = "normal"        # "normal", "checkpoint" (with memory) or "offli
 full_interval = 0               # a full copy every N runs (0: only when a delta is impossible)
 vm_timeout = "2h"               # a VM taking longer is cancelled and cleaned up
 enabled = true                  # false: the daemon does not schedule it (`xencr run` still can)
+# rpo = "30m"                   # alert when a restore point is older (default: from the schedules)
+report_when = "failure"         # send the run report: "never", "failure" (a VM failed or was
+#                               # interrupted), "breach" (that, or an RPO breach), "always"
+# webhook = "https://hooks.example.com/xencr"  # POST the report as JSON here
+# email_to = ["ops@example.com"]               # mail a summary (needs [smtp])
 
 # One or more targets: an SR (UUID or name) on some pool. Several targets share one snapshot.
 [[jobs.web.targets]]

@@ -14,9 +14,11 @@ from xencr.config import (
     JOB_NAMESPACE,
     Config,
     ConfigError,
+    DaemonConfig,
     JobConfig,
     PoolConfig,
     ScheduleConfig,
+    SmtpConfig,
     TargetConfig,
     VmSelector,
     check_cron,
@@ -65,13 +67,17 @@ def test_sample_loads_and_shows_every_option(tmp_path: Path) -> None:
     assert db.snapshot_mode == "checkpoint" and db.enabled is False
     assert db.targets[0].network_map == {"Pool-wide network associated with eth0": "DR network"}
     assert db.schedules[0].cron == "@hourly" and db.schedules[0].retention == 3
+    assert (web.report_when, web.webhook, web.email_to, web.rpo) == ("failure", None, [], None)
+    assert cfg.daemon == DaemonConfig(grace=60)
+    assert cfg.smtp is not None
+    assert (cfg.smtp.host, cfg.smtp.port, cfg.smtp.security) == ("smtp.example.com", 587, "starttls")
     # Every option appears in the sample, commented or not: a new field forces a sample update.
     sample = sample_config()
-    keys = {"state"} | {
+    keys = {"state", "password_env"} | {
         f.name
-        for cls in (PoolConfig, JobConfig, TargetConfig, ScheduleConfig)
+        for cls in (PoolConfig, JobConfig, TargetConfig, ScheduleConfig, SmtpConfig, DaemonConfig)
         for f in dataclasses.fields(cls)
-        if f.name not in ("name", "url_password")
+        if f.name not in ("name", "url_password", "password")
     }
     for key in sorted(keys):
         assert re.search(rf"^(#? ?{key} = |\[\[jobs\.\w+\.{key}\]\])", sample, re.MULTILINE), key
@@ -86,6 +92,16 @@ def test_sample_with_every_commented_option_enabled_loads(tmp_path: Path) -> Non
     assert a.password_file == str(tmp_path / "home/.config/xencr/site-a.password")
     assert cfg.state_path == tmp_path / "home/.local/share/xencr/state.sqlite"
     assert cfg.jobs["web"].id == "..."
+    web = cfg.jobs["web"]
+    assert (web.rpo, web.webhook, web.email_to) == (
+        1800,
+        "https://hooks.example.com/xencr",
+        ["ops@example.com"],
+    )
+    assert (a.max_exports, a.max_imports) == (2, 2)
+    assert cfg.daemon.metrics_listen == "127.0.0.1:9464"
+    assert cfg.daemon.metrics_textfile == Path("/var/lib/node_exporter/xencr.prom")
+    assert cfg.smtp is not None and (cfg.smtp.username, cfg.smtp.sender) == ("xencr", "xencr@dr.example.com")
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -122,6 +138,10 @@ def test_defaults(tmp_path: Path) -> None:
     )
     assert s.rpo_seconds == 600
     assert cfg.state_path == tmp_path / "xdg-data/xencr/state.sqlite"
+    assert (a.max_exports, a.max_imports) == (2, 2)
+    assert (job.report_when, job.webhook, job.email_to, job.rpo) == ("failure", None, [], None)
+    assert cfg.smtp is None
+    assert cfg.daemon == DaemonConfig(metrics_listen=None, metrics_textfile=None, grace=60)
 
 
 def test_schedule_ids_are_stable_and_follow_the_timing(tmp_path: Path) -> None:
@@ -316,6 +336,57 @@ def replace(old: str, new: str) -> str:
             "jobs.\"web 2\": same id as job 'web'",
         ),
         (replace('every = "10m"', 'every = "10m"\n[jobs.web.x]'), "jobs.web: unknown key 'x'"),
+        (
+            replace('url = "https://a.example"', 'url = "https://a.example"\nmax_imports = 0'),
+            "pools.site-a.max_imports: must be at least 1, not 0",
+        ),
+        (
+            replace('url = "https://a.example"', 'url = "https://a.example"\nmax_exports = "2"'),
+            "pools.site-a.max_exports: must be an integer, not a string",
+        ),
+        (
+            replace('vms = ["web-*"]', 'vms = ["web-*"]\nreport_when = "sometimes"'),
+            "jobs.web.report_when: must be one of never, failure, breach, always, not 'sometimes'",
+        ),
+        (
+            replace('vms = ["web-*"]', 'vms = ["web-*"]\nwebhook = "ftp://hooks/secret-token"'),
+            "jobs.web.webhook: invalid URL: expected http(s)://host[:port]/path",
+        ),
+        (
+            replace('vms = ["web-*"]', 'vms = ["web-*"]\nemail_to = ["ops"]'),
+            "jobs.web.email_to[0]: invalid e-mail address 'ops'",
+        ),
+        (
+            replace('vms = ["web-*"]', 'vms = ["web-*"]\nemail_to = ["ops@example.com"]'),
+            "jobs.web.email_to: needs an [smtp] table saying which mail server to use",
+        ),
+        (
+            replace('vms = ["web-*"]', 'vms = ["web-*"]\nrpo = "often"'),
+            "jobs.web.rpo: invalid duration 'often' (examples: 90s, 10m, 2h, 1d, 1h30m)",
+        ),
+        ("[smtp]\nport = 25\n" + MINIMAL, "smtp: missing key 'host'"),
+        (
+            '[smtp]\nhost = "m"\nsecurity = "ssl"\n' + MINIMAL,
+            "smtp.security: must be one of none, starttls, tls, not 'ssl'",
+        ),
+        ('[smtp]\nhost = "m"\nport = 70000\n' + MINIMAL, "smtp.port: must be at most 65535, not 70000"),
+        (
+            '[smtp]\nhost = "m"\npassword = "hunter2"\n' + MINIMAL,
+            "smtp.password: is not read from the file: set XENCR_SMTP_PASSWORD or password_file",
+        ),
+        ('[smtp]\nhost = "m"\nhots = 1\n' + MINIMAL, "smtp: unknown key 'hots' (did you mean 'host'?)"),
+        (
+            '[daemon]\ngrace = "soon"\n' + MINIMAL,
+            "daemon.grace: invalid duration 'soon' (examples: 90s, 10m, 2h, 1d, 1h30m)",
+        ),
+        (
+            '[daemon]\nmetrics_listen = "9464"\n' + MINIMAL,
+            "daemon.metrics_listen: invalid address '9464': expected HOST:PORT like 127.0.0.1:9464",
+        ),
+        (
+            '[daemon]\nmetric_listen = "x"\n' + MINIMAL,
+            "daemon: unknown key 'metric_listen' (did you mean 'metrics_listen'?)",
+        ),
         ("pools = 3", "pools: must be a table, not an integer"),
         ("[pools\n", None),
     ],
@@ -326,6 +397,57 @@ def test_each_mistake_is_one_line_with_its_key(tmp_path: Path, text: str, expect
         assert message.startswith("invalid TOML: ")
     else:
         assert message == expected
+
+
+def test_smtp_password_from_env_or_file_never_from_the_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = '[smtp]\nhost = "mail.example"\nusername = "xencr"\n'
+    text = (
+        base
+        + 'password_file = "smtp.pw"\n'
+        + MINIMAL.replace(
+            'vms = ["web-*"]', 'vms = ["web-*"]\nemail_to = ["ops@example.com", "dr@example.com"]'
+        )
+    )
+    pw = tmp_path / "smtp.pw"
+    pw.write_text("s3cret pass\n")
+    pw.chmod(0o644)
+    message = error_of(tmp_path, text)
+    assert message.startswith(f"smtp.password_file: password_file {pw} has mode 0644")
+    pw.chmod(0o600)
+    cfg = load_text(tmp_path, text)
+    assert cfg.smtp is not None and cfg.smtp.password is not None
+    assert cfg.smtp.password.reveal() == "s3cret pass"
+    assert (cfg.smtp.port, cfg.smtp.security, cfg.smtp.sender.startswith("xencr@")) == (25, "none", True)
+    assert cfg.jobs["web"].email_to == ["ops@example.com", "dr@example.com"]
+    assert "s3cret" not in repr(cfg) and "s3cret" not in repr(cfg.smtp)
+    # The environment wins over the file; another variable name can be given.
+    monkeypatch.setenv("XENCR_SMTP_PASSWORD", "from-env")
+    assert load_text(tmp_path, text).smtp.password.reveal() == "from-env"  # type: ignore[union-attr]
+    monkeypatch.setenv("MAIL_PW", "other")
+    tls = base.replace('username = "xencr"', 'security = "tls"\npassword_env = "MAIL_PW"') + MINIMAL
+    smtp = load_text(tmp_path, tls).smtp
+    assert smtp is not None and smtp.password is not None
+    assert (smtp.port, smtp.password.reveal(), smtp.username) == (465, "other", None)
+
+
+def test_job_and_daemon_options(tmp_path: Path) -> None:
+    text = (
+        '[daemon]\nmetrics_listen = "[::1]:9464"\nmetrics_textfile = "prom/xencr.prom"\ngrace = "2m"\n'
+        + MINIMAL.replace(
+            'vms = ["web-*"]',
+            'vms = ["web-*"]\nreport_when = "breach"\nrpo = "15m"\nwebhook = "https://h.example/x?t=1"',
+        ).replace('url = "https://b.example"', 'url = "https://b.example"\nmax_exports = 1\nmax_imports = 4')
+    )
+    cfg = load_text(tmp_path, text)
+    assert cfg.daemon == DaemonConfig("[::1]:9464", tmp_path / "prom/xencr.prom", 120)
+    job = cfg.jobs["web"]
+    assert (job.report_when, job.rpo, job.webhook) == ("breach", 900, "https://h.example/x?t=1")
+    assert (cfg.pools["site-b"].max_exports, cfg.pools["site-b"].max_imports) == (1, 4)
+    assert "max_imports=4" in repr(cfg.pools["site-b"])
+    grace0 = load_text(tmp_path, "[daemon]\ngrace = 0\n" + MINIMAL)
+    assert grace0.daemon.grace == 0
 
 
 def test_url_with_password_is_accepted_with_a_warning_and_kept_out_of_the_url(tmp_path: Path) -> None:
