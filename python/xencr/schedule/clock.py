@@ -1,0 +1,79 @@
+"""Time for the daemon's loop: the system's, or a fake one tests move by hand."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+# Sleep in slices so a clock stepped by NTP or a resumed laptop is noticed within a minute.
+_SLICE = 60.0
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, aware, in UTC."""
+        ...
+
+    def wait_until(self, t: datetime, stop: threading.Event) -> bool:
+        """Block until ``t``: True when it is reached, False as soon as ``stop`` is set."""
+        ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def wait_until(self, t: datetime, stop: threading.Event) -> bool:
+        while True:
+            if stop.is_set():
+                return False
+            remaining = (t - self.now()).total_seconds()
+            if remaining <= 0:
+                return True
+            if stop.wait(min(remaining, _SLICE)):
+                return False
+
+
+class FakeClock:
+    """A clock that moves only when told (``advance``, ``set``); ``wait_until`` blocks the calling
+    thread until the time is reached, so a daemon loop in a thread follows the test's steps."""
+
+    def __init__(self, start: datetime) -> None:
+        if start.tzinfo is None:
+            raise ValueError("FakeClock needs an aware start time")
+        self._now = start.astimezone(UTC)
+        self._cond = threading.Condition()
+        self._sleepers = 0
+
+    def now(self) -> datetime:
+        with self._cond:
+            return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        self.set(self.now() + delta)
+
+    def set(self, t: datetime) -> None:
+        with self._cond:
+            self._now = t.astimezone(UTC)
+            self._cond.notify_all()
+
+    def wait_until(self, t: datetime, stop: threading.Event) -> bool:
+        with self._cond:
+            self._sleepers += 1
+            self._cond.notify_all()
+            try:
+                while self._now < t:
+                    if stop.is_set():
+                        return False
+                    # ``stop`` is an Event, not our condition: look at it often.
+                    self._cond.wait(0.01)
+                return not stop.is_set()
+            finally:
+                self._sleepers -= 1
+                self._cond.notify_all()
+
+    def wait_for_sleeper(self, timeout: float = 10.0) -> bool:
+        """Block (real time) until some thread waits in ``wait_until``; False after ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._sleepers > 0, timeout)
