@@ -33,12 +33,24 @@ def summary_lines(report: RunReport) -> list[str]:
                     f"{v.vm_name} -> {t.target}: ok, restore point {t.restore_point}, "
                     f"{t.bytes_sent} bytes, {reasons}"
                 )
+            elif t.outcome in ("skipped", "interrupted"):
+                lines.append(f"{v.vm_name} -> {t.target}: {t.outcome}: {t.error}")
             else:
                 lines.append(f"{v.vm_name} -> {t.target}: FAILED: {t.error}")
             lines += [f"  cleaned up: {c}" for c in t.cleaned]
             lines += [f"  expired restore point {e}" for e in t.expired]
             lines += [f"  warning: {w}" for w in t.warnings]
     return lines
+
+
+def refusal_lines(report: RunReport) -> list[str]:
+    """One line per VM/target this run left alone because another run holds it."""
+    return [
+        f"xencr: {v.vm_name} -> {t.target}: refused: being replicated by {t.holder}"
+        for v in report.vms
+        for t in v.targets
+        if t.outcome == "skipped"
+    ]
 
 
 @reported
@@ -53,6 +65,9 @@ def run_command(
     config: ConfigOption = None,
 ) -> None:
     """Run a job once, now: snapshot, send only changed blocks, commit each restore point atomically.
+
+    A VM already being replicated to a target (by the daemon, another job or another `xencr run`)
+    is refused for that target with one line naming the holder; the exit code is then 1.
 
     Example:  xencr run web-servers --vm web-1
     """
@@ -80,5 +95,10 @@ def run_command(
         for line in summary_lines(report):
             typer.echo(line)
         typer.echo(f"run {report.outcome}: {len(report.vms)} VM(s)")
-    if report.outcome != "success":
+    refused = refusal_lines(report)
+    for line in refused:
+        typer.echo(line, err=True)
+    # A VM/target refused because another run holds it did not get its restore point: not a
+    # success for whoever asked for this run.
+    if report.outcome != "success" or refused:
         raise typer.Exit(1)

@@ -1,20 +1,37 @@
-"""A configured job, run: connect to its pools, resolve its targets and VMs, run it, and record
-the outcome in the state database."""
+"""A configured job, run: connect to its pools, resolve its targets and VMs, run it, record
+each VM/target task in the state database as it starts and ends, and send the job's report."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import json
-from collections.abc import Iterator
+import logging
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from xencr.config import Config, ConfigError, JobConfig, PoolConfig
+from xencr.config import Config, ConfigError, JobConfig, PoolConfig, ScheduleConfig
 from xencr.credentials import resolve_password
-from xencr.replication.runner import JobSpec, Progress, RunReport, Target, TransferMonitor, run_job
+from xencr.replication.runner import (
+    JobSpec,
+    Progress,
+    RunReport,
+    Target,
+    TargetResult,
+    TransferMonitor,
+    VmResult,
+    run_job,
+)
 from xencr.replication.select import is_candidate
+from xencr.service.locks import lock_dir
 from xencr.state import StateDB
 from xencr.xapi.session import Endpoint, XapiSession
+
+log = logging.getLogger("xencr.replication")
 
 
 def connect(pool: PoolConfig, *, interactive: bool) -> XapiSession:
@@ -60,7 +77,10 @@ def targets_of(c: Connected) -> list[Target]:
     out = []
     for t in c.job.targets:
         ref, uuid = resolve_sr(c.sessions[t.pool], t.sr, t.pool)
-        out.append(Target(f"{t.pool}/{t.sr}", c.sessions[t.pool], ref, uuid, dict(t.network_map)))
+        limit = c.config.pool(t.pool).max_imports
+        out.append(
+            Target(f"{t.pool}/{t.sr}", c.sessions[t.pool], ref, uuid, dict(t.network_map), t.pool, limit)
+        )
     return out
 
 
@@ -80,7 +100,24 @@ def selected_vms(c: Connected, only: list[str] | None = None) -> list[tuple[str,
     return sorted(chosen, key=lambda x: (x[1]["name_label"], x[1]["uuid"]))
 
 
-def spec_of(job: JobConfig, schedule_id: str | None) -> JobSpec:
+def _rate_at() -> Callable[[ScheduleConfig, datetime], int | None] | None:
+    """``xencr.schedule.rate_at`` (a schedule's rate windows), when that package provides it."""
+    try:
+        fn = getattr(importlib.import_module("xencr.schedule"), "rate_at", None)
+    except ImportError:
+        return None
+    return fn if callable(fn) else None
+
+
+def rate_of(sched: ScheduleConfig, now: datetime | None = None) -> int | None:
+    """The bandwidth limit of a run of ``sched`` starting ``now``: its rate window then, else its rate."""
+    rate_at = _rate_at()
+    if rate_at is None or not sched.rate_windows:
+        return sched.rate
+    return rate_at(sched, now or datetime.now(UTC))
+
+
+def spec_of(job: JobConfig, schedule_id: str | None, *, now: datetime | None = None) -> JobSpec:
     sched = job.schedule(schedule_id) if schedule_id else (job.schedules[0] if job.schedules else None)
     return JobSpec(
         id=job.id,
@@ -90,7 +127,7 @@ def spec_of(job: JobConfig, schedule_id: str | None) -> JobSpec:
         full_interval=(sched.full_interval if sched and sched.full_interval else job.full_interval),
         snapshot_mode=job.snapshot_mode,
         concurrency=job.concurrency,
-        rate_limit=sched.rate if sched else None,
+        rate_limit=rate_of(sched, now) if sched else None,
         vm_timeout=float(job.vm_timeout) if job.vm_timeout else None,
     )
 
@@ -106,60 +143,140 @@ def run_configured(
     interactive: bool = False,
     progress: Progress = lambda _: None,
     monitor: TransferMonitor | None = None,
+    cancel: threading.Event | None = None,
 ) -> RunReport:
+    """Run a job once and record it. VMs or targets still being replicated by another run are
+    skipped (recorded, not failures). ``cancel``, when set, stops the run cleanly: transfers in
+    flight are cut and discarded, nothing new starts, and the report is returned as usual.
+    The job's report is sent (webhook, email) as its ``report_when`` says; that never fails a run."""
     job = config.job(job_ref)
-    spec = spec_of(job, schedule_id)
-    with StateDB(config.state_path) as db, connected(config, job, interactive=interactive) as c:
-        db.mark_interrupted()
-        targets = targets_of(c)
-        vms = selected_vms(c, only)
-        run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
-        try:
-            report = _run_recorded(db, run_id, c, vms, targets, spec, full, progress, monitor)
-        except BaseException as err:
-            # A run that raised is over: say so now rather than leave it "running".
-            db.finish_run(run_id, "failure", str(err) or type(err).__name__)
-            raise
-        db.finish_run(run_id, report.outcome, None if report.outcome == "success" else _summary(report))
-    return report
-
-
-def _run_recorded(
-    db: StateDB,
-    run_id: int,
-    c: Connected,
-    vms: list[tuple[str, dict[str, Any]]],
-    targets: list[Target],
-    spec: JobSpec,
-    full: bool,
-    progress: Progress,
-    monitor: TransferMonitor | None,
-) -> RunReport:
-    tasks = {
-        (ref, t.sr_uuid): db.start_task(run_id, rec["uuid"], rec["name_label"], t.sr_uuid)
-        for ref, rec in vms
-        for t in targets
-    }
-    report = run_job(
-        c.source, [ref for ref, _ in vms], targets, spec, force_full=full, progress=progress, monitor=monitor
+    spec = dataclasses.replace(
+        spec_of(job, schedule_id),
+        cancel=cancel,
+        lock_dir=lock_dir(config.state_path),
+        source_pool=job.pool,
+        max_exports=config.pool(job.pool).max_exports,
     )
-    for (ref, _), vr in zip(vms, report.vms, strict=True):
-        for t in targets:
-            tr = next((x for x in vr.targets if x.sr_uuid == t.sr_uuid), None)
-            task = tasks[(ref, t.sr_uuid)]
-            if tr is None:
-                db.finish_task(task, "failure", error=vr.error or "not attempted")
-                continue
-            db.finish_task(
-                task,
-                tr.outcome,
-                transfer=tr.kind if tr.disks else None,
-                reasons={d.userdevice: d.reason for d in tr.disks},
-                bytes_sent=tr.bytes_sent,
-                error=tr.error,
-                restore_point=tr.restore_point,
-            )
+    with StateDB(config.state_path) as db:
+        try:
+            with connected(config, job, interactive=interactive) as c:
+                db.mark_interrupted()
+                targets = targets_of(c)
+                vms = selected_vms(c, only)
+                run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
+                recorder = _Recorder(db, run_id)
+                try:
+                    report = run_job(
+                        c.source,
+                        [ref for ref, _ in vms],
+                        targets,
+                        spec,
+                        force_full=full,
+                        progress=progress,
+                        monitor=monitor,
+                        observer=recorder,
+                    )
+                    recorder.close(vms, report)
+                except BaseException as err:
+                    # A run that raised is over: say so now rather than leave it "running".
+                    recorder.abandon(_error_line(err))
+                    db.finish_run(run_id, "failure", _error_line(err))
+                    raise
+                db.finish_run(
+                    run_id, report.outcome, None if report.outcome == "success" else _summary(report)
+                )
+        except Exception as err:
+            # A mistake in a command typed by hand is answered on the terminal, not reported.
+            if not (isinstance(err, ConfigError) and trigger == "manual"):
+                _notify(config, job, db, _failed_payload(job, err))
+            raise
+        _notify(config, job, db, report_payload(report))
     return report
+
+
+def _error_line(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+class _Recorder:
+    """Records each VM/target task as the runner reports it: a row when its work starts, its
+    outcome when it ends; a target skipped or interrupted before starting gets a finished row."""
+
+    def __init__(self, db: StateDB, run_id: int) -> None:
+        self.db = db
+        self.run_id = run_id
+        self.open: dict[tuple[str, str], int] = {}  # (vm uuid, sr uuid) -> task id
+        self.lock = threading.Lock()
+
+    def started(self, vm: VmResult, target: Target) -> None:
+        task = self.db.start_task(self.run_id, vm.vm_uuid, vm.vm_name, target.sr_uuid)
+        with self.lock:
+            self.open[(vm.vm_uuid, target.sr_uuid)] = task
+
+    def finished(self, vm: VmResult, tr: TargetResult) -> None:
+        with self.lock:
+            task = self.open.pop((vm.vm_uuid, tr.sr_uuid), None)
+        if task is None and tr.outcome == "skipped":
+            self.db.skip_task(self.run_id, vm.vm_uuid, vm.vm_name, tr.sr_uuid, tr.error or "skipped")
+            return
+        if task is None:
+            task = self.db.start_task(self.run_id, vm.vm_uuid, vm.vm_name, tr.sr_uuid)
+        self.db.finish_task(
+            task,
+            tr.outcome,
+            transfer=tr.kind if tr.disks else None,
+            reasons={d.userdevice: d.reason for d in tr.disks},
+            bytes_sent=tr.bytes_sent,
+            error=tr.error,
+            restore_point=tr.restore_point,
+            snapshot_time=vm.snapshot_time if tr.restore_point else None,
+            cleaned=len(tr.cleaned),
+        )
+
+    def close(self, vms: list[tuple[str, dict[str, Any]]], report: RunReport) -> None:
+        """Tasks a VM started but never finished (its run raised midway) fail with its error."""
+        errors = {rec["uuid"]: vr.error for (_, rec), vr in zip(vms, report.vms, strict=True)}
+        self._finish_open(lambda vm_uuid: errors.get(vm_uuid) or "not finished")
+
+    def abandon(self, error: str) -> None:
+        self._finish_open(lambda _: error)
+
+    def _finish_open(self, error_of: Callable[[str], str]) -> None:
+        with self.lock:
+            left, self.open = self.open, {}
+        for (vm_uuid, _), task in left.items():
+            self.db.finish_task(task, "failure", error=error_of(vm_uuid))
+
+
+def _notify(config: Config, job: JobConfig, db: StateDB, payload: dict[str, Any]) -> None:
+    """Send the run's report as the job says (xencr.monitor.notify); problems are one log line."""
+    try:
+        notify = getattr(importlib.import_module("xencr.monitor.notify"), "notify", None)
+        rpo = importlib.import_module("xencr.monitor.rpo")
+    except ImportError:
+        return
+    if notify is None:
+        return
+    try:
+        breaches = rpo.breaches(db, job, datetime.now(UTC))
+        problems = list(notify(config, job, payload, breaches))
+    except Exception as err:  # a report that cannot be sent must never fail the run
+        problems = [_error_line(err)]
+    if problems:
+        log.warning("job %s: report not sent: %s", job.name, "; ".join(str(p) for p in problems))
+
+
+def _failed_payload(job: JobConfig, err: BaseException) -> dict[str, Any]:
+    """The report of a run that could not run (a pool unreachable, a target SR missing)."""
+    now = datetime.now(UTC).isoformat()
+    return {
+        "job": job.name,
+        "outcome": "failure",
+        "started": now,
+        "finished": now,
+        "error": _error_line(err),
+        "vms": [],
+    }
 
 
 def _summary(report: RunReport) -> str:
@@ -169,6 +286,12 @@ def _summary(report: RunReport) -> str:
 
 
 def report_json(report: RunReport) -> str:
+    return json.dumps(report_payload(report), indent=2)
+
+
+def report_payload(report: RunReport) -> dict[str, Any]:
+    """The run report as JSON-ready data (``xencr run --json``, webhooks, emails)."""
+
     def disk(d: Any) -> dict[str, Any]:
         return {
             "userdevice": d.userdevice,
@@ -180,39 +303,38 @@ def report_json(report: RunReport) -> str:
             "seconds": round(d.seconds, 3),
         }
 
-    return json.dumps(
-        {
-            "job": report.job,
-            "outcome": report.outcome,
-            "started": report.started.isoformat(),
-            "finished": report.finished.isoformat() if report.finished else None,
-            "vms": [
-                {
-                    "uuid": v.vm_uuid,
-                    "name": v.vm_name,
-                    "outcome": v.outcome,
-                    "snapshot": v.snapshot,
-                    "error": v.error,
-                    "source_snapshots_removed": v.source_pruned,
-                    "targets": [
-                        {
-                            "target": t.target,
-                            "sr": t.sr_uuid,
-                            "outcome": t.outcome,
-                            "restore_point": t.restore_point,
-                            "kind": t.kind,
-                            "bytes": t.bytes_sent,
-                            "error": t.error,
-                            "cleaned": t.cleaned,
-                            "expired": t.expired,
-                            "warnings": t.warnings,
-                            "disks": [disk(d) for d in t.disks],
-                        }
-                        for t in v.targets
-                    ],
-                }
-                for v in report.vms
-            ],
-        },
-        indent=2,
-    )
+    return {
+        "job": report.job,
+        "outcome": report.outcome,
+        "started": report.started.isoformat(),
+        "finished": report.finished.isoformat() if report.finished else None,
+        "vms": [
+            {
+                "uuid": v.vm_uuid,
+                "name": v.vm_name,
+                "outcome": v.outcome,
+                "snapshot": v.snapshot,
+                "snapshot_time": v.snapshot_time.isoformat() if v.snapshot_time else None,
+                "error": v.error,
+                "source_snapshots_removed": v.source_pruned,
+                "targets": [
+                    {
+                        "target": t.target,
+                        "sr": t.sr_uuid,
+                        "outcome": t.outcome,
+                        "restore_point": t.restore_point,
+                        "kind": t.kind,
+                        "bytes": t.bytes_sent,
+                        "error": t.error,
+                        "holder": t.holder,
+                        "cleaned": t.cleaned,
+                        "expired": t.expired,
+                        "warnings": t.warnings,
+                        "disks": [disk(d) for d in t.disks],
+                    }
+                    for t in v.targets
+                ],
+            }
+            for v in report.vms
+        ],
+    }

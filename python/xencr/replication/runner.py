@@ -1,14 +1,19 @@
 """One run of a job: for each selected VM, clean up, snapshot, then for each target plan,
 build the replica, stream every disk, commit, and apply retention; finally keep on the source
-only the snapshots the next deltas need."""
+only the snapshots the next deltas need.
+
+Runs may overlap (a daemon's ticks, several jobs, a `xencr run` by hand): a VM's target whose
+lock is held elsewhere is skipped for this run; disk copies wait for their pools' transfer slots;
+a per-VM deadline and a cancel event cut transfers cleanly (tasks cancelled, replica discarded)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,9 +26,10 @@ from xencr.replication import metadata as md
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
 from xencr.replication.decide import DiskPlan, plan_target
+from xencr.service import limits, locks
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import TransferError, TransferTimeout, copy_vdi
+from xencr.xapi.transfer import TransferCancelled, TransferError, TransferTimeout, copy_vdi
 
 log = logging.getLogger("xencr.replication")
 
@@ -41,6 +47,15 @@ class JobSpec:
     rate_limit: int | None = None
     vm_timeout: float | None = None
     retries: int = 1  # further attempts of a target after a data-path failure
+    # Set to stop the run: transfers are cut, nothing new starts, tasks end "interrupted".
+    cancel: threading.Event | None = field(default=None, compare=False)
+    lock_dir: Path | None = None  # per VM/target locks shared with other runs (None: no locking)
+    source_pool: str = ""  # the source pool's name, for its export limit
+    max_exports: int | None = None  # disk exports from the source pool at once (None: no limit)
+
+
+CANCELLED = "cancelled: shutting down"
+SAME_JOB_BUSY = "skipped: previous run still running"
 
 
 @dataclass
@@ -50,6 +65,8 @@ class Target:
     sr: str
     sr_uuid: str
     network_map: dict[str, str] = field(default_factory=dict)
+    pool: str = ""  # the target pool's name, for its import limit
+    max_imports: int | None = None  # disk imports into that pool at once (None: no limit)
 
 
 @dataclass
@@ -76,6 +93,7 @@ class TargetResult:
     expired: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    holder: str | None = None  # skipped: who holds the VM/target ("job web (pid 12) since ...")
 
     @property
     def kind(self) -> str:
@@ -92,6 +110,7 @@ class VmResult:
     vm_uuid: str
     vm_name: str
     snapshot: str | None = None
+    snapshot_time: datetime | None = None  # the moment the snapshot (and its restore points) hold
     targets: list[TargetResult] = field(default_factory=list)
     source_pruned: list[str] = field(default_factory=list)
     error: str | None = None
@@ -100,8 +119,7 @@ class VmResult:
     def outcome(self) -> str:
         if self.error or not self.targets:
             return "failure"
-        outs = {t.outcome for t in self.targets}
-        return outs.pop() if len(outs) == 1 else "partial"
+        return _combined(t.outcome for t in self.targets)
 
 
 @dataclass
@@ -113,13 +131,29 @@ class RunReport:
 
     @property
     def outcome(self) -> str:
-        outs = {v.outcome for v in self.vms}
-        if not outs:
+        if not self.vms:
             return "success"
-        return outs.pop() if len(outs) == 1 else "partial"
+        return _combined(v.outcome for v in self.vms)
+
+
+def _combined(outcomes: Iterable[str]) -> str:
+    """One outcome for several: skips are not failures and do not count when something else ran;
+    all skipped is "skipped"; one kind is itself; a mix is "partial"."""
+    outs = set(outcomes)
+    ran = outs - {"skipped"} or outs
+    return ran.pop() if len(ran) == 1 else "partial"
 
 
 Progress = Callable[[str], None]
+
+
+class TaskObserver(Protocol):
+    """Follows each VM/target task (the state database): ``started`` when a target's work
+    begins (its lock taken), ``finished`` once for every target, started or not (skipped,
+    interrupted before starting, or failed with its VM's snapshot)."""
+
+    def started(self, vm: VmResult, target: Target) -> None: ...
+    def finished(self, vm: VmResult, tr: TargetResult) -> None: ...
 
 
 class TransferMonitor(Protocol):
@@ -143,9 +177,86 @@ def replicate_vm(
     force_full: bool = False,
     progress: Progress = lambda _: None,
     monitor: TransferMonitor | None = None,
+    observer: TaskObserver | None = None,
 ) -> VmResult:
     rec = src.api.VM.get_record(vm)
     result = VmResult(rec["uuid"], rec["name_label"])
+    obs = observer or _NoObserver()
+    if _cancelled(job):
+        # Nothing new starts once the run is cancelled.
+        for t in targets:
+            tr = TargetResult(t.name, t.sr_uuid, outcome="interrupted", error=CANCELLED)
+            result.targets.append(tr)
+            obs.finished(result, tr)
+        return result
+    held: list[locks.Lock] = []
+    try:
+        active, skipped = _lock_targets(rec, targets, job, held)
+        for tr in skipped:
+            progress(f"{rec['name_label']} -> {tr.target}: {tr.error} ({tr.holder})")
+            obs.finished(result, tr)
+        if active:
+            _replicate_locked(
+                src, vm, rec, active, job, result, force_full, progress, monitor, obs, bool(skipped)
+            )
+        order = [t.sr_uuid for t in targets]
+        result.targets = sorted(skipped + result.targets, key=lambda tr: order.index(tr.sr_uuid))
+    finally:
+        for lock in held:
+            lock.release()
+    return result
+
+
+def _cancelled(job: JobSpec) -> bool:
+    return job.cancel is not None and job.cancel.is_set()
+
+
+class _NoObserver:
+    def started(self, vm: VmResult, target: Target) -> None:
+        pass
+
+    def finished(self, vm: VmResult, tr: TargetResult) -> None:
+        pass
+
+
+def _lock_targets(
+    rec: dict[str, Any], targets: list[Target], job: JobSpec, held: list[locks.Lock]
+) -> tuple[list[Target], list[TargetResult]]:
+    """Take the lock of each target (appended to ``held``); the targets got, and a skipped
+    result for each target another run holds."""
+    if job.lock_dir is None:
+        return list(targets), []
+    active, skipped = [], []
+    for t in targets:
+        lock = locks.try_lock(job.lock_dir, rec["uuid"], t.sr_uuid, job.name, job_id=job.id)
+        if lock is not None:
+            held.append(lock)
+            active.append(t)
+            continue
+        h = locks.read_holder(job.lock_dir, rec["uuid"], t.sr_uuid)
+        who = h.describe() if h is not None else "another run (holder unknown)"
+        same = h is not None and (h.job_id == job.id if h.job_id else h.job_name == job.name)
+        reason = SAME_JOB_BUSY if same else f"skipped: being replicated by {who}"
+        skipped.append(TargetResult(t.name, t.sr_uuid, outcome="skipped", error=reason, holder=who))
+    return active, skipped
+
+
+def _replicate_locked(
+    src: XapiSession,
+    vm: str,
+    rec: dict[str, Any],
+    targets: list[Target],
+    job: JobSpec,
+    result: VmResult,
+    force_full: bool,
+    progress: Progress,
+    monitor: TransferMonitor | None,
+    obs: TaskObserver,
+    some_skipped: bool,
+) -> None:
+    """The VM's run on the targets whose locks are held: clean up, snapshot, each target, prune."""
+    for t in targets:
+        obs.started(result, t)
     # The per-VM timeout covers every target and attempt; transfers are cut when it passes.
     deadline = time.monotonic() + job.vm_timeout if job.vm_timeout else None
     cleaned = {t.name: tgt.cleanup(t.session, job.id, rec["uuid"], t.sr, t.sr_uuid) for t in targets}
@@ -158,9 +269,12 @@ def replicate_vm(
         )
     except (XapiError, PoolUnreachable) as err:
         result.error = f"snapshot failed: {_error_line(err)}"
-        return result
+        for t in targets:
+            obs.finished(result, TargetResult(t.name, t.sr_uuid, error=result.error, cleaned=cleaned[t.name]))
+        return
     snap_rec = src.api.VM.get_record(snap)
     result.snapshot = snap_rec["uuid"]
+    result.snapshot_time = when
     disks = srcmod.disks_of(src, snap)
     progress(f"{rec['name_label']}: snapshot {snap_rec['uuid']} ({len(disks)} disk(s))")
     shared = _VmRun(
@@ -182,21 +296,8 @@ def replicate_vm(
     for t in targets:
         tr = TargetResult(t.name, t.sr_uuid, cleaned=cleaned[t.name])
         result.targets.append(tr)
-        for attempt in range(1, job.retries + 2):
-            try:
-                _to_target(shared, t, tr)
-                tr.outcome, tr.error = "success", None
-                break
-            except RETRYABLE as err:
-                tr.error = _error_line(err)
-                # A dropped connection or a damaged stream: the attempt was discarded; once more.
-                retry = attempt <= job.retries and _worth_retrying(err)
-                progress(
-                    f"{rec['name_label']} -> {t.name}: failed: {tr.error}" + ("; retrying" if retry else "")
-                )
-                if not retry:
-                    break
-                tr.warnings.append(f"retried after: {tr.error}")
+        _attempts(shared, t, tr)
+        obs.finished(result, tr)
     # Keep, per target, the snapshot of its newest restore point (the next delta's base).
     uuids = {r["uuid"]: s for s, r in srcmod.job_snapshots(src, vm, job.id)}
     keep: set[str] = set()
@@ -209,8 +310,41 @@ def replicate_vm(
             continue
         bases = [uuids[p.copy_of] for p in points if p.copy_of in uuids]
         keep.update(bases[-1:])
+    if some_skipped:
+        # A busy target may be another run of this job, sending a snapshot not ours to judge;
+        # the next run that has every target prunes.
+        keep.update(uuids.values())
     result.source_pruned = srcmod.prune_snapshots(src, vm, job.id, keep)
-    return result
+
+
+def _attempts(run: _VmRun, t: Target, tr: TargetResult) -> None:
+    """One target, retried after a data-path failure; a timeout or a cancel is final."""
+    job, name = run.job, run.rec["name_label"]
+    for attempt in range(1, job.retries + 2):
+        try:
+            _to_target(run, t, tr)
+            tr.outcome, tr.error = "success", None
+            return
+        except RETRYABLE as err:
+            if _cancelled(job) or isinstance(err, TransferCancelled):
+                tr.outcome, tr.error = "interrupted", CANCELLED
+                run.progress(f"{name} -> {t.name}: {CANCELLED}")
+                return
+            timed_out = isinstance(err, TransferTimeout) or (
+                run.deadline is not None and time.monotonic() > run.deadline
+            )
+            tr.outcome = "failure"
+            if timed_out:
+                tr.error = f"timed out after {job.vm_timeout:g}s ({_error_line(err)})"
+                run.progress(f"{name} -> {t.name}: {tr.error}")
+                return
+            tr.error = _error_line(err)
+            # A dropped connection or a damaged stream: the attempt was discarded; once more.
+            retry = attempt <= job.retries and _worth_retrying(err)
+            run.progress(f"{name} -> {t.name}: failed: {tr.error}" + ("; retrying" if retry else ""))
+            if not retry:
+                return
+            tr.warnings.append(f"retried after: {tr.error}")
 
 
 RETRYABLE = (XapiError, PoolUnreachable, TransferError, OSError, VhdError)
@@ -220,7 +354,7 @@ def _worth_retrying(err: BaseException) -> bool:
     """Data-path failures may pass on a second attempt; a refusal (a full SR, a bad request) won't."""
     if isinstance(err, XapiError):
         return err.code in ("VDI_IO_ERROR", "TASK_CANCELLED")
-    return not isinstance(err, TransferTimeout)
+    return not isinstance(err, (TransferTimeout, TransferCancelled))
 
 
 def hold(point: str) -> None:
@@ -265,8 +399,10 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         run.monitor,
     )
     ts = t.session
+    if _cancelled(job):
+        raise TransferCancelled(f"cancelled before {t.name}")
     if deadline is not None and time.monotonic() > deadline:
-        raise TransferTimeout(f"the VM's timeout ({job.vm_timeout:.0f}s) passed before {t.name}")
+        raise TransferTimeout(f"the VM's timeout passed before {t.name}")
     plan = plan_target(
         src,
         ts,
@@ -310,7 +446,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
             pairs = list(zip(plan.disks, new_vdis, strict=True))
             label = f"{rec['name_label']} -> {t.name}"
             results = list(
-                pool.map(lambda pv: _send(src, ts, pv[0], pv[1], job, deadline, monitor, label), pairs)
+                pool.map(lambda pv: _send(src, t, pv[0], pv[1], job, deadline, monitor, label), pairs)
             )
         tr.disks = results
         total = sum(d.bytes_sent for d in results)
@@ -347,7 +483,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
 
 def _send(
     src: XapiSession,
-    ts: XapiSession,
+    t: Target,
     dp: DiskPlan,
     vdi: str,
     job: JobSpec,
@@ -357,8 +493,17 @@ def _send(
 ) -> DiskResult:
     name = f"{label} disk {dp.disk.userdevice}"
     hook = (lambda total: monitor.begin(name, total)) if monitor else None
+    # The pools' transfer slots (per-pool limits across this process's runs) for this disk.
+    slots = []
+    if job.max_exports is not None:
+        slots.append(limits.Slot("export", job.source_pool, job.max_exports))
+    if t.max_imports is not None:
+        slots.append(limits.Slot("import", t.pool, t.max_imports))
     try:
-        return _copy(src, ts, dp, vdi, job, deadline, hook)
+        with limits.transfer_slots(slots, cancel=job.cancel, deadline=deadline):
+            return _copy(src, t.session, dp, vdi, job, deadline, hook)
+    except limits.SlotCancelled as err:
+        raise (TransferCancelled if _cancelled(job) else TransferTimeout)(str(err)) from None
     finally:
         if monitor:
             monitor.end(name)
@@ -382,6 +527,7 @@ def _copy(
         rate_limit=job.rate_limit,
         timeout=job.vm_timeout,
         deadline=deadline,
+        cancel=job.cancel,
         progress=hook,
     )
     return DiskResult(
@@ -425,6 +571,7 @@ def run_job(
     force_full: bool = False,
     progress: Progress = lambda _: None,
     monitor: TransferMonitor | None = None,
+    observer: TaskObserver | None = None,
 ) -> RunReport:
     """Replicate ``vms`` (refs on ``src``) to every target; VMs run ``job.concurrency`` at once."""
     report = RunReport(job.name, datetime.now(UTC))
@@ -432,7 +579,14 @@ def run_job(
     def one(vm: str) -> VmResult:
         try:
             return replicate_vm(
-                src, vm, targets, job, force_full=force_full, progress=progress, monitor=monitor
+                src,
+                vm,
+                targets,
+                job,
+                force_full=force_full,
+                progress=progress,
+                monitor=monitor,
+                observer=observer,
             )
         except RETRYABLE as err:
             return VmResult("", vm, error=_error_line(err))

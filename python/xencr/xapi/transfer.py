@@ -39,6 +39,10 @@ class TransferTimeout(TransferError):
     """The transfer ran past its deadline and was cut."""
 
 
+class TransferCancelled(TransferError):
+    """The transfer was cut because its run was cancelled (the daemon is shutting down)."""
+
+
 @dataclass
 class TransferReport:
     stream_length: int
@@ -138,12 +142,16 @@ def copy_vdi(
     rate_limit: int | None = None,
     timeout: float | None = None,
     deadline: float | None = None,
+    cancel: threading.Event | None = None,
     progress: Callable[[int], _engine.Progress | None] | None = None,
 ) -> TransferReport:
     """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``. Past
     ``deadline`` (a `time.monotonic()` value) the connections are cut and `TransferTimeout`
-    raised; the pools then fail their tasks. ``progress(total)`` may return an engine byte
-    counter for the stream (its length being known once the head has arrived)."""
+    raised; when ``cancel`` is set, likewise with `TransferCancelled`. Either way both pools'
+    tasks are cancelled and destroyed. ``progress(total)`` may return an engine byte counter for
+    the stream (its length being known once the head has arrived)."""
+    if cancel is not None and cancel.is_set():
+        raise TransferCancelled(f"transfer of {src_vdi} cancelled before it started")
     start = time.monotonic()
     src_task = str(src.call("task.create", "xencr export", f"export of {src_vdi}"))
     dst_task = str(dst.call("task.create", "xencr import", f"import into {dst_vdi}"))
@@ -157,7 +165,7 @@ def copy_vdi(
         import_path = "/import_raw_vdi?" + _query(dst, dst_task, vdi=dst_vdi, format="vhd")
         s, d = _tcp(src), _tcp(dst)
         socks += [s, d]
-        watchdog = _Watchdog(socks, deadline)
+        watchdog = _Watchdog(socks, deadline, cancel)
         # TLS (where a side is HTTPS), the HTTP exchange and the stream all in the engine, on
         # the TCP connections opened here, so that the watchdog can still cut them.
         counter = progress(0) if progress else None  # the engine learns the length: `.total`
@@ -175,6 +183,8 @@ def copy_vdi(
                 progress=counter,
             )
         except (_engine.VhdError, OSError) as err:
+            if watchdog.fired == "cancel":
+                raise TransferCancelled(f"transfer of {src_vdi} cancelled") from None
             if watchdog.fired:
                 raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
             if getattr(err, "kind", "") == "http_status":  # the pool said why in its task (xapi.md 4.1)
@@ -189,8 +199,8 @@ def copy_vdi(
             raise _task_failure(dst, dst_task) or TransferError(
                 f"import into {dst_vdi}: HTTP {report.get('import_status')}"
             )
-        imported = _wait(dst, dst_task, timeout)
-        _wait(src, src_task, timeout)
+        imported = _wait(dst, dst_task, timeout, deadline, cancel)
+        _wait(src, src_task, timeout, deadline, cancel)
         done = True
         return TransferReport(
             stream_length=int(report["bytes_in"]),
@@ -224,30 +234,61 @@ def _tls_spec(session: XapiSession) -> str | None:
 
 
 class _Watchdog:
-    """Shuts the transfer's sockets down at the deadline: the engine's blocking read or write
-    then fails, and the transfer ends without waiting for the stall timeout."""
+    """Shuts the transfer's sockets down at the deadline or when ``cancel`` is set: the engine's
+    blocking read or write then fails, and the transfer ends without waiting for the stall
+    timeout. ``fired`` says why (``"deadline"`` or ``"cancel"``), or is empty."""
 
-    def __init__(self, socks: list[socket.socket], deadline: float | None) -> None:
-        self.fired = False
-        self._timer: threading.Timer | None = None
-        if deadline is not None:
-            self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire, [socks])
-            self._timer.daemon = True
-            self._timer.start()
+    POLL = 0.1  # how soon a set cancel event is noticed
 
-    def _fire(self, socks: list[socket.socket]) -> None:
-        self.fired = True
-        for sock in socks:
+    def __init__(
+        self, socks: list[socket.socket], deadline: float | None, cancel: threading.Event | None
+    ) -> None:
+        self.fired = ""
+        self._socks = socks
+        self._deadline = deadline
+        self._cancel = cancel
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        if deadline is not None or cancel is not None:
+            self._thread = threading.Thread(target=self._watch, name="xencr-watchdog", daemon=True)
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            if self._cancel is not None and self._cancel.is_set():
+                self._fire("cancel")
+                return
+            wait = self.POLL if self._cancel is not None else None
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._fire("deadline")
+                    return
+                wait = left if wait is None else min(wait, left)
+            if self._done.wait(wait):
+                return
+
+    def _fire(self, why: str) -> None:
+        self.fired = why
+        for sock in self._socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
-def _wait(session: XapiSession, task: str, timeout: float | None) -> str:
-    """Wait for a handler's task (without destroying it: `copy_vdi` does that once)."""
+def _wait(
+    session: XapiSession,
+    task: str,
+    timeout: float | None,
+    until: float | None = None,
+    cancel: threading.Event | None = None,
+) -> str:
+    """Wait for a handler's task (without destroying it: `copy_vdi` does that once), at most
+    ``timeout`` seconds, and not past ``until`` (the VM's deadline) nor once ``cancel`` is set."""
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.002  # a handler's task usually ends right after its body: poll fast, then back off
     while True:
@@ -259,6 +300,10 @@ def _wait(session: XapiSession, task: str, timeout: float | None) -> str:
             raise XapiError(str(info[0]) if info else "TASK_CANCELLED", info[1:] if info else [task])
         if deadline is not None and time.monotonic() > deadline:
             raise TransferError(f"task {task} did not finish in {timeout:.0f}s")
+        if until is not None and time.monotonic() > until:
+            raise TransferTimeout(f"task {task} still running at the deadline")
+        if cancel is not None and cancel.is_set():
+            raise TransferCancelled(f"task {task} abandoned: cancelled")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
 
