@@ -3,6 +3,7 @@
 //! transform between them. Python keeps the TCP sockets (so it can cut them at a deadline) and
 //! the XAPI tasks; no byte of the stream passes through Python.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::mem::ManuallyDrop;
 use std::net::TcpStream;
@@ -254,16 +255,9 @@ fn read_head(c: &mut Conn, host: &str) -> Result<(u16, Vec<u8>)> {
     }
 }
 
-/// GET the export on `src`; PUT it (with its length, probed from the stream's head) to `dst`
-/// through the validating transform, or, with no `dst`, only validate and digest it. Returns
-/// the transform's report and the import's HTTP status.
-pub fn relay(
-    src: &Side,
-    dst: Option<&Side>,
-    rate_limit: Option<u64>,
-    require_full_bitmaps: bool,
-    counter: Option<&dyn Fn(u64, u64)>,
-) -> Result<(StreamReport, Option<u16>)> {
+/// GET the export on `src`: the open connection (the head already read, chained back in front)
+/// and the stream's total length, probed from that head.
+fn open_export(src: &Side) -> Result<(impl Read, u64)> {
     let mut s = open(src)?;
     send_head(&mut s, "GET", src, None)?;
     let (status, mut head) = read_head(&mut s, &src.host)?;
@@ -299,6 +293,38 @@ pub fn relay(
             }
         }
     };
+    Ok((std::io::Cursor::new(head).chain(s).take(total), total))
+}
+
+/// PUT `total` bytes of `source` to `dst` through the validating transform; the report and the
+/// import's HTTP status.
+fn put_import(
+    dst: &Side,
+    source: impl Read,
+    opts: ParseOptions,
+    rate_limit: Option<u64>,
+) -> Result<(StreamReport, u16)> {
+    let total = opts.length.unwrap_or(0);
+    let mut out = open(dst)?;
+    send_head(&mut out, "PUT", dst, Some(total))?;
+    let report = transform(source, &mut out, opts, rate_limit)?;
+    out.flush()
+        .ctx(|| format!("cannot send the import to {}", dst.host))?;
+    let (status, _) = read_head(&mut out, &dst.host)?;
+    Ok((report, status))
+}
+
+/// GET the export on `src`; PUT it (with its length, probed from the stream's head) to `dst`
+/// through the validating transform, or, with no `dst`, only validate and digest it. Returns
+/// the transform's report and the import's HTTP status.
+pub fn relay(
+    src: &Side,
+    dst: Option<&Side>,
+    rate_limit: Option<u64>,
+    require_full_bitmaps: bool,
+    counter: Option<&dyn Fn(u64, u64)>,
+) -> Result<(StreamReport, Option<u16>)> {
+    let (export, total) = open_export(src)?;
     if let Some(report) = counter {
         report(0, total);
     }
@@ -307,7 +333,7 @@ pub fn relay(
         require_full_bitmaps,
     };
     let source = Counting {
-        inner: std::io::Cursor::new(head).chain(s).take(total),
+        inner: export,
         done: 0,
         total,
         counter,
@@ -318,15 +344,70 @@ pub fn relay(
             None,
         )),
         Some(d) => {
-            let mut out = open(d)?;
-            send_head(&mut out, "PUT", d, Some(total))?;
-            let report = transform(source, &mut out, opts, rate_limit)?;
-            out.flush()
-                .ctx(|| format!("cannot send the import to {}", d.host))?;
-            let (status, _) = read_head(&mut out, &d.host)?;
+            let (report, status) = put_import(d, source, opts, rate_limit)?;
             Ok((report, Some(status)))
         }
     }
+}
+
+/// GET the export on `src` into `file` (validated and digested on the way), then make the
+/// file durable: a VHD export stream is itself a valid VHD file.
+pub fn download(
+    src: &Side,
+    file: &mut File,
+    rate_limit: Option<u64>,
+    counter: Option<&dyn Fn(u64, u64)>,
+) -> Result<StreamReport> {
+    let (export, total) = open_export(src)?;
+    if let Some(report) = counter {
+        report(0, total);
+    }
+    let opts = ParseOptions {
+        length: Some(total),
+        require_full_bitmaps: true,
+    };
+    let source = Counting {
+        inner: export,
+        done: 0,
+        total,
+        counter,
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
+    let report = transform(source, &mut out, opts, rate_limit)?;
+    out.flush()
+        .ctx(|| "cannot write the disk file".to_string())?;
+    drop(out);
+    file.sync_all()
+        .ctx(|| "cannot make the disk file durable".to_string())?;
+    Ok(report)
+}
+
+/// PUT the stream held in `file` (its whole length) to `dst` through the validating transform:
+/// a damaged file is refused before the pool is sent a byte past the damage.
+pub fn upload(
+    file: File,
+    dst: &Side,
+    rate_limit: Option<u64>,
+    counter: Option<&dyn Fn(u64, u64)>,
+) -> Result<(StreamReport, u16)> {
+    let total = file
+        .metadata()
+        .ctx(|| "cannot read the disk file's size".to_string())?
+        .len();
+    if let Some(report) = counter {
+        report(0, total);
+    }
+    let opts = ParseOptions {
+        length: Some(total),
+        require_full_bitmaps: true,
+    };
+    let source = Counting {
+        inner: std::io::BufReader::with_capacity(1 << 20, file),
+        done: 0,
+        total,
+        counter,
+    };
+    put_import(dst, source, opts, rate_limit)
 }
 
 /// Reports bytes read (and the total) to the caller's counter.

@@ -730,6 +730,80 @@ fn relay<'py>(
     Ok(d)
 }
 
+/// The engine's byte counter, as the closure the net functions report to.
+fn counter_of(progress: &Option<Py<Progress>>) -> impl Fn(u64, u64) + Send + Sync {
+    let counters = progress
+        .as_ref()
+        .map(|p| (p.get().done.clone(), p.get().total.clone()));
+    move |done: u64, total: u64| {
+        if let Some((d, t)) = &counters {
+            d.store(done, Ordering::Relaxed);
+            t.store(total, Ordering::Relaxed);
+        }
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (src_fd, src_host, src_path, path, *, src_tls=None, rate_limit=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn download<'py>(
+    py: Python<'py>,
+    src_fd: i32,
+    src_host: String,
+    src_path: String,
+    path: PathBuf,
+    src_tls: Option<String>,
+    rate_limit: Option<u64>,
+    progress: Option<Py<Progress>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let update = counter_of(&progress);
+    let r = detached(py, || {
+        let src = crate::net::Side {
+            fd: src_fd,
+            host: src_host,
+            path: src_path,
+            tls: trust_of(src_tls)?,
+        };
+        // A seed file is never overwritten in place: the caller names a fresh path.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx(|| format!("cannot create {}", path.display()))?;
+        crate::net::download(&src, &mut file, rate_limit, Some(&update))
+    })?;
+    report_to_py(py, &r)
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, dst_fd, dst_host, dst_path, *, dst_tls=None, rate_limit=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn upload<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    dst_fd: i32,
+    dst_host: String,
+    dst_path: String,
+    dst_tls: Option<String>,
+    rate_limit: Option<u64>,
+    progress: Option<Py<Progress>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    let update = counter_of(&progress);
+    let (r, status) = detached(py, || {
+        let dst = crate::net::Side {
+            fd: dst_fd,
+            host: dst_host,
+            path: dst_path,
+            tls: trust_of(dst_tls)?,
+        };
+        let file = std::fs::File::open(&path).ctx(|| format!("cannot open {}", path.display()))?;
+        crate::net::upload(file, &dst, rate_limit, Some(&update))
+    })?;
+    let d = report_to_py(py, &r)?;
+    d.set_item("import_status", status)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -758,6 +832,8 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     m.add_function(wrap_pyfunction!(probe_stream_length, m)?)?;
     m.add_function(wrap_pyfunction!(relay, m)?)?;
+    m.add_function(wrap_pyfunction!(download, m)?)?;
+    m.add_function(wrap_pyfunction!(upload, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(diff_stream, m)?)?;
     Ok(())

@@ -200,6 +200,33 @@ def relay(
     ``import_status`` (the import's HTTP status, or None). A non-200 export raises
     :class:`VhdError` of kind ``http_status``."""
 
+def download(
+    src_fd: int,
+    src_host: str,
+    src_path: str,
+    path: str,
+    *,
+    src_tls: str | None = None,
+    rate_limit: int | None = None,
+    progress: Progress | None = None,
+) -> StreamReport:
+    """XAPI's export into a new file at ``path`` (never an existing one), validated and digested
+    on the way, then fsynced. The export stream is itself a valid dynamic VHD file."""
+
+def upload(
+    path: str,
+    dst_fd: int,
+    dst_host: str,
+    dst_path: str,
+    *,
+    dst_tls: str | None = None,
+    rate_limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """PUT the VHD stream held in the file at ``path`` to XAPI's import, through the validating
+    transform (a damaged file fails before its damage is sent). Returns the report plus
+    ``import_status``."""
+
 def transform(
     src: int | str,
     dst: int | str,

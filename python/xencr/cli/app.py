@@ -15,6 +15,7 @@ from xencr.cli.plan import plan_command, status_command
 from xencr.cli.pools import pool_app
 from xencr.cli.replica import replica_app, verify_command
 from xencr.cli.run import run_command
+from xencr.cli.seed import seed_app
 from xencr.cli.sim import sim_app
 from xencr.cli.vhd import vhd_app
 
@@ -33,6 +34,7 @@ app.command("run")(run_command)
 app.command("status")(status_command)
 app.command("history")(history_command)
 app.add_typer(replica_app, name="replica")
+app.add_typer(seed_app, name="seed")
 app.command("verify")(verify_command)
 app.add_typer(vhd_app, name="vhd")
 app.add_typer(sim_app, name="sim")

@@ -13,7 +13,12 @@ from xencr.replication import metadata as md
 from xencr.replication.source import Disk, disks_of
 from xencr.replication.target import RestorePoint, restore_points, xo_restore_points
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import changed_blocks
+from xencr.xapi.transfer import TransferError, changed_blocks
+
+
+class SeedPending(TransferError):
+    """A seed of this VM was written to files and not imported yet: sending a full copy over the
+    network is what the seed is there to avoid, so the run refuses (``--full`` overrides)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ def plan_target(
     probe: bool = True,
     xo_snapshots: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> TargetPlan:
-    """``previous``: this job's earlier snapshots of the VM on the source, oldest first."""
+    """``previous``: this job's earlier snapshots of the VM on the source, oldest first;
+    ``xo_snapshots``: its other snapshots, which a Xen Orchestra chain may continue from."""
     points = restore_points(t, job_id, vm_uuid, sr_uuid)
 
     def all_full(reason: str) -> TargetPlan:
@@ -73,11 +79,28 @@ def plan_target(
     if rp is None and xo_snapshots:
         # No chain of ours: continue one Xen Orchestra left (classic keys or a seed).
         xo_by_uuid = {rec["uuid"]: (ref, rec) for ref, rec in xo_snapshots}
+        # Legacy CR named its base on the source VM itself; the key is read, never required.
+        vm_oc = src.api.VM.get_other_config(src.api.VM.get_by_uuid(vm_uuid))
+        legacy = vm_oc.get(md.XO_BASE_DELTA + sr_uuid)
+        legacy = legacy if legacy in xo_by_uuid else None
         rp = next(
-            (p for p in reversed(xo_restore_points(t, vm_uuid, sr_uuid)) if p.copy_of in xo_by_uuid), None
+            (
+                p
+                for p in reversed(xo_restore_points(t, vm_uuid, sr_uuid, legacy_copy_of=legacy))
+                if p.copy_of in xo_by_uuid
+            ),
+            None,
         )
         by_uuid |= xo_by_uuid
     if rp is None:
+        seeds = [rec for _, rec in previous if rec["other_config"].get(md.SEED)]
+        if seeds:
+            snap = seeds[-1]
+            raise SeedPending(
+                f"a seed of this VM (snapshot {snap['uuid']}, exported"
+                f" {snap['other_config'][md.SEED][:19].replace('T', ' ')}) has no replica on this SR yet:"
+                " import it with `xencr seed import`, or run with --full to send a full copy"
+            )
         return all_full("base snapshot deleted" if points else "first run")
     base_snap = by_uuid[rp.copy_of][0]
     vm_reason = _vm_level_reason(rp)

@@ -48,6 +48,9 @@ def parse_ranges(text: str) -> list[int]:
 
 
 FULL_COUNT = "xencr:chain"  # runs since the last full, per disk (full_interval)
+# On a source snapshot that `xencr seed export` wrote to files: its time (`precise()`). Until a
+# replica of it exists the job refuses to send a full over the network, and the snapshot is kept.
+SEED = "xencr:seed"
 
 
 # Xen Orchestra's keys (read to continue an XO chain; see xo-compat.md 1.1).
@@ -58,6 +61,10 @@ XO_SR = "xo:backup:sr"
 XO_DATETIME = "xo:backup:datetime"
 XO_EXPORTED = "xo:backup:exported"
 XO_COPY_OF = "xo:copy_of"
+XO_CHAIN_LENGTH = "xo:backup:deltaChainLength"
+XO_CONTENT_KEY = "xo:backup:contentKey"
+XO_QCOW2_FIX = "xo:backup:includeNonNbdQcow2Fix"
+XO_BASE_DELTA = "xo:base_delta:"  # + target SR UUID, on the source VM (legacy CR, before 2021)
 
 
 START_BLOCKED = "Start operation for this vm is blocked, clone it if you want to use it."

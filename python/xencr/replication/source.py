@@ -127,10 +127,20 @@ def destroy_snapshot(s: XapiSession, snap: str) -> None:
 
 
 def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> list[str]:
-    """Destroy this job's snapshots of the VM except ``keep``; returns the UUIDs destroyed."""
+    """Destroy this job's snapshots of the VM except ``keep``; returns the UUIDs destroyed.
+
+    A seed's snapshot (written to files, perhaps still travelling) is kept until the chain has
+    moved past it: until some kept base is newer than it."""
     gone = []
-    for snap, rec in job_snapshots(s, vm, job_id):
+    snaps = job_snapshots(s, vm, job_id)
+    newest_kept = max(
+        (r["other_config"].get(md.SNAPSHOT_TIME, "") for ref, r in snaps if ref in keep), default=""
+    )
+    for snap, rec in snaps:
         if snap in keep:
+            continue
+        seeded = rec["other_config"].get(md.SEED)
+        if seeded and rec["other_config"].get(md.SNAPSHOT_TIME, "") >= newest_kept:
             continue
         destroy_snapshot(s, snap)
         gone.append(rec["uuid"])

@@ -84,19 +84,28 @@ def restore_points(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> l
     return sorted(points, key=lambda p: p.snapshot_time)
 
 
-def xo_restore_points(t: XapiSession, vm_uuid: str, sr_uuid: str) -> list[RestorePoint]:
+def xo_restore_points(
+    t: XapiSession, vm_uuid: str, sr_uuid: str, *, legacy_copy_of: str | None = None
+) -> list[RestorePoint]:
     """Replicas Xen Orchestra made of this VM on this SR (classic or seeded: `xo:copy_of` on the
-    VM and its disks, `start` blocked), newest last. A chain of theirs can be continued."""
+    VM and its disks, `start` blocked), newest last. A chain of theirs can be continued.
+
+    Legacy replicas (before 2021) carry no `xo:backup:*` keys: with ``legacy_copy_of`` (the
+    snapshot the source VM's `xo:base_delta:<SR uuid>` names) the VM that is a copy of it counts
+    too, if its disks are on this SR."""
     points = []
     for ref, rec in t.api.VM.get_all_records().items():
         oc = rec["other_config"]
         if rec["is_a_snapshot"] or md.ROLE in oc or md.XO_COPY_OF not in oc:
             continue
-        if oc.get(md.XO_SR) != sr_uuid or oc.get(md.XO_VM, vm_uuid) != vm_uuid:
+        legacy = legacy_copy_of is not None and oc[md.XO_COPY_OF] == legacy_copy_of and md.XO_SR not in oc
+        if legacy and not _disks_on(t, rec, sr_uuid):
+            continue
+        if not legacy and (oc.get(md.XO_SR) != sr_uuid or oc.get(md.XO_VM, vm_uuid) != vm_uuid):
             continue
         if "start" not in rec["blocked_operations"]:
             continue  # a user's clone of a replica carries the keys but no block (xo-compat.md 2)
-        when = oc.get(md.XO_DATETIME, "")
+        when = oc.get(md.XO_DATETIME, oc.get("xo:export_time", ""))
         rp = RestorePoint(str(ref), rec["uuid"], rec["name_label"], when, oc[md.XO_COPY_OF], rec, xo=True)
         for vbd in rec["VBDs"]:
             b = t.api.VBD.get_record(vbd)
@@ -105,6 +114,16 @@ def xo_restore_points(t: XapiSession, vm_uuid: str, sr_uuid: str) -> list[Restor
                 rp.disks[str(b["userdevice"])] = (str(b["VDI"]), None, copy_of)
         points.append(rp)
     return sorted(points, key=lambda p: p.snapshot_time)
+
+
+def _disks_on(t: XapiSession, rec: dict[str, Any], sr_uuid: str) -> bool:
+    """Whether a VM has disks, all on this SR."""
+    srs = set()
+    for vbd in rec["VBDs"]:
+        b = t.api.VBD.get_record(vbd)
+        if b["type"] == "Disk" and b["VDI"] != NULL:
+            srs.add(t.api.SR.get_uuid(t.api.VDI.get_SR(b["VDI"])))
+    return srs == {sr_uuid}
 
 
 def _vm_record(src_rec: dict[str, Any], name: str, keys: dict[str, str]) -> dict[str, Any]:

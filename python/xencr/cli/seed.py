@@ -1,0 +1,171 @@
+"""`xencr seed link|export|import`: the first full copy of a VM by disk instead of the network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xencr.cli.common import ConfigOption, load, reported, warn
+from xencr.cli.errors import CliError
+from xencr.config import Config, ConfigError, PoolConfig
+from xencr.credentials import Secret, split_url_credentials
+from xencr.replication.jobs import connect
+from xencr.seed import link as seedlink
+from xencr.xapi.session import XapiSession
+
+seed_app = typer.Typer(
+    help="Seed a job's first full copy by disk: link a hand-made copy, or export and import one.",
+    no_args_is_help=True,
+)
+
+
+def _optional_config(path: Path | None) -> Config | None:
+    """The configuration if there is one: `seed link` works without (XO's job ids)."""
+    try:
+        return load(path)
+    except ConfigError:
+        if path is not None:
+            raise
+        return None
+
+
+def _pool_for(
+    url: str, side: str, password_file: Path | None, fingerprint: str | None, cfg: Config | None
+) -> PoolConfig:
+    """A pool from a command-line URL. The password: --<side>-password-file, then
+    XENCR_<SIDE>_PASSWORD, then the URL (warned about), then a configured pool with that URL,
+    then a prompt on a terminal."""
+    bare, user, password = split_url_credentials(url)
+    if password is not None:
+        warn(
+            f"the password in the {side} URL is visible to other users of this machine (process list,"
+            f" shell history); prefer --{side}-password-file or XENCR_{side.upper()}_PASSWORD"
+        )
+    known = next(
+        (p for p in (cfg.pools.values() if cfg else []) if p.url.rstrip("/") == bare.rstrip("/")), None
+    )
+    env = f"XENCR_{side.upper()}_PASSWORD"
+    if known is not None and password_file is None and password is None and not os.environ.get(env):
+        return PoolConfig(
+            name=known.name,
+            url=known.url,
+            username=user or known.username,
+            password_file=known.password_file,
+            password_env=known.password_env,
+            fingerprint=fingerprint or known.fingerprint,
+            verify_tls=known.verify_tls,
+            url_password=known.url_password,
+        )
+    return PoolConfig(
+        name=side,
+        url=bare,
+        username=user or "root",
+        password_file=str(password_file) if password_file else None,
+        password_env=env,
+        fingerprint=fingerprint,
+        url_password=Secret(password) if password is not None else None,
+    )
+
+
+def _job_ids(cfg: Config | None, job: str, schedule: str, sr_uuid: str, xo: bool) -> str:
+    """The job id to write: a configured job's (by name or id), else ``job`` as given (a Xen
+    Orchestra job, or one not configured yet: warned)."""
+    if xo:
+        return job
+    if cfg is None:
+        warn(f"no configuration: {job!r} is written as the job id")
+        return job
+    try:
+        j = cfg.job(job)
+    except ConfigError:
+        warn(f"no job {job!r} in {cfg.path}: it is written as the job id as given")
+        return job
+    if schedule not in {s.id for s in j.schedules}:
+        warn(
+            f"job '{j.name}' has no schedule {schedule!r} (schedules: {', '.join(s.id for s in j.schedules)})"
+        )
+    return j.id
+
+
+@seed_app.command("link")
+@reported
+def link_command(
+    source_url: Annotated[str, typer.Argument(metavar="SOURCE_URL", help="Source pool's XAPI URL.")],
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT_UUID", help="The source snapshot you copied.")],
+    target_url: Annotated[str, typer.Argument(metavar="TARGET_URL", help="Target pool's XAPI URL.")],
+    target_vm: Annotated[str, typer.Argument(metavar="TARGET_VM_UUID", help="The VM imported from it.")],
+    job: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job (id, or name of a configured job).")],
+    schedule: Annotated[str, typer.Argument(metavar="SCHEDULE_ID", help="The job's schedule id.")],
+    xo: Annotated[
+        bool, typer.Option("--xo", help="Write Xen Orchestra's keys (XO continues the chain).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check, and print what would be written.")
+    ] = False,
+    source_password_file: Annotated[
+        Path | None, typer.Option(help="File (mode 0600) holding the source pool's password.")
+    ] = None,
+    target_password_file: Annotated[
+        Path | None, typer.Option(help="File (mode 0600) holding the target pool's password.")
+    ] = None,
+    source_fingerprint: Annotated[
+        str | None, typer.Option(help="Pin the source pool's certificate (sha256).")
+    ] = None,
+    target_fingerprint: Annotated[
+        str | None, typer.Option(help="Pin the target pool's certificate (sha256).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Link a hand-made copy to a job, so that its next run is a delta: the arguments of Xen
+    Orchestra's `xo-cr-seed`, in its order. Everything is checked first (a snapshot of a VM, a
+    halted target VM, disks paired by user device with equal sizes); then the metadata is
+    written and the target VM protected. Passwords: --*-password-file, XENCR_SOURCE_PASSWORD /
+    XENCR_TARGET_PASSWORD, the URL (`https://root:pa%40ss@host`, warned), a configured pool with
+    that URL, or a prompt.
+
+    Example:  xencr seed link https://pool-a SNAP_UUID https://pool-b VM_UUID web-servers hourly
+    """
+    cfg = _optional_config(config)
+    interactive = sys.stdin.isatty()
+    spool = _pool_for(source_url, "source", source_password_file, source_fingerprint, cfg)
+    tpool = _pool_for(target_url, "target", target_password_file, target_fingerprint, cfg)
+    with connect(spool, interactive=interactive) as src, _target(spool, tpool, src, interactive) as tgt:
+        try:
+            p = seedlink.pair(src, snapshot, tgt, target_vm)
+        except seedlink.SeedRefused as err:
+            raise CliError(f"refused, nothing written: {err}") from None
+        job_id = _job_ids(cfg, job, schedule, p.sr_uuid, xo)
+        steps = (seedlink.xo_steps if xo else seedlink.xencr_steps)(src, tgt, p, job_id, schedule)
+        if dry_run:
+            for step in steps:
+                typer.echo(f"would write: {step.what}")
+            return
+        seedlink.apply(steps, lambda line: typer.echo(f"wrote: {line}", err=True))
+    layout = "Xen Orchestra's" if xo else "xencr's"
+    typer.echo(
+        f"linked: VM {p.target_rec['uuid']} on SR {p.sr_uuid} is the replica of snapshot"
+        f" {p.snapshot_rec['uuid']} ({layout} keys); the next run of job {job_id} is a delta"
+    )
+
+
+class _Same:
+    """The source session again, when both URLs name one pool (a local replica)."""
+
+    def __init__(self, s: XapiSession) -> None:
+        self.s = s
+
+    def __enter__(self) -> XapiSession:
+        return self.s
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _target(spool: PoolConfig, tpool: PoolConfig, src: XapiSession, interactive: bool) -> XapiSession | _Same:
+    if spool.url.rstrip("/") == tpool.url.rstrip("/") and spool.username == tpool.username:
+        return _Same(src)
+    return connect(tpool, interactive=interactive)
