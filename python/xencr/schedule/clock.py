@@ -45,6 +45,7 @@ class FakeClock:
         self._now = start.astimezone(UTC)
         self._cond = threading.Condition()
         self._sleepers = 0
+        self._waits = 0  # calls of wait_until so far
 
     def now(self) -> datetime:
         with self._cond:
@@ -61,6 +62,7 @@ class FakeClock:
     def wait_until(self, t: datetime, stop: threading.Event) -> bool:
         with self._cond:
             self._sleepers += 1
+            self._waits += 1
             self._cond.notify_all()
             try:
                 while self._now < t:
@@ -73,7 +75,15 @@ class FakeClock:
                 self._sleepers -= 1
                 self._cond.notify_all()
 
-    def wait_for_sleeper(self, timeout: float = 10.0) -> bool:
-        """Block (real time) until some thread waits in ``wait_until``; False after ``timeout``."""
+    @property
+    def waits(self) -> int:
+        """How many times ``wait_until`` was entered: pass it to ``wait_for_sleeper`` before moving
+        the clock to learn when the waiting thread has handled the move and sleeps again."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._sleepers > 0, timeout)
+            return self._waits
+
+    def wait_for_sleeper(self, timeout: float = 10.0, *, since: int = 0) -> bool:
+        """Block (real time) until a thread waits in a ``wait_until`` entered after ``since``
+        earlier calls; False after ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._sleepers > 0 and self._waits > since, timeout)

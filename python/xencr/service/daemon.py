@@ -1,0 +1,338 @@
+"""The daemon: every enabled job on its schedules, in one long-running process.
+
+One loop thread asks the :class:`~xencr.schedule.Scheduler` what is due, starts each fired
+(job, schedule) in a worker thread and sleeps on the clock until the next fire. Runs of one job
+may overlap: best effort lives below, in the per-VM/target locks of the runner (a VM still in
+flight is recorded ``skipped`` by the new run). Signals only set events; the loop does the work:
+
+- stop (SIGTERM/SIGINT): fire nothing more, give running transfers ``[daemon] grace`` seconds,
+  then set the cancel event every run watches (transfers cut, replicas of the attempt discarded,
+  tasks ``interrupted``), wait for the workers and return. A second stop skips the grace.
+- reload (SIGHUP): read the configuration again; a bad one is logged and the old one kept.
+
+Logs are one ``key=value`` line per event on the given stream (stdout: journald keeps them),
+built only from our own fields and error messages, which never carry a password.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TextIO
+
+from xencr.config import Config, ConfigError, JobConfig
+from xencr.replication.runner import RunReport
+from xencr.schedule import Clock, Scheduler, SystemClock
+from xencr.schedule.scheduler import Entry
+from xencr.state import StateDB
+
+# Longest sleep with nothing scheduled: the loop still wakes for signals at once.
+_IDLE = timedelta(days=1)
+# After the cancel, how long to wait for workers before leaving anyway (they are daemon threads).
+_CANCEL_WAIT = 120.0
+
+
+class RunFunction(Protocol):
+    def __call__(
+        self,
+        config: Config,
+        job_ref: str,
+        *,
+        schedule_id: str | None = ...,
+        trigger: str = ...,
+        progress: Callable[[str], None] = ...,
+        cancel: threading.Event | None = ...,
+    ) -> RunReport: ...
+
+
+def _default_run() -> RunFunction:
+    from xencr.replication.jobs import run_configured
+
+    return run_configured
+
+
+def _quote(value: object) -> str:
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    if text and not any(c in text for c in ' "=\n\t\\'):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+class EventLog:
+    """``ts=... event=NAME key=value ...`` lines, one per call, whole lines even across threads."""
+
+    def __init__(self, stream: TextIO, clock: Clock) -> None:
+        self.stream = stream
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **fields: object) -> None:
+        parts = [f"ts={_quote(self.clock.now().isoformat(timespec='seconds'))}", f"event={event}"]
+        parts += [f"{k}={_quote(v)}" for k, v in fields.items() if v is not None]
+        with self._lock:
+            self.stream.write(" ".join(parts) + "\n")
+            self.stream.flush()
+
+
+class _LogHandler(logging.Handler):
+    """Library warnings (notifications, limits...) as event lines too."""
+
+    def __init__(self, log: EventLog) -> None:
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log("log", level=record.levelname.lower(), logger=record.name, msg=record.getMessage())
+
+
+def entries_of(config: Config) -> list[Entry]:
+    """(job id, schedule) of every enabled job, in the configuration's order."""
+    return [(job.id, s) for job in config.jobs.values() if job.enabled for s in job.schedules]
+
+
+class Daemon:
+    def __init__(
+        self,
+        load: Callable[[], Config],
+        *,
+        stream: TextIO,
+        clock: Clock | None = None,
+        run: RunFunction | None = None,
+        metrics_listen: str | None = None,
+    ) -> None:
+        """``load`` reads the configuration (again on reload); ``run`` is ``run_configured``
+        unless a test injects another; ``metrics_listen`` overrides ``[daemon] metrics_listen``."""
+        self._load = load
+        self.clock = clock or SystemClock()
+        self.log = EventLog(stream, self.clock)
+        self._run = run or _default_run()
+        self.config = load()
+        self._metrics_listen = metrics_listen or self.config.daemon.metrics_listen
+        self.scheduler = Scheduler(entries_of(self.config), self.clock.now())
+        self.cancel = threading.Event()  # every run watches it: set after the grace
+        self._poke = threading.Event()  # wakes the loop: a stop or a reload was asked for
+        self._stop_asked = 0
+        self._reload_asked = False
+        self._lock = threading.Lock()
+        self._workers: set[threading.Thread] = set()
+        self._last: dict[tuple[str, str], datetime] = {}
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.started = threading.Event()  # the loop runs and the metrics endpoint (if any) serves
+
+    # -- requests (signal handlers and tests)
+
+    def request_stop(self) -> None:
+        with self._lock:
+            self._stop_asked += 1
+        self._poke.set()
+
+    def request_reload(self) -> None:
+        with self._lock:
+            self._reload_asked = True
+        self._poke.set()
+
+    # -- the loop
+
+    def run_forever(self) -> int:
+        """Fire schedules until a stop is asked for; returns the exit code (0)."""
+        handler = _LogHandler(self.log)
+        logging.getLogger().addHandler(handler)
+        try:
+            self._start_metrics()
+            self.log(
+                "started",
+                jobs=len({j for j, _ in entries_of(self.config)}),
+                schedules=len(entries_of(self.config)),
+                config=self.config.path,
+                metrics=_address(self.metrics_address),
+            )
+            self._record_fires()
+            self.started.set()
+            while not self._stop_asked:
+                if self._take_reload():
+                    self._reload()
+                for job_id, s in self.scheduler.due(self.clock.now()):
+                    self._fire(job_id, s.id)
+                self._record_fires()
+                wake = self.scheduler.next_wake() or self.clock.now() + _IDLE
+                if not self.clock.wait_until(wake, self._poke):
+                    with self._lock:
+                        if not self._stop_asked:
+                            self._poke.clear()
+            self._shutdown()
+            return 0
+        finally:
+            self._stop_metrics()
+            logging.getLogger().removeHandler(handler)
+
+    def _take_reload(self) -> bool:
+        with self._lock:
+            asked, self._reload_asked = self._reload_asked, False
+        return asked
+
+    def _reload(self) -> None:
+        try:
+            config = self._load()
+        except Exception as err:  # whatever is wrong with the new file, the old config goes on
+            self.log("reload_failed", error=str(err), kept=self.config.path)
+            return
+        self.config = config
+        self.scheduler.update(entries_of(config), self.clock.now())
+        self.log("reloaded", jobs=len({j for j, _ in entries_of(config)}), schedules=len(entries_of(config)))
+        if config.daemon.metrics_listen and self._metrics_listen != config.daemon.metrics_listen:
+            self.log("notice", msg="a new metrics_listen takes effect at the next start")
+
+    def _fire(self, job_id: str, schedule_id: str) -> None:
+        try:
+            job = self.config.job(job_id)
+        except ConfigError:
+            return
+        now = self.clock.now()
+        self._last[(job_id, schedule_id)] = now
+        self.log("fired", job=job.name, schedule=schedule_id)
+        worker = threading.Thread(
+            target=self._work, args=(self.config, job, schedule_id), name=f"run-{job.name}", daemon=True
+        )
+        with self._lock:
+            self._workers.add(worker)
+        worker.start()
+
+    def _work(self, config: Config, job: JobConfig, schedule_id: str) -> None:
+        try:
+            report = self._run(
+                config,
+                job.name,
+                schedule_id=schedule_id,
+                trigger="schedule",
+                progress=lambda line: self.log("progress", job=job.name, msg=line),
+                cancel=self.cancel,
+            )
+            counts: dict[str, int] = {}
+            for v in report.vms:
+                for t in v.targets:
+                    counts[t.outcome] = counts.get(t.outcome, 0) + 1
+            self.log(
+                "run_finished",
+                job=job.name,
+                schedule=schedule_id,
+                outcome=report.outcome,
+                vms=len(report.vms),
+                **{f"tasks_{k}": n for k, n in sorted(counts.items())},
+            )
+        except Exception as err:  # a run's failure must not stop the daemon
+            self.log("run_failed", job=job.name, schedule=schedule_id, error=str(err) or type(err).__name__)
+        finally:
+            self._write_textfile()
+            with self._lock:
+                self._workers.discard(threading.current_thread())
+
+    def _record_fires(self) -> None:
+        try:
+            with StateDB(self.config.state_path) as db:
+                for (job_id, schedule_id), nxt in self.scheduler.next_fires().items():
+                    db.set_fire(job_id, schedule_id, last=self._last.get((job_id, schedule_id)), next=nxt)
+        except Exception as err:
+            self.log("state_error", error=str(err))
+
+    def _running(self) -> list[threading.Thread]:
+        with self._lock:
+            return [w for w in self._workers if w.is_alive()]
+
+    def _shutdown(self) -> None:
+        grace = self.config.daemon.grace
+        running = self._running()
+        self.log("stopping", running=len(running), grace=grace)
+        deadline = time.monotonic() + grace
+        while running and self._stop_asked < 2 and time.monotonic() < deadline:
+            running[0].join(min(0.1, max(0.0, deadline - time.monotonic())))
+            running = self._running()
+        if running:
+            self.log("cancelling", running=len(running))
+            self.cancel.set()
+            deadline = time.monotonic() + _CANCEL_WAIT
+            for w in running:
+                w.join(max(0.0, deadline - time.monotonic()))
+        left = self._running()
+        self.log("stopped", abandoned=len(left) or None)
+
+    # -- metrics
+
+    def metrics_text(self) -> str:
+        from xencr.monitor.metrics import render
+
+        config = self.config
+        path = config.state_path
+        if not path.exists():
+            return render(None, config, datetime.now(UTC))
+        with StateDB(path) as db:
+            return render(db, config, datetime.now(UTC))
+
+    def _write_textfile(self) -> None:
+        path = self.config.daemon.metrics_textfile
+        if path is None:
+            return
+        try:
+            from xencr.monitor.metrics import write_textfile
+
+            write_textfile(path, self.metrics_text())
+        except Exception as err:
+            self.log("metrics_textfile_failed", path=path, error=str(err))
+
+    def _start_metrics(self) -> None:
+        if not self._metrics_listen:
+            return
+        host, port = parse_listen(self._metrics_listen)
+        daemon = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics here")
+                    return
+                try:
+                    body = daemon.metrics_text().encode()
+                except Exception as err:
+                    daemon.log("metrics_failed", error=str(err))
+                    self.send_error(500, "metrics unavailable")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every few seconds would drown the log
+
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.metrics_address = (host, self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+
+    def _stop_metrics(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6; port 0 picks a free one) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"invalid listen address {text!r}: expected HOST:PORT like 127.0.0.1:9464")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _address(addr: tuple[str, int] | None) -> str | None:
+    if addr is None:
+        return None
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
