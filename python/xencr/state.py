@@ -151,6 +151,21 @@ class TaskRow:
         return self.finished_at - self.started_at if self.finished_at is not None else None
 
 
+@dataclass(frozen=True)
+class JobTotals:
+    """What a job's whole history adds up to (metrics' counters: they survive restarts because
+    they are recomputed from here). Running tasks are not counted until they finish."""
+
+    job_id: str
+    job_name: str  # as recorded by its newest run
+    tasks: dict[str, int]  # outcome -> finished tasks
+    bytes_sent: dict[str, int]  # transfer ("full", "delta", "mixed", or "" when none) -> bytes
+    full_disks: dict[str, int]  # reason -> disks sent in full by successful tasks
+    cleaned: int  # orphans cleaned up
+    last_started: datetime  # the newest run's start
+    last_finished: RunRow | None  # the newest finished run
+
+
 def _process_start(pid: int) -> str | None:
     """Boot id and start tick of a process: with the pid, it names one process for good (a reused
     pid has another start). ``None`` where /proc does not tell (the pid alone is used then)."""
@@ -433,6 +448,63 @@ class StateDB:
             args.append(outcome)
         rows = self._tasks(sql + " ORDER BY id DESC LIMIT 1", args)
         return rows[0] if rows else None
+
+    def newest_tasks(self, job: str, *, outcome: str | None = None) -> list[TaskRow]:
+        """The newest task of each (VM, target SR) among the runs of ``job`` (name or id), of any
+        outcome or only ``outcome``; in id order."""
+        sql = (
+            "WHERE id IN (SELECT MAX(t.id) FROM tasks t JOIN runs r ON t.run_id = r.id"
+            " WHERE (r.job_id = ? OR r.job_name = ?)"
+        )
+        args: list[Any] = [job, job]
+        if outcome is not None:
+            sql += " AND t.outcome = ?"
+            args.append(outcome)
+        return self._tasks(sql + " GROUP BY t.vm_uuid, t.target_sr) ORDER BY id", args)
+
+    def job_totals(self) -> list[JobTotals]:
+        """Per job id ever recorded, the sums of its history, in job id order."""
+        with self._lock:
+            runs = self._read(
+                "SELECT job_id, MAX(id) AS newest, MAX(CASE WHEN outcome != 'running' THEN id END) AS done"
+                " FROM runs GROUP BY job_id ORDER BY job_id"
+            )
+            counts = self._read(
+                "SELECT r.job_id, t.outcome, COALESCE(t.transfer, '') AS transfer, COUNT(*) AS n,"
+                " SUM(t.bytes_sent) AS bytes, SUM(t.cleaned) AS cleaned"
+                " FROM tasks t JOIN runs r ON t.run_id = r.id WHERE t.outcome != 'running'"
+                " GROUP BY r.job_id, t.outcome, t.transfer"
+            )
+            # A disk's reason is "delta" (or continues a Xen Orchestra chain) unless it went full.
+            fulls = self._read(
+                "SELECT r.job_id, d.reason, COUNT(*) AS n FROM task_disks d"
+                " JOIN tasks t ON d.task_id = t.id JOIN runs r ON t.run_id = r.id"
+                " WHERE t.outcome = 'success' AND d.reason != 'delta'"
+                " AND d.reason NOT LIKE 'continues Xen Orchestra replica %'"
+                " GROUP BY r.job_id, d.reason"
+            )
+        out = []
+        for r in runs:
+            newest = self.run(r["newest"])
+            job_counts = [c for c in counts if c["job_id"] == r["job_id"]]
+            tasks: dict[str, int] = {}
+            sent: dict[str, int] = {}
+            for c in job_counts:
+                tasks[c["outcome"]] = tasks.get(c["outcome"], 0) + c["n"]
+                sent[c["transfer"]] = sent.get(c["transfer"], 0) + c["bytes"]
+            out.append(
+                JobTotals(
+                    job_id=r["job_id"],
+                    job_name=newest.job_name,
+                    tasks=tasks,
+                    bytes_sent=sent,
+                    full_disks={f["reason"]: f["n"] for f in fulls if f["job_id"] == r["job_id"]},
+                    cleaned=sum(c["cleaned"] for c in job_counts),
+                    last_started=newest.started_at,
+                    last_finished=self.run(r["done"]) if r["done"] is not None else None,
+                )
+            )
+        return out
 
     def _tasks(self, clause: str, args: Sequence[Any]) -> list[TaskRow]:
         with self._lock:
