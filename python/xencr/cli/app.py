@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from xencr import __version__
+from xencr.cli.daemon import daemon_command
 from xencr.cli.errors import reported, settings
 from xencr.cli.history import history_command
 from xencr.cli.init import init_command
@@ -16,6 +17,7 @@ from xencr.cli.pools import pool_app
 from xencr.cli.replica import replica_app, verify_command
 from xencr.cli.run import run_command
 from xencr.cli.seed import seed_app
+from xencr.cli.service import service_app
 from xencr.cli.sim import sim_app
 from xencr.cli.vhd import vhd_app
 
@@ -31,6 +33,8 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(job_app, name="job")
 app.command("plan")(plan_command)
 app.command("run")(run_command)
+app.command("daemon")(daemon_command)
+app.add_typer(service_app, name="service")
 app.command("status")(status_command)
 app.command("history")(history_command)
 app.add_typer(replica_app, name="replica")
