@@ -14,6 +14,7 @@ import typer
 from xencr.cli import errors
 from xencr.config import Config, ConfigError, load_config
 from xencr.credentials import CredentialError
+from xencr.seed.manifest import SeedError
 from xencr.state import StateError
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.transfer import TransferError
@@ -41,6 +42,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     XapiError,
     PoolUnreachable,
     TransferError,
+    SeedError,
 )
 
 

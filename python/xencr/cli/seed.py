@@ -11,10 +11,15 @@ import typer
 
 from xencr.cli.common import ConfigOption, load, reported, warn
 from xencr.cli.errors import CliError
+from xencr.cli.live import LiveTransfers
 from xencr.config import Config, ConfigError, PoolConfig
 from xencr.credentials import Secret, split_url_credentials
-from xencr.replication.jobs import connect
+from xencr.replication.jobs import connect, connected, resolve_sr, selected_vms
 from xencr.seed import link as seedlink
+from xencr.seed.export import export_seed
+from xencr.seed.load import import_seed
+from xencr.seed.manifest import read as read_manifest
+from xencr.service.locks import holder, lock_dir, try_lock
 from xencr.xapi.session import XapiSession
 
 seed_app = typer.Typer(
@@ -169,3 +174,84 @@ def _target(spool: PoolConfig, tpool: PoolConfig, src: XapiSession, interactive:
     if spool.url.rstrip("/") == tpool.url.rstrip("/") and spool.username == tpool.username:
         return _Same(src)
     return connect(tpool, interactive=interactive)
+
+
+@seed_app.command("export")
+@reported
+def export_command(
+    job: Annotated[str, typer.Argument(help="Job name or id.")],
+    vm: Annotated[str, typer.Argument(help="VM name or UUID (one the job selects).")],
+    to: Annotated[Path, typer.Option("--to", metavar="DIR", help="Directory on the removable disk.")],
+    schedule: Annotated[str | None, typer.Option(help="Schedule id (default: the job's first).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Snapshot a VM as the job would and write each disk as a VHD file with a manifest
+    (per-block digests) into DIR; carry DIR to the target site and run `xencr seed import`. Until
+    then the job refuses to send this VM's first full copy over the network. Run again after an
+    interruption: it resumes.
+
+    Example:  xencr seed export web-servers web-1 --to /media/usb/web-1
+    """
+    cfg = load(config)
+    j = cfg.job(job)
+    schedule_id = schedule or (j.schedules[0].id if j.schedules else "seed")
+    with connected(cfg, j, interactive=sys.stdin.isatty()) as c, LiveTransfers() as live:
+        [(ref, _)] = selected_vms(c, [vm])
+        m = export_seed(
+            c.source,
+            j,
+            schedule_id,
+            j.pool,
+            ref,
+            to,
+            say=lambda line: typer.echo(line, err=True),
+            monitor=live,
+        )
+    size = sum(d.length for d in m.disks)
+    typer.echo(
+        f"exported {m.vm_name} (snapshot {m.snapshot_uuid}): {len(m.disks)} disk(s), {size} bytes in {to};"
+        f" on the target site: xencr seed import {to} --pool POOL --sr SR"
+    )
+
+
+@seed_app.command("import")
+@reported
+def import_command(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="A directory `xencr seed export` wrote.")],
+    pool: Annotated[str, typer.Option("--pool", help="Target pool (its name in the configuration).")],
+    sr: Annotated[str, typer.Option("--sr", help="Target SR (name or UUID).")],
+    config: ConfigOption = None,
+) -> None:
+    """Create the job's first restore point from a seed directory: each file streamed into the
+    pool, checked against the manifest's digests, read back and checked again, then committed
+    and protected. The job's next run is a delta. Run again after an interruption: it starts the
+    import over (what the interrupted one left is removed first).
+
+    Example:  xencr seed import /media/usb/web-1 --pool site-b --sr "Local storage"
+    """
+    cfg = load(config)
+    m = read_manifest(directory)
+    p = cfg.pool(pool)
+    network_map: dict[str, str] = {}
+    try:
+        j = cfg.job(m.job_id)
+        network_map = next((t.network_map for t in j.targets if t.pool == pool), {})
+    except ConfigError:
+        warn(f"job {m.job_name} ({m.job_id}) is not in {cfg.path}: the restore point is made for it anyway")
+    with connect(p, interactive=sys.stdin.isatty()) as ts, LiveTransfers() as live:
+        sr_ref, sr_uuid = resolve_sr(ts, sr, pool)
+        lock = try_lock(
+            lock_dir(cfg.state_path), m.vm_uuid, sr_uuid, f"seed import of {m.job_name}", job_id=m.job_id
+        )
+        if lock is None:
+            busy = holder(lock_dir(cfg.state_path), m.vm_uuid, sr_uuid)
+            raise CliError(f"{m.vm_name} -> {sr}: refused: being replicated by {busy}")
+        with lock:
+            rp = import_seed(
+                ts, sr_ref, sr_uuid, directory, m, network_map=network_map,
+                say=lambda line: typer.echo(line, err=True), monitor=live,
+            )  # fmt: skip
+    typer.echo(
+        f"restore point {rp.uuid} of {m.vm_name} on SR {sr_uuid}, linked to job {m.job_name}:"
+        " its next run is a delta"
+    )

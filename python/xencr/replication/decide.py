@@ -42,7 +42,8 @@ class TargetPlan:
 
 
 def _vm_level_reason(rp: RestorePoint) -> str | None:
-    if not rp.protected:
+    # Xen Orchestra's legacy procedure blocked `start` only (xo-compat.md 6.2).
+    if not (rp.protected or (rp.xo and "start" in rp.record["blocked_operations"])):
         return "replica unprotected"
     if rp.record["power_state"] != "Halted":
         return "replica started"
