@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import threading
@@ -16,6 +15,7 @@ from typing import Any
 
 from xencr.config import Config, ConfigError, JobConfig, PoolConfig, ScheduleConfig
 from xencr.credentials import resolve_password
+from xencr.monitor import notify, rpo
 from xencr.replication.runner import (
     JobSpec,
     Progress,
@@ -27,6 +27,7 @@ from xencr.replication.runner import (
     run_job,
 )
 from xencr.replication.select import is_candidate
+from xencr.schedule import rate_at
 from xencr.service.locks import lock_dir
 from xencr.state import StateDB
 from xencr.xapi.session import Endpoint, XapiSession
@@ -100,20 +101,9 @@ def selected_vms(c: Connected, only: list[str] | None = None) -> list[tuple[str,
     return sorted(chosen, key=lambda x: (x[1]["name_label"], x[1]["uuid"]))
 
 
-def _rate_at() -> Callable[[ScheduleConfig, datetime], int | None] | None:
-    """``xencr.schedule.rate_at`` (a schedule's rate windows), when that package provides it."""
-    try:
-        fn = getattr(importlib.import_module("xencr.schedule"), "rate_at", None)
-    except ImportError:
-        return None
-    return fn if callable(fn) else None
-
-
 def rate_of(sched: ScheduleConfig, now: datetime | None = None) -> int | None:
-    """The bandwidth limit of a run of ``sched`` starting ``now``: its rate window then, else its rate."""
-    rate_at = _rate_at()
-    if rate_at is None or not sched.rate_windows:
-        return sched.rate
+    """The bandwidth limit of a run of ``sched`` starting ``now``: its rate window then, else its
+    rate (fixed for the run: a window opening or closing meanwhile applies from the next run)."""
     return rate_at(sched, now or datetime.now(UTC))
 
 
@@ -249,21 +239,16 @@ class _Recorder:
 
 
 def _notify(config: Config, job: JobConfig, db: StateDB, payload: dict[str, Any]) -> None:
-    """Send the run's report as the job says (xencr.monitor.notify); problems are one log line."""
-    try:
-        notify = getattr(importlib.import_module("xencr.monitor.notify"), "notify", None)
-        rpo = importlib.import_module("xencr.monitor.rpo")
-    except ImportError:
-        return
-    if notify is None:
+    """Send the run's report as the job says (webhook, email); problems are one log line."""
+    if job.report_when == "never" or (job.webhook is None and not job.email_to):
         return
     try:
-        breaches = rpo.breaches(db, job, datetime.now(UTC))
-        problems = list(notify(config, job, payload, breaches))
+        problems = notify.notify(config, job, payload, rpo.breaches(db, job, datetime.now(UTC)))
     except Exception as err:  # a report that cannot be sent must never fail the run
-        problems = [_error_line(err)]
+        # Only the kind of error: its text could quote the webhook's token.
+        problems = [f"job {job.name}: report not sent: {type(err).__name__}"]
     if problems:
-        log.warning("job %s: report not sent: %s", job.name, "; ".join(str(p) for p in problems))
+        log.warning("%s", "; ".join(problems))
 
 
 def _failed_payload(job: JobConfig, err: BaseException) -> dict[str, Any]:
