@@ -6,6 +6,9 @@ the next run succeeds."""
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -149,6 +152,32 @@ def test_a_second_process_holds_the_vm_target(pools: Pools, cfg: Path, tmp_path:
     assert [v.outcome for v in after.vms] == ["success", "success"]
     assert after.vms[0].targets[0].cleaned, "the killed run's replica was cleaned up"
     assert not snapshot(pools).incomplete
+
+
+def test_sigterm_stops_xencr_run_cleanly(pools: Pools, cfg: Path) -> None:
+    """What systemd does to a timer's `xencr run` when stopped: the run ends with nothing left."""
+    change(pools, "vm0", 2, "sigterm")
+    before = snapshot(pools)
+    pools.session(0).api.sim.fault_rate(str(SLOW))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xencr.cli", "run", JOB, "--vm", "vm0", "--config", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: exporting(pools), "the run to export vm0")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        pools.session(0).api.sim.fault_clear()
+    assert proc.returncode == 1, (out, err)
+    assert "xencr: stopping" in err and f"vm0 -> b/{_sr(cfg)}: interrupted: {CANCELLED}" in out
+    assert snapshot(pools) == before, "nothing half-sent on the target, no extra snapshot, no task"
+    with StateDB(load_config(cfg).state_path) as db:
+        run = db.runs(JOB)[-1]
+        (task,) = db.tasks(run.id)
+    assert (run.outcome, task.outcome, task.error) == ("interrupted", "interrupted", CANCELLED)
 
 
 def test_vm_timeout_cancels_the_transfer_and_cleans_up(pools: Pools, cfg: Path) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -53,6 +58,30 @@ def refusal_lines(report: RunReport) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def stopping_cleanly() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (systemd stopping a timer's run) or a first Ctrl-C: the run then
+    cuts its transfers, discards their replicas and returns. A second Ctrl-C aborts at once."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel  # signal handlers belong to the main thread; elsewhere nobody sends one
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and cancel.is_set():
+            raise KeyboardInterrupt
+        if not cancel.is_set():
+            typer.echo("xencr: stopping: transfers in flight are cut and discarded", err=True)
+        cancel.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield cancel
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 @reported
 def run_command(
     job: Annotated[str, typer.Argument(help="Job name or id.")],
@@ -68,6 +97,7 @@ def run_command(
 
     A VM already being replicated to a target (by the daemon, another job or another `xencr run`)
     is refused for that target with one line naming the holder; the exit code is then 1.
+    SIGTERM or Ctrl-C stops the run cleanly: nothing half-sent is left on the target.
 
     Example:  xencr run web-servers --vm web-1
     """
@@ -78,7 +108,7 @@ def run_command(
             typer.echo(line, err=True)
 
     # A live line per disk in flight (rate, ETA) on a terminal; plain log lines otherwise.
-    with LiveTransfers(enabled=False if json_out else None) as live:
+    with stopping_cleanly() as cancel, LiveTransfers(enabled=False if json_out else None) as live:
         report = run_configured(
             cfg,
             job,
@@ -88,6 +118,7 @@ def run_command(
             interactive=sys.stdin.isatty(),
             progress=progress,
             monitor=live,
+            cancel=cancel,
         )
     if json_out:
         typer.echo(report_json(report))
