@@ -246,3 +246,35 @@ def test_password_in_url_works_and_never_shows(pools: Pools, tmp_path: Path, enc
 def test_usage_errors_exit_2(pools: Pools) -> None:
     code, _, _ = invoke("seed", "link", pools.urls[0], "only-two")
     assert code == 2
+
+
+def test_interrupted_link_is_finished_by_running_it_again(pools: Pools, tmp_path: Path) -> None:
+    """The link fails at its commit point (the target VM's keys): no restore point, nothing a
+    run would misuse; the same command again finishes it, and the next run is a delta."""
+    src, ts = pools.session(0), pools.session(1)
+    cfg = config(tmp_path, pools, job="again", vms='["vm1"]')
+    snap, target = hand_copy(src, ts, "vm1")
+    pw = password_file(tmp_path)
+    args = [
+        "seed", "link", pools.urls[0], snap, pools.urls[1], target, "again", "hourly",
+        "--source-password-file", str(pw), "--target-password-file", str(pw), "--config", str(cfg),
+    ]  # fmt: skip
+    ts.api.sim.fault_fail_next_call("VM.set_other_config", ["INTERNAL_ERROR", "injected"])
+    code, _, err = invoke(*args)
+    assert code == 1 and "INTERNAL_ERROR" in err
+    sr_uuid = ts.api.SR.get_uuid(default_sr(ts))
+    vm_uuid = src.api.VM.get_uuid(vm(src, "vm1"))
+    assert restore_points(ts, job_id_for("again"), vm_uuid, sr_uuid) == []
+    assert md.JOB not in src.api.VM.get_other_config(src.api.VM.get_by_uuid(snap)), "source untouched"
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    [rp] = restore_points(ts, job_id_for("again"), vm_uuid, sr_uuid)
+    assert rp.uuid == target
+    # One commit snapshot per disk, though the first attempt had made them too.
+    tvm = ts.api.VM.get_by_uuid(target)
+    for vdi in disk_vdis(ts, tvm).values():
+        assert len(ts.api.VDI.get_snapshots(vdi)) == 1
+    src.api.sim.write(src.api.VDI.get_uuid(disk_vdis(src, vm(src, "vm1"))["0"]), str(MIB), "512", "again")
+    code, out, err = invoke("run", "again", "--config", str(cfg), "--json")
+    assert code == 0, err
+    assert json.loads(out)["vms"][0]["targets"][0]["kind"] == "delta"
