@@ -12,6 +12,7 @@ from xencr.cli.errors import reported, settings
 from xencr.cli.history import history_command
 from xencr.cli.init import init_command
 from xencr.cli.jobs import job_app
+from xencr.cli.metrics import metrics_command
 from xencr.cli.plan import plan_command, status_command
 from xencr.cli.pools import pool_app
 from xencr.cli.replica import replica_app, verify_command
@@ -37,6 +38,7 @@ app.command("daemon")(daemon_command)
 app.add_typer(service_app, name="service")
 app.command("status")(status_command)
 app.command("history")(history_command)
+app.command("metrics")(metrics_command)
 app.add_typer(replica_app, name="replica")
 app.add_typer(seed_app, name="seed")
 app.command("verify")(verify_command)

@@ -68,6 +68,8 @@ def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
                 "seconds": seconds(t.duration),
                 "error": t.error,
                 "restore_point": t.restore_point,
+                "snapshot_time": when(t.snapshot_time),
+                "cleaned": t.cleaned,
             }
             for t in tasks
         ],
@@ -94,8 +96,12 @@ def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
         lines += [f"    {disk}: {reason}" for disk, reason in t.reasons.items()]
         if t.restore_point:
             lines.append(f"    restore point {t.restore_point}")
+        if t.cleaned:
+            lines.append(f"    cleaned up {t.cleaned} leftover(s) of earlier runs")
         if t.error:
-            lines.append(f"    error: {t.error}")
+            # The outcome column already says "skipped"; the reason follows without repeating it.
+            error = t.error.removeprefix("skipped: ") if t.outcome == "skipped" else t.error
+            lines.append(f"    error: {error}")
     return lines
 
 

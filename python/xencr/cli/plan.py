@@ -1,20 +1,23 @@
 """`xencr plan JOB` and `xencr status [JOB]`: what a run would do, and how old each VM's newest
-restore point is against its RPO. Neither changes anything."""
+restore point is against its RPO. Neither changes anything on the pools."""
 
 from __future__ import annotations
 
 import json
 import sys
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from xencr.cli.common import ConfigOption, load, reported
+from xencr.cli.common import ConfigOption, load, print_json, reported, warn
+from xencr.cli.errors import describe
 from xencr.replication.jobs import connected
-from xencr.replication.preview import plan, status
+from xencr.replication.preview import StatusRow, plan, status, status_from_history
 from xencr.state import StateDB
+from xencr.xapi.errors import PoolUnreachable, XapiError
 
 ConfigOpt = Annotated[
     Path | None,
@@ -66,32 +69,104 @@ def plan_command(
         raise typer.Exit(1)
 
 
+def _when(t: datetime | None, now: datetime) -> str:
+    if t is None:
+        return "-"
+    delta = int((t - now).total_seconds())
+    rel = f"in {_age(delta)}" if delta >= 0 else f"{_age(-delta)} ago"
+    return f"{t.strftime('%Y-%m-%d %H:%M')}Z ({rel})"
+
+
+def _last(r: StatusRow) -> str:
+    if r.last_outcome is None:
+        return "no run yet"
+    if r.last_outcome == "skipped":
+        # The reason reads "skipped: previous run still running".
+        return r.last_error or "skipped"
+    text = r.last_outcome
+    if r.last_outcome in ("failure", "interrupted") and r.last_error:
+        error = r.last_error if len(r.last_error) <= 80 else r.last_error[:77] + "..."
+        text += f" ({error})"
+    return text
+
+
+def status_line(job: str, r: StatusRow, now: datetime) -> str:
+    """One VM on one target; the breach flag in bold red (stripped when not on a terminal)."""
+    rpo = f"RPO {_age(r.rpo_seconds)}" if r.rpo_seconds else "no RPO"
+    newest = "no restore point" if r.age_seconds is None else f"newest {_age(r.age_seconds)} old"
+    line = (
+        f"{job}  {r.vm_name} -> {r.target}: {newest} ({rpo}), last {_last(r)}, next {_when(r.next_run, now)}"
+    )
+    if r.source == "history":
+        line += " [from history]"
+    if r.breach:
+        line += "  " + typer.style("BREACH", fg="red", bold=True)
+    return line
+
+
+def status_json(job: str, r: StatusRow) -> dict[str, Any]:
+    def iso(t: datetime | None) -> str | None:
+        return t.isoformat() if t is not None else None
+
+    return {
+        "job": job,
+        "vm_name": r.vm_name,
+        "vm_uuid": r.vm_uuid,
+        "target": r.target,
+        "target_sr": r.target_sr,
+        "newest": r.newest,
+        "snapshot_time": iso(r.snapshot_time),
+        "age_seconds": r.age_seconds,
+        "rpo_seconds": r.rpo_seconds,
+        "rpo_breach": r.breach,
+        "last_outcome": r.last_outcome,
+        "last_error": r.last_error,
+        "last_finished": iso(r.last_finished),
+        "next_run": iso(r.next_run),
+        "source": r.source,
+    }
+
+
+# The pool cannot be asked: status falls back on what the history recorded.
+_UNREACHABLE: tuple[type[Exception], ...] = (PoolUnreachable, XapiError, OSError)
+
+
 @reported
 def status_command(
     job: Annotated[str | None, typer.Argument(help="Only this job (name or id).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """One line per VM per target: the newest restore point's age against the RPO, last outcome.
+    """One line per VM per target: the newest restore point's age against the RPO (breaches
+    flagged BREACH), the last outcome (skipped and interrupted included), the next run. When a
+    pool cannot be reached, its jobs are shown from the recorded history instead.
 
     Example:  xencr status --json
     """
     cfg = load(config)
     jobs = [cfg.job(job)] if job else [j for j in cfg.jobs.values() if j.enabled]
-    rows = []
-    with StateDB(cfg.state_path) as db:
+    now = datetime.now(UTC)
+    rows: list[tuple[str, StatusRow]] = []
+    # Only read: a missing database is no history, not one to create.
+    db = StateDB(cfg.state_path) if cfg.state_path.exists() else None
+    try:
+        if db is not None:
+            db.mark_interrupted()  # a run whose process died shows as interrupted, not running
         for j in jobs:
-            with connected(cfg, j, interactive=sys.stdin.isatty()) as c:
-                rows += [(j.name, r) for r in status(c, db)]
+            try:
+                with connected(cfg, j, interactive=sys.stdin.isatty()) as c:
+                    found = status(c, db, now)
+            except _UNREACHABLE as err:
+                warn(f"job {j.name}: {describe(err)}; showing the recorded history")
+                found = status_from_history(j, db, now) if db is not None else []
+            rows += [(j.name, r) for r in found]
+    finally:
+        if db is not None:
+            db.close()
     if json_out:
-        typer.echo(
-            json.dumps([{"job": name} | asdict(r) | {"rpo_breach": r.breach} for name, r in rows], indent=2)
-        )
+        print_json([status_json(name, r) for name, r in rows])
         return
+    if not rows:
+        typer.echo("no VM selected" + (f" by job {job}" if job else " by any enabled job"))
     for name, r in rows:
-        rpo = f"RPO {_age(r.rpo_seconds)}" if r.rpo_seconds else "no RPO"
-        flag = "  RPO BREACH" if r.breach else ""
-        last = r.last_outcome or "no run yet"
-        typer.echo(
-            f"{name}  {r.vm_name} -> {r.target}: newest {_age(r.age_seconds)} old ({rpo}), last {last}{flag}"
-        )
+        typer.echo(status_line(name, r, now))

@@ -4,12 +4,11 @@ which is exactly when they matter)."""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from xencr.config import JobConfig
+from xencr.schedule import rpo_of
 from xencr.state import StateDB, TaskRow
 
 # A VM/target last seen this long before the job's newest task is no longer in the job (removed
@@ -18,27 +17,10 @@ from xencr.state import StateDB, TaskRow
 MIN_HORIZON = timedelta(days=1)
 
 
-def _schedule_function(name: str) -> Callable[..., object] | None:
-    """A function of ``xencr.schedule`` if that package provides it (it is written alongside)."""
-    try:
-        module = importlib.import_module("xencr.schedule")
-    except ImportError:
-        return None
-    fn = getattr(module, name, None)
-    return fn if callable(fn) else None
-
-
 def job_rpo(job: JobConfig) -> int | None:
-    """Seconds a restore point may age before it is a breach; ``None``: the job has no RPO."""
-    rpo_of = _schedule_function("rpo_of")
-    if rpo_of is not None:
-        rpo = rpo_of(job)
-        return rpo if isinstance(rpo, int) else None
-    # Fallback without the scheduler: the job's rpo, else the tightest interval schedule.
-    if job.rpo is not None:
-        return job.rpo
-    known = [s.rpo_seconds for s in job.schedules if s.rpo_seconds is not None]
-    return min(known) if known else None
+    """Seconds a restore point may age before it is a breach (the job's ``rpo``, else its
+    tightest schedule's); ``None``: the job has no RPO."""
+    return rpo_of(job)
 
 
 @dataclass(frozen=True)

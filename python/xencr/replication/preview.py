@@ -3,15 +3,19 @@ no snapshot is taken, nothing is written on either side."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from xencr.config import JobConfig
+from xencr.monitor.rpo import job_rpo, protection
 from xencr.replication import source as srcmod
 from xencr.replication.decide import plan_target
 from xencr.replication.jobs import Connected, selected_vms, spec_of, targets_of
 from xencr.replication.metadata import parse_stamp
 from xencr.replication.target import restore_points
-from xencr.state import StateDB
+from xencr.schedule import next_fire
+from xencr.state import StateDB, TaskRow
 from xencr.xapi.transfer import changed_blocks
 
 BLOCK = 2 * 1024 * 1024
@@ -100,12 +104,17 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
 class StatusRow:
     vm_name: str
     vm_uuid: str
-    target: str
-    newest: str | None
+    target: str  # as the job names it (pool/SR), or the SR UUID when read from history
+    newest: str | None  # the newest restore point's UUID
     age_seconds: int | None
     rpo_seconds: int | None
-    last_outcome: str | None
+    last_outcome: str | None  # of the newest task, skipped and interrupted included
     last_error: str | None
+    target_sr: str = ""
+    snapshot_time: datetime | None = None  # when the newest restore point was taken
+    last_finished: datetime | None = None  # when the newest task ended
+    next_run: datetime | None = None  # None: the job is disabled or has no schedule
+    source: str = "pool"  # "pool": restore points as the target holds them; "history": as recorded
 
     @property
     def breach(self) -> bool:
@@ -114,10 +123,30 @@ class StatusRow:
         return self.age_seconds is None or self.age_seconds > self.rpo_seconds
 
 
-def status(c: Connected, db: StateDB, now: datetime | None = None) -> list[StatusRow]:
+def next_run(
+    job: JobConfig, fires: Mapping[tuple[str, str], tuple[datetime | None, datetime | None]], now: datetime
+) -> datetime | None:
+    """When the job runs next: the daemon's recorded fire time per schedule while it is still
+    ahead (a stopped daemon leaves stale ones), else the schedule's own next fire after now."""
+    if not job.enabled:
+        return None
+    times = []
+    for s in job.schedules:
+        recorded = fires.get((job.id, s.id), (None, None))[1]
+        times.append(recorded if recorded is not None and recorded >= now else next_fire(s, now))
+    return min(times, default=None)
+
+
+def _last(db: StateDB | None, vm_uuid: str, sr_uuid: str) -> TaskRow | None:
+    return db.last_task(vm_uuid, sr_uuid) if db is not None else None
+
+
+def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> list[StatusRow]:
+    """Per selected VM and target: the newest restore point on the target (asked of the pool),
+    the last task recorded in ``db`` (``None``: no history yet), and the next run."""
     now = now or datetime.now(UTC)
-    sched = c.job.schedules[0] if c.job.schedules else None
-    rpo = sched.rpo_seconds if sched else None
+    rpo = job_rpo(c.job)
+    upcoming = next_run(c.job, db.fires() if db is not None else {}, now)
     rows = []
     targets = targets_of(c)
     for _vm, rec in selected_vms(c):
@@ -125,17 +154,50 @@ def status(c: Connected, db: StateDB, now: datetime | None = None) -> list[Statu
             points = restore_points(t.session, c.job.id, rec["uuid"], t.sr_uuid)
             newest = points[-1] if points else None
             when = parse_stamp(newest.snapshot_time) if newest else None
-            last = db.last_task(rec["uuid"], t.sr_uuid)
+            last = _last(db, rec["uuid"], t.sr_uuid)
             rows.append(
                 StatusRow(
                     rec["name_label"],
                     rec["uuid"],
                     t.name,
                     newest.uuid if newest else None,
-                    int((now - when).total_seconds()) if when else None,
+                    max(0, int((now - when).total_seconds())) if when else None,
                     rpo,
                     last.outcome if last else None,
                     last.error if last else None,
+                    target_sr=t.sr_uuid,
+                    snapshot_time=when,
+                    last_finished=last.finished_at if last else None,
+                    next_run=upcoming,
                 )
             )
+    return rows
+
+
+def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None) -> list[StatusRow]:
+    """The same rows from the state database alone, for when a pool cannot be asked: the VMs
+    and targets the job's recent runs covered, the newest restore point a successful task wrote."""
+    now = now or datetime.now(UTC)
+    upcoming = next_run(job, db.fires(), now)
+    good = {(t.vm_uuid, t.target_sr): t for t in db.newest_tasks(job.id, outcome="success")}
+    rows = []
+    for p in protection(db, job):
+        ok = good.get((p.vm_uuid, p.target_sr))
+        rows.append(
+            StatusRow(
+                p.vm,
+                p.vm_uuid,
+                p.target_sr,
+                ok.restore_point if ok else None,
+                p.age(now),
+                p.rpo,
+                p.last.outcome,
+                p.last.error,
+                target_sr=p.target_sr,
+                snapshot_time=p.snapshot_time,
+                last_finished=p.last.finished_at,
+                next_run=upcoming,
+                source="history",
+            )
+        )
     return rows
