@@ -167,6 +167,16 @@ def test_empty_and_missing_database(tmp_path: Path) -> None:
         assert families(render(db, cfg, T0)) == f
 
 
+def test_disabled_jobs_keep_counters_but_no_rpo_series(tmp_path: Path) -> None:
+    cfg = config(tmp_path, job_extra="enabled = false")
+    clock = Clock()
+    with StateDB(cfg.state_path, clock=clock) as db:
+        fill(db, clock, cfg.jobs["web"].id, cfg.jobs["db"].id)
+        f = families(render(db, cfg, T0 + timedelta(hours=5)))
+    assert {lab["job"] for lab, _ in f["xencr_rpo_breached"]} == {"db"}
+    assert value(f, "xencr_tasks_total", job="web", outcome="success") == 4
+
+
 def test_label_values_are_escaped(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     with StateDB(cfg.state_path) as db:

@@ -150,8 +150,12 @@ def history_command(
     with StateDB(state) as db:
         db.mark_interrupted()  # a run whose process died shows as interrupted, not running
         runs = db.runs(job=job_ref, since=since_t)
+        # One query for all their tasks rather than one per run (a long history has thousands).
+        tasks: dict[int, list[TaskRow]] = {r.id: [] for r in runs}
+        for t in db.all_tasks(job=job_ref, since=since_t):
+            tasks.setdefault(t.run_id, []).append(t)
         if json:
-            print_json([run_json(r, db.tasks(r.id)) for r in runs])
+            print_json([run_json(r, tasks[r.id]) for r in runs])
             return
         if not runs:
             typer.echo(
@@ -163,4 +167,4 @@ def history_command(
         for i, r in enumerate(runs):
             if i:
                 typer.echo("")
-            typer.echo("\n".join(run_lines(r, db.tasks(r.id))))
+            typer.echo("\n".join(run_lines(r, tasks[r.id])))

@@ -64,7 +64,7 @@ def _declare_all(e: _Exposition) -> None:
     e.declare(
         "xencr_rpo_breached",
         "gauge",
-        "1 when the newest restore point is older than the RPO or missing, else 0.",
+        "1 when the newest restore point is older than the RPO or missing, else 0 (enabled jobs).",
     )
     e.declare(
         "xencr_last_success_timestamp_seconds",
@@ -109,6 +109,8 @@ def render(db: StateDB | None, config: Config, now: datetime) -> str:
 
     if db is not None:
         for job in config.jobs.values():
+            if not job.enabled:
+                continue  # not scheduled on purpose: its ageing restore points are no alert
             for p in protection(db, job):
                 labels = {"job": job.name, "vm": p.vm, "vm_uuid": p.vm_uuid, "target_sr": p.target_sr}
                 age = p.age(now)

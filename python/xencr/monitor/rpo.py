@@ -88,7 +88,12 @@ def protection(db: StateDB, job: JobConfig) -> list[Protection]:
 
 
 def breaches(db: StateDB, job: JobConfig, now: datetime) -> list[Breach]:
-    """The job's VM/targets whose newest restore point is older than the RPO (or missing)."""
+    """The job's VM/targets whose newest restore point is older than the RPO (or missing).
+
+    Strict on purpose: the age is the data a disaster would lose now. With the default RPO (the
+    interval) the age exceeds it while each run transfers, until the new restore point is
+    recorded; after a run (when reports are decided) it does not. Alert rules absorb that with
+    a ``for:`` duration, or the job sets a looser ``rpo``."""
     return [
         Breach(p.vm, p.vm_uuid, p.target_sr, p.age(now), p.rpo)
         for p in protection(db, job)
