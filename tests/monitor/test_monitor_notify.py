@@ -331,6 +331,30 @@ def test_email_summary_and_json(tmp_path: Path) -> None:
     assert attached == document(PAYLOAD, [BREACH], "a VM or target failed or was interrupted")
 
 
+def test_email_of_a_run_that_could_not_start(tmp_path: Path) -> None:
+    failed = {
+        "job": "web",
+        "outcome": "failure",
+        "started": "2026-11-20T12:00:00+00:00",
+        "finished": "2026-11-20T12:00:00+00:00",
+        "error": "https://a.example: connection refused",
+        "vms": [],
+    }
+    with mail_server() as box:
+        smtp = f'[smtp]\nhost = "127.0.0.1"\nport = {box.port}'
+        cfg = config(tmp_path, job_extra='email_to = ["ops@example.com"]', tail=smtp)
+        assert notify(cfg, cfg.jobs["web"], failed, []) == []
+    [(_, msg)] = box.messages
+    assert msg["Subject"] == "xencr: job web: failure (no VM)"
+    text, attached = _parts(msg)
+    assert text.splitlines()[3:6] == [
+        "Error: https://a.example: connection refused",
+        "",
+        "No VM was replicated.",
+    ]
+    assert attached["error"] == failed["error"]
+
+
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # implicit TLS, see above
 @pytest.mark.parametrize("security", ["starttls", "tls"])
 def test_email_over_tls_with_login(

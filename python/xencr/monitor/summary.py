@@ -68,8 +68,10 @@ def summary(payload: Mapping[str, Any], breaches: Sequence[Breach], why: str) ->
         f"Job {payload.get('job', '?')}: {payload.get('outcome', '?')}",
         f"Started {payload.get('started', '?')}, finished {payload.get('finished') or '-'}{_took(payload)}",
         f"Reported because: {why}",
-        "",
     ]
+    if payload.get("error"):
+        lines.append(f"Error: {payload['error']}")  # the run could not start (pool down, SR missing)
+    lines.append("")
     vms = payload.get("vms") or []
     if not vms:
         lines.append("No VM was replicated.")
