@@ -60,7 +60,7 @@ def write_config(tmp: Path) -> Path:
         '[[jobs.web.targets]]\npool = "b"\nsr = "SR1"\n'
         '[[jobs.web.schedules]]\nid = "ten"\nevery = "10m"\n'
         '[jobs.db]\npool = "a"\nvms = ["db-*"]\nenabled = false\n'
-        '[[jobs.db.targets]]\npool = "b"\nsr = "SR1"\n'
+        '[[jobs.db.targets]]\npool = "b"\nsr = "sr-b"\n'
         '[[jobs.db.schedules]]\nid = "hourly"\ncron = "@hourly"\n'
     )
     return path
@@ -206,6 +206,8 @@ def test_status_next_run_without_a_daemon(tmp_path: Path) -> None:
     assert code == 0
     [row] = json.loads(out)
     assert (row["vm_name"], row["next_run"], row["rpo_seconds"]) == ("db-9", None, 3600)
+    # Its target is named by the SR's UUID in the config: shown as the job names it.
+    assert (row["target"], row["target_sr"]) == ("b/sr-b", "sr-b")
 
 
 def test_status_without_history(tmp_path: Path) -> None:

@@ -180,6 +180,8 @@ def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None
     now = now or datetime.now(UTC)
     upcoming = next_run(job, db.fires(), now)
     good = {(t.vm_uuid, t.target_sr): t for t in db.newest_tasks(job.id, outcome="success")}
+    # History knows SR UUIDs; a target the job names by UUID can still be shown as pool/SR.
+    named = {t.sr.lower(): f"{t.pool}/{t.sr}" for t in job.targets}
     rows = []
     for p in protection(db, job):
         ok = good.get((p.vm_uuid, p.target_sr))
@@ -187,7 +189,7 @@ def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None
             StatusRow(
                 p.vm,
                 p.vm_uuid,
-                p.target_sr,
+                named.get(p.target_sr.lower(), p.target_sr),
                 ok.restore_point if ok else None,
                 p.age(now),
                 p.rpo,
