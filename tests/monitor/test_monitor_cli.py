@@ -183,6 +183,8 @@ def test_status_from_history_when_pools_are_down(tmp_path: Path) -> None:
     assert lines["web-2"].endswith("[from history]  BREACH")
     assert "no restore point (RPO 10m), last interrupted (cancelled: shutting down)" in lines["web-3"]
     assert "\x1b[" not in out  # colour only on a terminal
+    coloured = runner.invoke(app, ["status", "--config", str(cfg_path)], color=True).stdout
+    assert coloured.count("\x1b[31m\x1b[1mBREACH\x1b[0m") == 2 and coloured.count("\x1b[") == 6
 
 
 def test_status_next_run_without_a_daemon(tmp_path: Path) -> None:
@@ -215,7 +217,7 @@ def test_status_without_history(tmp_path: Path) -> None:
     code, out, _ = run("status", "--config", str(cfg_path), "--json")
     assert code == 0 and json.loads(out) == []
     code, out, _ = run("status", "--config", str(cfg_path))
-    assert code == 0 and out == "no VM selected by any enabled job\n"
+    assert code == 0 and out == "nothing recorded yet for the jobs whose pools could not be reached\n"
     assert not (tmp_path / "state.sqlite").exists()
 
 

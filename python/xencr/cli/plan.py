@@ -147,6 +147,7 @@ def status_command(
     jobs = [cfg.job(job)] if job else [j for j in cfg.jobs.values() if j.enabled]
     now = datetime.now(UTC)
     rows: list[tuple[str, StatusRow]] = []
+    fell_back = False
     # Only read: a missing database is no history, not one to create.
     db = StateDB(cfg.state_path) if cfg.state_path.exists() else None
     try:
@@ -158,6 +159,7 @@ def status_command(
                     found = status(c, db, now)
             except _UNREACHABLE as err:
                 warn(f"job {j.name}: {describe(err)}; showing the recorded history")
+                fell_back = True
                 found = status_from_history(j, db, now) if db is not None else []
             rows += [(j.name, r) for r in found]
     finally:
@@ -166,7 +168,9 @@ def status_command(
     if json_out:
         print_json([status_json(name, r) for name, r in rows])
         return
-    if not rows:
+    if not rows and fell_back:
+        typer.echo("nothing recorded yet for the jobs whose pools could not be reached")
+    elif not rows:
         typer.echo("no VM selected" + (f" by job {job}" if job else " by any enabled job"))
     for name, r in rows:
         typer.echo(status_line(name, r, now))
