@@ -35,7 +35,8 @@ _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 class _Redact(logging.Filter):
     """httpx logs each request's full URL at INFO: a webhook's token would reach the daemon's
-    log. While a webhook is sent, its secrets are masked in what httpx and httpcore log."""
+    log. While a webhook is sent, its secrets are masked in what httpx logs (httpcore, below it,
+    logs only the host)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,8 +65,7 @@ class _Redact(logging.Filter):
 
 
 _redact = _Redact()
-for _name in ("httpx", "httpcore"):
-    logging.getLogger(_name).addFilter(_redact)
+logging.getLogger("httpx").addFilter(_redact)
 
 
 def report_reason(when: str, payload: Mapping[str, Any], breaches: Sequence[Breach]) -> str | None:
