@@ -66,6 +66,7 @@ def test_export_import_then_delta(pools: Pools, tmp_path: Path) -> None:
     # Until the seed is imported, the job does not push the full copy over the network.
     code, out, err = invoke("run", "carry", "--config", str(cfg))
     assert code == 1 and "seed import" in out + err, (out, err)
+    assert "retrying" not in out + err  # a refusal, not a data-path failure
     assert _points(src, ts, "carry", "vm0") == []
     # The other site: import, verified; the restore point equals the snapshot.
     sr_uuid = ts.api.SR.get_uuid(default_sr(ts))

@@ -25,7 +25,7 @@ from xencr._engine import VhdError
 from xencr.replication import metadata as md
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
-from xencr.replication.decide import DiskPlan, plan_target
+from xencr.replication.decide import DiskPlan, SeedPending, plan_target
 from xencr.service import limits, locks
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
@@ -354,7 +354,7 @@ def _worth_retrying(err: BaseException) -> bool:
     """Data-path failures may pass on a second attempt; a refusal (a full SR, a bad request) won't."""
     if isinstance(err, XapiError):
         return err.code in ("VDI_IO_ERROR", "TASK_CANCELLED")
-    return not isinstance(err, (TransferTimeout, TransferCancelled))
+    return not isinstance(err, (TransferTimeout, TransferCancelled, SeedPending))
 
 
 def hold(point: str) -> None:
