@@ -149,7 +149,21 @@ def link_command(
             for step in steps:
                 typer.echo(f"would write: {step.what}")
             return
-        seedlink.apply(steps, lambda line: typer.echo(f"wrote: {line}", err=True))
+        # A run of this VM to this SR (started here) must not clean up half-written keys.
+        vm_uuid = p.source_vm_rec["uuid"]
+        lock = (
+            try_lock(lock_dir(cfg.state_path), vm_uuid, p.sr_uuid, "seed link", job_id=job_id)
+            if cfg
+            else None
+        )
+        if cfg and lock is None:
+            busy = holder(lock_dir(cfg.state_path), vm_uuid, p.sr_uuid)
+            raise CliError(f"refused, nothing written: the VM is being replicated to this SR by {busy}")
+        try:
+            seedlink.apply(steps, lambda line: typer.echo(f"wrote: {line}", err=True))
+        finally:
+            if lock is not None:
+                lock.release()
     layout = "Xen Orchestra's" if xo else "xencr's"
     typer.echo(
         f"linked: VM {p.target_rec['uuid']} on SR {p.sr_uuid} is the replica of snapshot"
