@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import queue
+import socket
 import threading
 import time
 import urllib.request
@@ -256,8 +257,44 @@ def test_metrics_served_and_textfile_written(running: Callable[..., Running], tm
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://{host}:{port}/other", timeout=10)
     assert err.value.code == 404
-    assert not textfile.exists()
+    assert list(text_string_to_metric_families(textfile.read_text())), "written at start"
+    textfile.unlink()
     r.step(timedelta(minutes=5))
     r.runs.next()
     r.stop()
     assert list(text_string_to_metric_families(textfile.read_text()))
+
+
+def test_a_restart_keeps_last_fires_and_clears_unscheduled_ones(
+    running: Callable[..., Running], tmp_path: Path
+) -> None:
+    r = running()
+    r.step(timedelta(minutes=5))
+    r.runs.next()
+    r.stop()
+    ten, night = r.daemon.config.job("ten"), r.daemon.config.job("nightly")
+    text = config_text(tmp_path).replace("[jobs.nightly]", "[jobs.nightly]\nenabled = false")
+    running(text)
+    with StateDB(r.daemon.config.state_path) as db:
+        fires = db.fires()
+    first_fire = datetime(2026, 3, 8, 0, 0, tzinfo=UTC)
+    assert fires[(ten.id, "ten")] == (first_fire, first_fire)  # the new daemon's clock starts at T0 again
+    assert fires[(night.id, "night")] == (None, None), "a disabled job promises no next run"
+
+
+def test_metrics_address_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "xencr.toml"
+    cfg.write_text(config_text(tmp_path))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        daemon = Daemon(
+            lambda: load_config(cfg),
+            stream=io.StringIO(),
+            clock=FakeClock(T0),
+            metrics_listen=f"127.0.0.1:{port}",
+        )
+        with pytest.raises(OSError) as err:
+            daemon.run_forever()
+    assert err.value.filename == f"metrics listen address 127.0.0.1:{port}"

@@ -152,7 +152,8 @@ class Daemon:
                 config=self.config.path,
                 metrics=_address(self.metrics_address),
             )
-            self._record_fires()
+            self._record_fires(tidy=True)
+            self._write_textfile()
             self.started.set()
             while not self._stop_asked:
                 if self._take_reload():
@@ -185,6 +186,7 @@ class Daemon:
         self.config = config
         self.scheduler.update(entries_of(config), self.clock.now())
         self.log("reloaded", jobs=len({j for j, _ in entries_of(config)}), schedules=len(entries_of(config)))
+        self._record_fires(tidy=True)
         if config.daemon.metrics_listen and self._metrics_listen != config.daemon.metrics_listen:
             self.log("notice", msg="a new metrics_listen takes effect at the next start")
 
@@ -215,8 +217,21 @@ class Daemon:
             )
             counts: dict[str, int] = {}
             for v in report.vms:
+                if v.error:
+                    self.log("vm_failed", job=job.name, vm=v.vm_name, error=v.error)
                 for t in v.targets:
                     counts[t.outcome] = counts.get(t.outcome, 0) + 1
+                    self.log(
+                        "task",
+                        job=job.name,
+                        vm=v.vm_name,
+                        target=t.target,
+                        outcome=t.outcome,
+                        kind=t.kind if t.outcome == "success" else None,
+                        bytes=t.bytes_sent if t.outcome == "success" else None,
+                        restore_point=t.restore_point,
+                        error=t.error,
+                    )
             self.log(
                 "run_finished",
                 job=job.name,
@@ -232,11 +247,21 @@ class Daemon:
             with self._lock:
                 self._workers.discard(threading.current_thread())
 
-    def _record_fires(self) -> None:
+    def _record_fires(self, *, tidy: bool = False) -> None:
+        """Write each pair's last and next fire for `xencr status`; ``tidy`` (at start and after a
+        reload) also takes the last fires recorded before and clears the next fire of pairs no
+        longer scheduled, so status does not promise runs that will not happen."""
         try:
             with StateDB(self.config.state_path) as db:
-                for (job_id, schedule_id), nxt in self.scheduler.next_fires().items():
-                    db.set_fire(job_id, schedule_id, last=self._last.get((job_id, schedule_id)), next=nxt)
+                nexts = self.scheduler.next_fires()
+                if tidy:
+                    for key, (last, nxt) in db.fires().items():
+                        if last is not None:
+                            self._last.setdefault(key, last)
+                        if key not in nexts and nxt is not None:
+                            db.set_fire(*key, last=last, next=None)
+                for key, nxt in nexts.items():
+                    db.set_fire(*key, last=self._last.get(key), next=nxt)
         except Exception as err:
             self.log("state_error", error=str(err))
 
@@ -310,7 +335,10 @@ class Daemon:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scrapes every few seconds would drown the log
 
-        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, f"metrics listen address {self._metrics_listen}") from None
         self._server.daemon_threads = True
         self.metrics_address = (host, self._server.server_address[1])
         threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
