@@ -96,6 +96,8 @@ def entries_of(config: Config) -> list[Entry]:
 
 
 class Daemon:
+    """The scheduling loop (``run_forever``) and what it owns: workers, fire records, metrics."""
+
     def __init__(
         self,
         load: Callable[[], Config],
@@ -122,8 +124,7 @@ class Daemon:
         self._workers: set[threading.Thread] = set()
         self._last: dict[tuple[str, str], datetime] = {}
         self._server: http.server.ThreadingHTTPServer | None = None
-        self.metrics_address: tuple[str, int] | None = None
-        self.started = threading.Event()  # the loop runs and the metrics endpoint (if any) serves
+        self.metrics_address: tuple[str, int] | None = None  # where /metrics is served, once started
 
     # -- requests (signal handlers and tests)
 
@@ -154,7 +155,6 @@ class Daemon:
             )
             self._record_fires(tidy=True)
             self._write_textfile()
-            self.started.set()
             while not self._stop_asked:
                 if self._take_reload():
                     self._reload()
