@@ -66,7 +66,7 @@ def write_config(tmp: Path) -> Path:
     return path
 
 
-def fill(cfg_path: Path, now: datetime) -> dict[str, int]:
+def fill(cfg_path: Path, now: datetime, *, daemon: bool = True) -> dict[str, int]:
     """web-1 replicated 4 minutes ago; web-2 last replicated 2 hours ago and skipped since;
     web-3 interrupted by a shutdown, never replicated."""
     cfg = load_config(cfg_path)
@@ -103,7 +103,8 @@ def fill(cfg_path: Path, now: datetime) -> dict[str, int]:
     task = db.start_task(r2, "vm-3", "web-3", "sr-b")
     db.finish_task(task, "interrupted", error="cancelled: shutting down")
     db.finish_run(r2, "interrupted", "cancelled")
-    db.set_fire(web.id, "ten", last=now - timedelta(minutes=4), next=now + timedelta(minutes=6))
+    if daemon:
+        db.set_fire(web.id, "ten", last=now - timedelta(minutes=4), next=now + timedelta(minutes=6))
     db.close()
     return {"r1": r1, "r2": r2}
 
@@ -188,14 +189,13 @@ def test_status_from_history_when_pools_are_down(tmp_path: Path) -> None:
 
 
 def test_status_next_run_without_a_daemon(tmp_path: Path) -> None:
-    """A stale fire time (the daemon stopped) gives way to the schedule's own next fire; a
-    disabled job has none."""
+    """Without fire times recorded by a daemon, the schedule's own next fire; a disabled job has
+    none; a recorded fire time in the past is shown as it is (the daemon did not fire it)."""
     cfg_path = write_config(tmp_path)
     now = datetime.now(UTC)
-    fill(cfg_path, now)
+    fill(cfg_path, now, daemon=False)
     cfg = load_config(cfg_path)
     with StateDB(cfg.state_path) as db:
-        db.set_fire(cfg.jobs["web"].id, "ten", last=None, next=now - timedelta(hours=1))
         r = db.start_run(cfg.jobs["db"].id, "db", None, "manual")
         db.finish_task(db.start_task(r, "vm-9", "db-9", "sr-b"), "success", snapshot_time=now)
         db.finish_run(r, "success")
@@ -210,6 +210,12 @@ def test_status_next_run_without_a_daemon(tmp_path: Path) -> None:
     assert (row["vm_name"], row["next_run"], row["rpo_seconds"]) == ("db-9", None, 3600)
     # Its target is named by the SR's UUID in the config: shown as the job names it.
     assert (row["target"], row["target_sr"]) == ("b/sr-b", "sr-b")
+
+    with StateDB(cfg.state_path) as db:
+        db.set_fire(cfg.jobs["web"].id, "ten", last=None, next=now - timedelta(hours=1))
+    code, out, _ = run("status", "web", "--config", str(cfg_path))
+    assert code == 0
+    assert all(re.search(r", next \S+ \S+Z \((59m|1h) ago\)", line) for line in out.splitlines())
 
 
 def test_status_without_history(tmp_path: Path) -> None:

@@ -126,14 +126,15 @@ class StatusRow:
 def next_run(
     job: JobConfig, fires: Mapping[tuple[str, str], tuple[datetime | None, datetime | None]], now: datetime
 ) -> datetime | None:
-    """When the job runs next: the daemon's recorded fire time per schedule while it is still
-    ahead (a stopped daemon leaves stale ones), else the schedule's own next fire after now."""
+    """When the job runs next: the daemon's recorded fire time per schedule (one in the past
+    says the daemon did not fire it: stopped, or behind), else the schedule's next fire after
+    ``now`` (no daemon records it: `xencr run` from timers)."""
     if not job.enabled:
         return None
     times = []
     for s in job.schedules:
         recorded = fires.get((job.id, s.id), (None, None))[1]
-        times.append(recorded if recorded is not None and recorded >= now else next_fire(s, now))
+        times.append(recorded if recorded is not None else next_fire(s, now))
     return min(times, default=None)
 
 
