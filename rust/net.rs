@@ -325,18 +325,10 @@ pub fn relay(
     counter: Option<&dyn Fn(u64, u64)>,
 ) -> Result<(StreamReport, Option<u16>)> {
     let (export, total) = open_export(src)?;
-    if let Some(report) = counter {
-        report(0, total);
-    }
+    let source = Counting::new(export, total, counter);
     let opts = ParseOptions {
         length: Some(total),
         require_full_bitmaps,
-    };
-    let source = Counting {
-        inner: export,
-        done: 0,
-        total,
-        counter,
     };
     match dst {
         None => Ok((
@@ -359,19 +351,8 @@ pub fn download(
     counter: Option<&dyn Fn(u64, u64)>,
 ) -> Result<StreamReport> {
     let (export, total) = open_export(src)?;
-    if let Some(report) = counter {
-        report(0, total);
-    }
-    let opts = ParseOptions {
-        length: Some(total),
-        require_full_bitmaps: true,
-    };
-    let source = Counting {
-        inner: export,
-        done: 0,
-        total,
-        counter,
-    };
+    let source = Counting::new(export, total, counter);
+    let opts = full_stream(total);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
     let report = transform(source, &mut out, opts, rate_limit)?;
     out.flush()
@@ -394,20 +375,12 @@ pub fn upload(
         .metadata()
         .ctx(|| "cannot read the disk file's size".to_string())?
         .len();
-    if let Some(report) = counter {
-        report(0, total);
-    }
-    let opts = ParseOptions {
-        length: Some(total),
-        require_full_bitmaps: true,
-    };
-    let source = Counting {
-        inner: std::io::BufReader::with_capacity(1 << 20, file),
-        done: 0,
+    let source = Counting::new(
+        std::io::BufReader::with_capacity(1 << 20, file),
         total,
         counter,
-    };
-    put_import(dst, source, opts, rate_limit)
+    );
+    put_import(dst, source, full_stream(total), rate_limit)
 }
 
 /// Reports bytes read (and the total) to the caller's counter.
@@ -416,6 +389,29 @@ struct Counting<'a, R> {
     done: u64,
     total: u64,
     counter: Option<&'a dyn Fn(u64, u64)>,
+}
+
+impl<'a, R: Read> Counting<'a, R> {
+    /// Announces the total at once: the caller's display knows the length before any byte.
+    fn new(inner: R, total: u64, counter: Option<&'a dyn Fn(u64, u64)>) -> Self {
+        if let Some(report) = counter {
+            report(0, total);
+        }
+        Counting {
+            inner,
+            done: 0,
+            total,
+            counter,
+        }
+    }
+}
+
+/// What every stream here is parsed with: XAPI's exports always carry full bitmaps.
+fn full_stream(total: u64) -> ParseOptions {
+    ParseOptions {
+        length: Some(total),
+        require_full_bitmaps: true,
+    }
 }
 
 impl<R: Read> Read for Counting<'_, R> {

@@ -126,43 +126,46 @@ def _disks_on(t: XapiSession, rec: dict[str, Any], sr_uuid: str) -> bool:
     return srs == {sr_uuid}
 
 
+# The fields of a VM record that VM.create takes and that make the same VM boot elsewhere.
+VM_FIELDS = (
+    "name_description",
+    "user_version",
+    "memory_static_max",
+    "memory_dynamic_max",
+    "memory_dynamic_min",
+    "memory_static_min",
+    "VCPUs_params",
+    "VCPUs_max",
+    "VCPUs_at_startup",
+    "actions_after_shutdown",
+    "actions_after_reboot",
+    "actions_after_crash",
+    "PV_bootloader",
+    "PV_kernel",
+    "PV_ramdisk",
+    "PV_args",
+    "PV_bootloader_args",
+    "PV_legacy_args",
+    "HVM_boot_policy",
+    "HVM_boot_params",
+    "platform",
+    "PCI_bus",
+    "recommendations",
+    "HVM_shadow_multiplier",
+    "NVRAM",
+    "domain_type",
+    "order",
+    "start_delay",
+    "shutdown_delay",
+    "xenstore_data",
+    "has_vendor_device",
+    "hardware_platform_version",
+)
+
+
 def _vm_record(src_rec: dict[str, Any], name: str, keys: dict[str, str]) -> dict[str, Any]:
     """A VM.create record from the source snapshot's: what boots the same VM elsewhere."""
-    copy = [
-        "name_description",
-        "user_version",
-        "memory_static_max",
-        "memory_dynamic_max",
-        "memory_dynamic_min",
-        "memory_static_min",
-        "VCPUs_params",
-        "VCPUs_max",
-        "VCPUs_at_startup",
-        "actions_after_shutdown",
-        "actions_after_reboot",
-        "actions_after_crash",
-        "PV_bootloader",
-        "PV_kernel",
-        "PV_ramdisk",
-        "PV_args",
-        "PV_bootloader_args",
-        "PV_legacy_args",
-        "HVM_boot_policy",
-        "HVM_boot_params",
-        "platform",
-        "PCI_bus",
-        "recommendations",
-        "HVM_shadow_multiplier",
-        "NVRAM",
-        "domain_type",
-        "order",
-        "start_delay",
-        "shutdown_delay",
-        "xenstore_data",
-        "has_vendor_device",
-        "hardware_platform_version",
-    ]
-    rec = {k: src_rec[k] for k in copy if k in src_rec}
+    rec = {k: src_rec[k] for k in VM_FIELDS if k in src_rec}
     rec.update(
         name_label=name,
         is_a_template=False,
@@ -232,29 +235,46 @@ def attach(t: XapiSession, vm: str, vdi: str, d: Disk) -> None:
 
 
 def copy_vifs(s: XapiSession, src_vm: str, t: XapiSession, vm: str, network_map: dict[str, str]) -> list[str]:
+    """The source VM's VIFs on target networks (see `create_vifs`). Returns warnings."""
+    return create_vifs(t, vm, vifs_of(s, src_vm), network_map)
+
+
+def vifs_of(s: XapiSession, vm: str) -> list[dict[str, str]]:
+    """A VM's VIFs as device, network name, MAC and MTU: what rebuilds them on another pool."""
+    out = []
+    for vif in s.api.VM.get_VIFs(vm):
+        r = s.api.VIF.get_record(vif)
+        network = str(s.api.network.get_name_label(r["network"]))
+        out.append(
+            {"device": str(r["device"]), "network": network, "MAC": str(r["MAC"]), "MTU": str(r["MTU"])}
+        )
+    return out
+
+
+def create_vifs(
+    t: XapiSession, vm: str, vifs: list[dict[str, str]], network_map: dict[str, str]
+) -> list[str]:
     """VIFs on target networks: the job's map (by source network name), then a network of the
     same name, then the target pool's first network. Returns warnings."""
     nets = {r["name_label"]: ref for ref, r in t.api.network.get_all_records().items()}
     warnings = []
-    for vif in s.api.VM.get_VIFs(src_vm):
-        r = s.api.VIF.get_record(vif)
-        src_net = s.api.network.get_name_label(r["network"])
-        wanted = network_map.get(src_net, src_net)
+    for v in vifs:
+        wanted = network_map.get(v["network"], v["network"])
         net = nets.get(wanted)
         if net is None:
             if not nets:
-                warnings.append(f"no network on the target for VIF {r['device']}")
+                warnings.append(f"no network on the target for VIF {v['device']}")
                 continue
             net = sorted(nets.items())[0][1]
             fallback = t.api.network.get_name_label(net)
-            warnings.append(f"network {wanted!r} not on the target: VIF {r['device']} on {fallback!r}")
+            warnings.append(f"network {wanted!r} not on the target: VIF {v['device']} on {fallback!r}")
         t.api.VIF.create(
             {
-                "device": r["device"],
+                "device": v["device"],
                 "network": net,
                 "VM": vm,
-                "MAC": r["MAC"],
-                "MTU": r["MTU"],
+                "MAC": v["MAC"],
+                "MTU": v["MTU"],
                 "other_config": {},
                 "qos_algorithm_type": "",
                 "qos_algorithm_params": {},

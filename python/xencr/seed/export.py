@@ -19,48 +19,15 @@ from xencr import _engine
 from xencr.config import JobConfig
 from xencr.replication import metadata as md
 from xencr.replication import source as srcmod
+from xencr.replication import target as tgt
 from xencr.replication.runner import TransferMonitor, hold
 from xencr.seed.manifest import MANIFEST, PROGRESS, Manifest, SeedDisk, SeedError, read, write_atomically
 from xencr.xapi.errors import XapiError
 from xencr.xapi.files import download_vdi
 from xencr.xapi.session import XapiSession
 
-# What builds the replica VM on the other side (the fields target._vm_record copies), plus the
-# identity and the startup settings; all JSON-safe.
-_VM_FIELDS = (
-    "name_label",
-    "name_description",
-    "user_version",
-    "memory_static_max",
-    "memory_dynamic_max",
-    "memory_dynamic_min",
-    "memory_static_min",
-    "VCPUs_params",
-    "VCPUs_max",
-    "VCPUs_at_startup",
-    "actions_after_shutdown",
-    "actions_after_reboot",
-    "actions_after_crash",
-    "PV_bootloader",
-    "PV_kernel",
-    "PV_ramdisk",
-    "PV_args",
-    "PV_bootloader_args",
-    "PV_legacy_args",
-    "HVM_boot_policy",
-    "HVM_boot_params",
-    "platform",
-    "PCI_bus",
-    "recommendations",
-    "HVM_shadow_multiplier",
-    "NVRAM",
-    "domain_type",
-    "xenstore_data",
-    "has_vendor_device",
-    "hardware_platform_version",
-    "other_config",
-    "tags",
-)
+# What builds the replica VM on the other side, plus its name, keys and tags (all JSON-safe).
+_VM_FIELDS = (*tgt.VM_FIELDS, "name_label", "other_config", "tags")
 _STARTUP = ("order", "start_delay", "shutdown_delay", "ha_restart_priority")
 
 
@@ -141,7 +108,7 @@ def export_seed(
         snapshot_uuid=snap_rec["uuid"],
         snapshot_time=snap_rec["other_config"][md.SNAPSHOT_TIME],
         vm_record=_vm_record(snap_rec, rec),
-        vifs=_vifs(s, vm),
+        vifs=tgt.vifs_of(s, vm),
         disks=[done[d.userdevice] for d in disks],
         created=md.precise(datetime.now(UTC)),
     )
@@ -192,18 +159,3 @@ def _vm_record(snap_rec: dict[str, Any], vm_rec: dict[str, Any]) -> dict[str, An
     # Snapshots reset the startup settings: they come from the VM (as in a run).
     out |= {k: vm_rec[k] for k in _STARTUP if k in vm_rec}
     return json.loads(json.dumps(out, default=str))  # type: ignore[no-any-return]
-
-
-def _vifs(s: XapiSession, vm: str) -> list[dict[str, str]]:
-    out = []
-    for vif in s.api.VM.get_VIFs(vm):
-        r = s.api.VIF.get_record(vif)
-        out.append(
-            {
-                "device": str(r["device"]),
-                "network": str(s.api.network.get_name_label(r["network"])),
-                "MAC": str(r["MAC"]),
-                "MTU": str(r["MTU"]),
-            }
-        )
-    return out

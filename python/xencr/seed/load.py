@@ -80,7 +80,7 @@ def import_seed(
             vdi = tgt.create_disk(ts, sr, disk, None, disk_keys)
             vdis.append(vdi)
             tgt.attach(ts, replica, vdi, disk)
-        warnings = _vifs(ts, replica, m.vifs, network_map or {})
+        warnings = tgt.create_vifs(ts, replica, m.vifs, network_map or {})
         for w in warnings:
             say(f"warning: {w}")
         total = 0
@@ -137,35 +137,6 @@ def _check_space(ts: XapiSession, sr: str, m: Manifest) -> None:
         raise SeedError(
             f"SR {rec['name_label']} has {free} bytes free; the seed needs {need}: nothing was imported"
         )
-
-
-def _vifs(ts: XapiSession, vm: str, vifs: list[dict[str, str]], network_map: dict[str, str]) -> list[str]:
-    """The source VM's VIFs on target networks: mapped, or of the same name, or the first one."""
-    nets = {r["name_label"]: ref for ref, r in ts.api.network.get_all_records().items()}
-    warnings = []
-    for v in vifs:
-        wanted = network_map.get(v["network"], v["network"])
-        net = nets.get(wanted)
-        if net is None:
-            if not nets:
-                warnings.append(f"no network on the target for VIF {v['device']}")
-                continue
-            net = sorted(nets.items())[0][1]
-            fallback = ts.api.network.get_name_label(net)
-            warnings.append(f"network {wanted!r} not on the target: VIF {v['device']} on {fallback!r}")
-        ts.api.VIF.create(
-            {
-                "device": v["device"],
-                "network": net,
-                "VM": vm,
-                "MAC": v["MAC"],
-                "MTU": v["MTU"],
-                "other_config": {},
-                "qos_algorithm_type": "",
-                "qos_algorithm_params": {},
-            }
-        )
-    return warnings
 
 
 def _discard(ts: XapiSession, replica: str, vdis: list[str]) -> None:

@@ -5,7 +5,6 @@ TLS, HTTP and the stream on TCP connections opened here, and digests every block
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,34 @@ def _report(path: Path, r: Mapping[str, Any], start: float) -> FileReport:
     )
 
 
+class _HandlerCall:
+    """One call of a pool's HTTP handler: its task and TCP connection. The task is cancelled
+    unless the call is marked ``done``, and destroyed either way."""
+
+    def __init__(self, session: XapiSession, label: str, description: str) -> None:
+        self.session = session
+        self.task = str(session.call("task.create", label, description))
+        self.done = False
+        try:
+            self.sock = _tcp(session)
+        except BaseException:
+            session.destroy_task(self.task)
+            raise
+
+    def path(self, handler: str, vdi: str) -> str:
+        return f"/{handler}?" + _query(self.session, self.task, vdi=vdi, format="vhd")
+
+    def __enter__(self) -> _HandlerCall:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if not self.done:
+            self.session.cancel_task(self.task)
+        self.session.destroy_task(self.task)
+
+
 def download_vdi(
     session: XapiSession,
     vdi: str,
@@ -50,42 +77,33 @@ def download_vdi(
 ) -> FileReport:
     """The full content of ``vdi`` as a dynamic VHD file at ``path`` (which must not exist; a
     failed download removes what it wrote)."""
+    if path.exists():
+        raise FileExistsError(17, "a download never replaces a file", str(path))
     start = time.monotonic()
-    task = str(session.call("task.create", "xencr seed export", f"export of {vdi}"))
-    sock: socket.socket | None = None
-    done = False
     try:
-        sock = _tcp(session)
-        query = "/export_raw_vdi?" + _query(session, task, vdi=vdi, format="vhd")
-        try:
-            r = _engine.download(
-                sock.fileno(),
-                session.endpoint.host,
-                query,
-                str(path),
-                src_tls=_tls_spec(session),
-                rate_limit=rate_limit,
-                progress=progress,
-            )
-        except _engine.VhdError as err:
-            if err.kind == "http_status":
-                raise _task_failure(session, task) or TransferError(f"export of {vdi}: {err}") from None
-            raise
-        _wait(session, task, None)
-        done = True
-        return _report(path, r, start)
+        with _HandlerCall(session, "xencr seed export", f"export of {vdi}") as call:
+            try:
+                r = _engine.download(
+                    call.sock.fileno(),
+                    session.endpoint.host,
+                    call.path("export_raw_vdi", vdi),
+                    str(path),
+                    src_tls=_tls_spec(session),
+                    rate_limit=rate_limit,
+                    progress=progress,
+                )
+            except _engine.VhdError as err:
+                if err.kind == "http_status":
+                    raise _task_failure(session, call.task) or TransferError(
+                        f"export of {vdi}: {err}"
+                    ) from None
+                raise
+            _wait(session, call.task, None)
+            call.done = True
+            return _report(path, r, start)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            if not done:
-                path.unlink()
+        path.unlink(missing_ok=True)
         raise
-    finally:
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
-        if not done:
-            session.cancel_task(task)
-        session.destroy_task(task)
 
 
 def upload_vdi(
@@ -100,18 +118,13 @@ def upload_vdi(
     """Stream the VHD file at ``path`` into ``vdi`` (an empty VDI of the disk's size). The file
     is validated as it goes: a damaged one fails the import, whose task the pool then fails."""
     start = time.monotonic()
-    task = str(session.call("task.create", "xencr seed import", f"import into {vdi}"))
-    sock: socket.socket | None = None
-    done = False
-    try:
-        sock = _tcp(session)
-        query = "/import_raw_vdi?" + _query(session, task, vdi=vdi, format="vhd")
+    with _HandlerCall(session, "xencr seed import", f"import into {vdi}") as call:
         try:
             r = _engine.upload(
                 str(path),
-                sock.fileno(),
+                call.sock.fileno(),
                 session.endpoint.host,
-                query,
+                call.path("import_raw_vdi", vdi),
                 dst_tls=_tls_spec(session),
                 rate_limit=rate_limit,
                 progress=progress,
@@ -119,22 +132,15 @@ def upload_vdi(
         except (_engine.VhdError, OSError) as err:
             # The file is checked while it is sent: its damage is its own error; a pool's
             # refusal is in the pool's task.
-            if isinstance(err, _engine.VhdError) and err.kind != "http_status" and err.kind != "io":
+            if isinstance(err, _engine.VhdError) and err.kind not in ("http_status", "io"):
                 raise
-            raise _task_failure(session, task, wait=2.0) or TransferError(
+            raise _task_failure(session, call.task, wait=2.0) or TransferError(
                 f"import into {vdi}: {err}"
             ) from None
         if r.get("import_status", 200) != 200:
-            raise _task_failure(session, task) or TransferError(
+            raise _task_failure(session, call.task) or TransferError(
                 f"import into {vdi}: HTTP {r.get('import_status')}"
             )
-        _wait(session, task, timeout)
-        done = True
+        _wait(session, call.task, timeout)
+        call.done = True
         return _report(path, r, start)
-    finally:
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
-        if not done:
-            session.cancel_task(task)
-        session.destroy_task(task)
