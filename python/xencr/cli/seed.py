@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated
 
@@ -55,15 +58,8 @@ def _pool_for(
     )
     env = f"XENCR_{side.upper()}_PASSWORD"
     if known is not None and password_file is None and password is None and not os.environ.get(env):
-        return PoolConfig(
-            name=known.name,
-            url=known.url,
-            username=user or known.username,
-            password_file=known.password_file,
-            password_env=known.password_env,
-            fingerprint=fingerprint or known.fingerprint,
-            verify_tls=known.verify_tls,
-            url_password=known.url_password,
+        return dataclasses.replace(
+            known, username=user or known.username, fingerprint=fingerprint or known.fingerprint
         )
     return PoolConfig(
         name=side,
@@ -76,7 +72,7 @@ def _pool_for(
     )
 
 
-def _job_ids(cfg: Config | None, job: str, schedule: str, sr_uuid: str, xo: bool) -> str:
+def _job_ids(cfg: Config | None, job: str, schedule: str, xo: bool) -> str:
     """The job id to write: a configured job's (by name or id), else ``job`` as given (a Xen
     Orchestra job, or one not configured yet: warned)."""
     if xo:
@@ -143,7 +139,7 @@ def link_command(
             p = seedlink.pair(src, snapshot, tgt, target_vm)
         except seedlink.SeedRefused as err:
             raise CliError(f"refused, nothing written: {err}") from None
-        job_id = _job_ids(cfg, job, schedule, p.sr_uuid, xo)
+        job_id = _job_ids(cfg, job, schedule, xo)
         steps = (seedlink.xo_steps if xo else seedlink.xencr_steps)(src, tgt, p, job_id, schedule)
         if dry_run:
             for step in steps:
@@ -171,22 +167,12 @@ def link_command(
     )
 
 
-class _Same:
-    """The source session again, when both URLs name one pool (a local replica)."""
-
-    def __init__(self, s: XapiSession) -> None:
-        self.s = s
-
-    def __enter__(self) -> XapiSession:
-        return self.s
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _target(spool: PoolConfig, tpool: PoolConfig, src: XapiSession, interactive: bool) -> XapiSession | _Same:
+def _target(
+    spool: PoolConfig, tpool: PoolConfig, src: XapiSession, interactive: bool
+) -> AbstractContextManager[XapiSession]:
+    """The target's session; the source's again when both URLs name one pool (a local replica)."""
     if spool.url.rstrip("/") == tpool.url.rstrip("/") and spool.username == tpool.username:
-        return _Same(src)
+        return contextlib.nullcontext(src)
     return connect(tpool, interactive=interactive)
 
 

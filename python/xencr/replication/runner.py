@@ -8,7 +8,6 @@ a per-VM deadline and a cancel event cut transfers cleanly (tasks cancelled, rep
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -466,7 +465,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         hold("after-commit")
     except BaseException:
         # In-process failure: nothing of this attempt may remain (a kill is cleaned next run).
-        _discard(ts, replica, new_vdis)
+        tgt.discard(ts, replica, new_vdis)
         raise
     tr.restore_point = str(ts.api.VM.get_uuid(replica))
     seconds = max((d.seconds for d in tr.disks), default=0.0)
@@ -541,16 +540,6 @@ def _copy(
         md.digest_of_list(r.digest_algorithm, r.digests),
         [b for b, _ in r.digests],
     )
-
-
-def _discard(ts: XapiSession, replica: str, vdis: list[str]) -> None:
-    try:
-        tgt.destroy_replica(ts, replica)
-    except (XapiError, PoolUnreachable) as err:
-        log.warning("replica %s not destroyed: %s (the next run cleans it up)", replica, err)
-    for vdi in vdis:
-        with contextlib.suppress(XapiError, PoolUnreachable):
-            tgt.destroy_vdi(ts, vdi)
 
 
 def _human(n: int) -> str:

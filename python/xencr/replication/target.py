@@ -7,13 +7,14 @@ live disk with its commit snapshot tells whether anyone wrote to it since."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from xencr.replication import metadata as md
 from xencr.replication.source import Disk
-from xencr.xapi.errors import XapiError
+from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
 
 log = logging.getLogger("xencr.replication")
@@ -315,6 +316,18 @@ def destroy_replica(t: XapiSession, vm: str) -> int:
     for vdi in vdis:
         destroy_vdi(t, vdi)
     return len(vdis)
+
+
+def discard(t: XapiSession, replica: str, vdis: list[str]) -> None:
+    """Remove a failed attempt's replica and disks, best effort: whatever stays is incomplete, and
+    the next run (or seed import) removes it."""
+    try:
+        destroy_replica(t, replica)
+    except (XapiError, PoolUnreachable) as err:
+        log.warning("replica %s not destroyed: %s (the next run cleans it up)", replica, err)
+    for vdi in vdis:
+        with contextlib.suppress(XapiError, PoolUnreachable):
+            destroy_vdi(t, vdi)
 
 
 def destroy_vdi(t: XapiSession, vdi: str) -> None:

@@ -128,10 +128,7 @@ def _resume(
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
         uuid = str(state["snapshot"])
-        done = {
-            dev: SeedDisk(**(d | {"digests": [(int(b), str(h)) for b, h in d["digests"]]}))
-            for dev, d in state["disks"].items()
-        }
+        done = {dev: SeedDisk.from_dict(d) for dev, d in state["disks"].items()}
     except (ValueError, KeyError, TypeError) as err:
         raise SeedError(f"{path}: damaged ({err}); remove the directory and export again") from None
     snap = _snapshot_alive(s, uuid)

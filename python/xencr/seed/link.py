@@ -20,8 +20,6 @@ from xencr.replication.source import Disk, disks_of
 from xencr.xapi.errors import XapiError
 from xencr.xapi.session import XapiSession
 
-NULL = "OpaqueRef:NULL"
-
 
 class SeedRefused(Exception):
     """The link would be wrong; ``str()`` is one line, and nothing was written."""
@@ -187,7 +185,10 @@ def xencr_steps(src: XapiSession, tgt: XapiSession, p: Pairing, job_id: str, sch
         | {md.COPY_OF: p.snapshot_rec["uuid"], md.ROLE: "replica", md.COMPLETE: "true", md.BYTES: "0"}
     )
     steps.append(
-        Step(f"target VM {p.target_rec['uuid']}: name_label {name!r}", lambda: _name(tgt, p.target_vm, name))
+        Step(
+            f"target VM {p.target_rec['uuid']}: name_label {name!r}",
+            partial(_name, tgt, p.target_vm, name, md.TAGS),
+        )
     )
     steps.append(
         Step(
@@ -231,11 +232,11 @@ def xencr_steps(src: XapiSession, tgt: XapiSession, p: Pairing, job_id: str, sch
     return steps
 
 
-def _name(s: XapiSession, vm: str, name: str) -> None:
+def _name(s: XapiSession, vm: str, name: str, tags: tuple[str, ...]) -> None:
     s.api.VM.set_name_label(vm, name)
-    tags = set(s.api.VM.get_tags(vm))
-    for tag in md.TAGS:
-        if tag not in tags:
+    have = set(s.api.VM.get_tags(vm))
+    for tag in tags:
+        if tag not in have:
             s.api.VM.add_tags(vm, tag)
 
 
@@ -278,7 +279,8 @@ def xo_steps(src: XapiSession, tgt: XapiSession, p: Pairing, job_id: str, schedu
     vm_keys = common | {md.XO_SR: p.sr_uuid, md.XO_COPY_OF: p.snapshot_rec["uuid"]}
     steps.append(
         Step(
-            f"target VM {p.target_rec['uuid']}: name_label {name!r}", lambda: _xo_name(tgt, p.target_vm, name)
+            f"target VM {p.target_rec['uuid']}: name_label {name!r}",
+            partial(_name, tgt, p.target_vm, name, ("Continuous Replication",)),
         )
     )
     steps.append(
@@ -315,12 +317,6 @@ def xo_steps(src: XapiSession, tgt: XapiSession, p: Pairing, job_id: str, schedu
             )
         )
     return steps
-
-
-def _xo_name(s: XapiSession, vm: str, name: str) -> None:
-    s.api.VM.set_name_label(vm, name)
-    if "Continuous Replication" not in s.api.VM.get_tags(vm):
-        s.api.VM.add_tags(vm, "Continuous Replication")
 
 
 def _xo_target_disk_keys(common: dict[str, str], sr_uuid: str, source_vdi: str) -> dict[str, str]:

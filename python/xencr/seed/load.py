@@ -10,7 +10,6 @@ next run is a delta on top of it."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from xencr.replication import target as tgt
 from xencr.replication.runner import TransferMonitor, hold
 from xencr.replication.source import Disk
 from xencr.seed.manifest import Manifest, SeedDisk, SeedError
-from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.files import upload_vdi
 from xencr.xapi.session import XapiSession
 from xencr.xapi.transfer import read_digests
@@ -122,7 +120,7 @@ def import_seed(
             f"xencr replica of {m.vm_name} at {stamp}: seeded from files ({total} bytes)",
         )
     except BaseException:
-        _discard(ts, replica, vdis)
+        tgt.discard(ts, replica, vdis)
         raise
     rp = existing(ts, m, sr_uuid)
     assert rp is not None, "a committed seed is a restore point"
@@ -137,12 +135,3 @@ def _check_space(ts: XapiSession, sr: str, m: Manifest) -> None:
         raise SeedError(
             f"SR {rec['name_label']} has {free} bytes free; the seed needs {need}: nothing was imported"
         )
-
-
-def _discard(ts: XapiSession, replica: str, vdis: list[str]) -> None:
-    """Best effort; what remains is an incomplete replica the next import or run removes."""
-    with contextlib.suppress(XapiError, PoolUnreachable):
-        tgt.destroy_replica(ts, replica)
-    for vdi in vdis:
-        with contextlib.suppress(XapiError, PoolUnreachable):
-            tgt.destroy_vdi(ts, vdi)

@@ -33,6 +33,11 @@ class SeedDisk:
     digest_algorithm: str
     digests: list[tuple[int, str]] = field(default_factory=list)  # (block, digest) of each block held
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SeedDisk:
+        """From its JSON form (digest pairs come back as lists)."""
+        return cls(**(d | {"digests": [(int(b), str(h)) for b, h in d["digests"]]}))
+
     @property
     def digest(self) -> str:
         return md.digest_of_list(self.digest_algorithm, self.digests)
@@ -63,10 +68,7 @@ class Manifest:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise SeedError(f"{where}: not a seed manifest of this version ({raw.get('format')!r})")
-            disks = [
-                SeedDisk(**(d | {"digests": [(int(b), str(h)) for b, h in d["digests"]]}))
-                for d in raw.pop("disks")
-            ]
+            disks = [SeedDisk.from_dict(d) for d in raw.pop("disks")]
             return cls(**raw, disks=disks)
         except SeedError:
             raise
