@@ -33,28 +33,41 @@ def init(
     disk_mib: Annotated[int, typer.Option("--disk-mib", help="Size of each VM's disk in MiB.")] = 16,
     sr_gib: Annotated[int, typer.Option("--sr-gib", help="Capacity of each SR in GiB.")] = 4,
     password_file: Annotated[Path | None, typer.Option(help="File holding the root password.")] = None,
+    hosts: Annotated[
+        int, typer.Option(help="Hosts per pool (each with a local SR; 2+ adds shared SRs on all).")
+    ] = 1,
 ) -> None:
     """Create a ready-to-use state directory.
 
-    Example: xencr sim init --state /tmp/sim --pools 2
+    Example: xencr sim init --state /tmp/sim --pools 2 --hosts 2
     """
     from xencr.sim.layout import init_state, read_password
 
     try:
         password = read_password(state, password_file) if password_file else None
         init_state(
-            state, pools, vms=vms, disk_size=disk_mib * MIB, sr_size=sr_gib * 1024 * MIB, password=password
+            state,
+            pools,
+            vms=vms,
+            disk_size=disk_mib * MIB,
+            sr_size=sr_gib * 1024 * MIB,
+            password=password,
+            hosts=hosts,
         )
-    except FileExistsError as err:
+    except (FileExistsError, ValueError) as err:
         _fail(str(err))
-    typer.echo(f"initialised {pools} pools in {state} (root password in {state / 'password'})")
+    each = f" of {hosts} hosts" if hosts > 1 else ""
+    typer.echo(f"initialised {pools} pools{each} in {state} (root password in {state / 'password'})")
 
 
 @sim_app.command()
 def serve(
     state: StateOpt,
     pools: Annotated[int | None, typer.Option(help="Pools (default: as stored, 2 if new).")] = None,
-    port: Annotated[int, typer.Option(help="Port of pool 0; pool i listens on port+i (0: any).")] = 8480,
+    port: Annotated[
+        int,
+        typer.Option(help="Port of pool 0; pool i listens on port+i, then the other hosts follow (0: any)."),
+    ] = 8480,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     password_file: Annotated[Path | None, typer.Option(help="File holding the root password.")] = None,
     auth_delay: Annotated[float, typer.Option(help="Seconds before a failed login answers (xapi: 5).")] = 5.0,
@@ -63,8 +76,9 @@ def serve(
         bool, typer.Option("--tls", help="Serve HTTPS with a self-signed certificate in DIR/tls.")
     ] = False,
 ) -> None:
-    """Serve the pools until SIGTERM/SIGINT; prints one line per pool URL (and, with --tls, the
-    certificate's path and SHA-256 fingerprint first).
+    """Serve the pools until SIGTERM/SIGINT; prints one line per pool URL (host 0), then for pools of
+    several hosts one "poolI hostJ URL" line per host (and, with --tls, each certificate's path and
+    SHA-256 fingerprint first).
 
     Example: xencr sim serve --state /tmp/sim --port 8480
     """
@@ -157,6 +171,10 @@ def ls(
         return
     for pool in pools:
         typer.echo(f"pool{pool['index']} {pool['name']}")
+        if len(pool["hosts"]) > 1:
+            for h in pool["hosts"]:
+                role = " (master)" if h["master"] else ""
+                typer.echo(f"  host {h['uuid']}  {h['address']:<15} {h['name']}{role}")
         for sr in pool["srs"]:
             typer.echo(f"  SR  {sr['uuid']}  {sr['type']:<9} {sr['name']}")
         for net in pool["networks"]:
@@ -236,6 +254,20 @@ def fault_unreachable(state: StateOpt, on: bool = True, pool: PoolOpt = 0) -> No
     Example: xencr sim fault unreachable --state /tmp/sim --pool 1
     """
     _pool_call(state, pool, "sim.fault_unreachable", on)
+
+
+@fault_app.command("host-down")
+def fault_host_down(
+    state: StateOpt,
+    host: Annotated[str, typer.Argument(help="Host index in the pool (0 = first), UUID or ref.")],
+    on: bool = True,
+    pool: PoolOpt = 0,
+) -> None:
+    """Take a host of the pool down (connections refused) or bring it back up (--no-on).
+
+    Example: xencr sim fault host-down --state /tmp/sim 1 --pool 0
+    """
+    _pool_call(state, pool, "sim.fault_host_down", host, on)
 
 
 @fault_app.command("clear")

@@ -25,6 +25,7 @@ from xencr.sim.api.sim import SIM_CALLS
 from xencr.sim.errors import XapiError
 from xencr.sim.layout import init_state, pool_count, read_password
 from xencr.sim.pool_state import PoolState
+from xencr.sim.tls import all_certificates
 
 SERVER_FILE = "server.json"
 LOCK_FILE = "lock"
@@ -78,7 +79,7 @@ def serve(
 ) -> None:
     """Serve every pool of ``root`` until SIGTERM/SIGINT (or ``stop`` is set)."""
     from xencr.sim.server import Simulator
-    from xencr.sim.tls import ensure_certificate, fingerprint, server_context
+    from xencr.sim.tls import fingerprint, host_certificate, server_context
 
     root.mkdir(parents=True, exist_ok=True)
     with state_lock(root, wait=False):
@@ -92,16 +93,32 @@ def serve(
         token = secrets.token_hex(16)
         for p in states:
             p.control_token = token
-        context = None
+        certs: dict[Path, None] = {}  # announced once each, in host order
+
+        def tls_for(pool: PoolState, host_ref: str) -> ssl.SSLContext:
+            hosts = pool.hosts()
+            own = len(hosts) > 1
+            cert, key = host_certificate(root, pool.index, hosts.index(host_ref), own=own, hostname=host)
+            certs[cert] = None
+            return server_context(cert, key)
+
+        sim = Simulator(states, host, port, tls_for if tls else None)
         if tls:
-            cert, key = ensure_certificate(root, host)
-            context = server_context(cert, key)
-            announce(f"tls {cert} sha256 {fingerprint(cert)}")
-        sim = Simulator(states, host, port, context)
+            for cert in certs:
+                announce(f"tls {cert} sha256 {fingerprint(cert)}")
         info = root / SERVER_FILE
         fd = os.open(info, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "urls": sim.urls(), "token": token, "tls": tls}, f)
+            json.dump(
+                {
+                    "pid": os.getpid(),
+                    "urls": sim.urls(),
+                    "hosts": sim.host_urls(),
+                    "token": token,
+                    "tls": tls,
+                },
+                f,
+            )
         done = stop or threading.Event()
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -111,6 +128,10 @@ def serve(
         try:
             for i, url in enumerate(sim.urls()):
                 announce(f"pool{i} {url}")
+            for i, urls in enumerate(sim.host_urls()):
+                if len(urls) > 1:
+                    for j, url in enumerate(urls):
+                        announce(f"pool{i} host{j} {url}")
             done.wait()
         finally:
             sim.stop()
@@ -127,6 +148,25 @@ def describe(root: Path) -> list[dict[str, Any]]:
         return [_ints(sim_call(root, "sim.info", pool_index=i)) for i in range(len(server["urls"]))]
     with state_lock(root, wait=True):
         return [SIM_CALLS["sim.info"](p) for p in load_pools(root, read_password(root), auth_delay=0)]
+
+
+def _control_call(root: Path, server: dict[str, Any], pool: int, method: str, params: tuple[Any, ...]) -> Any:
+    """A sim-only call to pool ``pool`` through the first of its hosts that answers (a host may
+    be down)."""
+    context = None
+    if server.get("tls"):
+        context = ssl.create_default_context()
+        for cert in all_certificates(root):
+            context.load_verify_locations(cafile=str(cert))
+    urls = server.get("hosts", [[u] for u in server["urls"]])[pool]
+    for k, url in enumerate(urls):
+        proxy = xmlrpc.client.ServerProxy(url + "/", allow_none=False, context=context)
+        try:
+            return getattr(proxy, method)(server["token"], *params)
+        except ConnectionRefusedError:
+            if k == len(urls) - 1:
+                raise
+    raise AssertionError("a pool has at least one host")
 
 
 def _ints(value: Any) -> Any:
@@ -147,13 +187,7 @@ def sim_call(
         indexes = [pool_index] if pool_index is not None else list(range(len(urls)))
         last: Exception | None = None
         for i in indexes:
-            context = (
-                ssl.create_default_context(cafile=str(root / "tls" / "cert.pem"))
-                if server.get("tls")
-                else None
-            )
-            proxy = xmlrpc.client.ServerProxy(urls[i] + "/", allow_none=False, context=context)
-            reply = getattr(proxy, method)(server["token"], *params)
+            reply = _control_call(root, server, i, method, params)
             if reply.get("Status") == "Success":
                 return reply["Value"]
             err = XapiError(*reply["ErrorDescription"])

@@ -125,6 +125,7 @@ class Ctx:
     method: str
     task: str | None = None
     foreign: Database | None = None  # a DR session reads a foreign pool's database
+    host: str | None = None  # the host that received the call (None: the master)
 
     @property
     def db(self) -> Database:
@@ -179,12 +180,13 @@ def has_async(cls_name: str, msg: schema.Message) -> bool:
     return cls_name not in NO_ASYNC_CLASSES and f"{cls_name}.{msg.name}" not in NO_ASYNC_MESSAGES
 
 
-def dispatch(pool: PoolState, method: str, params: list[Any]) -> Any:
-    """Run one call; returns the value or raises :class:`XapiError`."""
+def dispatch(pool: PoolState, method: str, params: list[Any], host: str | None = None) -> Any:
+    """Run one call received by ``host`` (None: the master); returns the value or raises
+    :class:`XapiError`. A member answers ``HOST_IS_SLAVE`` once the session is checked."""
     resolved = resolve(method)
     if resolved is None:
         if params and isinstance(params[0], str):
-            pool.check_session(params[0])
+            pool.check_session(params[0], host)
         raise XapiError("MESSAGE_METHOD_UNKNOWN", method.removeprefix("Async."))
     cls_name, msg_name, is_async = resolved
     msg = schema.cls(cls_name).messages.get(msg_name) or GET_ALL_RECORDS_WHERE
@@ -203,11 +205,11 @@ def dispatch(pool: PoolState, method: str, params: list[Any]) -> Any:
     session = None
     if has_session:
         session = schema.unmarshal("session ref", params[0])
-        pool.check_session(session)
+        pool.check_session(session, host)
     if is_async and not has_async(cls_name, msg):
         # server_helpers.ml do_dispatch: API.response_of_fault, named without the Async. prefix
         raise XapiError("Fault", f"No async mode for this operation (rpc: {full})")
-    ctx = Ctx(pool, session, full, foreign=pool.foreign_dbs.get(session or ""))
+    ctx = Ctx(pool, session, full, foreign=pool.foreign_dbs.get(session or ""), host=host)
     if is_async:
         return pool.tasks.run_async(ctx, method, lambda: _execute(ctx, cls_name, msg, values))
     return _execute(ctx, cls_name, msg, values)
@@ -307,7 +309,7 @@ class TaskRunner:
     def __init__(self, pool: PoolState) -> None:
         self.pool = pool
 
-    def create(self, session: str | None, label: str, description: str = "") -> str:
+    def create(self, session: str | None, label: str, description: str = "", host: str | None = None) -> str:
         return self.pool.db.create(
             "task",
             {
@@ -318,7 +320,7 @@ class TaskRunner:
                 "status": "pending",
                 "progress": 0.0,
                 "type": "<none/>",
-                "resident_on": self.pool.host_ref,
+                "resident_on": host or self.pool.host_ref,
                 "allowed_operations": ["cancel"],
                 "_session": session or NULL_REF,
             },

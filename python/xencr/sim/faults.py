@@ -28,6 +28,7 @@ class Faults:
         self.transfer = TransferFaults()
         self.sr_fill: dict[str, int] = {}  # SR uuid -> bytes of simulated foreign data
         self.unreachable = False
+        self.down_hosts: set[str] = set()  # names of hosts whose listener is stopped
 
     def fail_next_call(self, method: str, description: list[str]) -> None:
         with self.lock:
@@ -82,6 +83,13 @@ class Faults:
         self.unreachable = flag
         self.log.warning("fault armed: host %s", "unreachable" if flag else "reachable again")
 
+    def set_host_down(self, name: str, down: bool) -> None:
+        with self.lock:
+            (self.down_hosts.add if down else self.down_hosts.discard)(name)
+        self.log.warning(
+            "fault %s: host %s %s", "armed" if down else "cleared", name, "down" if down else "up"
+        )
+
     def clear(self) -> None:
         with self.lock:
             self.call_failures.clear()
@@ -99,4 +107,5 @@ class Faults:
                 "rate": self.transfer.rate or 0,
                 "sr_fill": dict(self.sr_fill),
                 "unreachable": self.unreachable,
+                "down_hosts": sorted(self.down_hosts),
             }

@@ -6,6 +6,9 @@
 
 The state directory is initialised when empty (small disks by default, failed logins answer at
 once); ``restart()`` stops and serves the same state again (sessions are lost, refs are not).
+
+Pools of several hosts (``hosts=2``): ``urls[i]`` is host 0 of pool ``i`` (the first master),
+``host_urls[i][j]`` host ``j``; the hosts keep their ports across ``restart()``.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from xencr.sim.control import serve
-from xencr.sim.layout import MIB, init_state, pool_count, read_password
+from xencr.sim.layout import MIB, host_counts, init_state, pool_count, read_password
+from xencr.sim.tls import host_certificate
 
 
 class RunningSimulator:
     def __init__(self, state: Path, *, tls: bool = False) -> None:
         self.state = state
         self.tls = tls
-        self.urls: list[str] = []
+        self.urls: list[str] = []  # per pool, host 0
+        self.host_urls: list[list[str]] = []  # per pool, every host in host order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -31,17 +36,24 @@ class RunningSimulator:
     def password(self) -> str:
         return read_password(self.state)
 
+    def certificate(self, pool: int, host: int = 0) -> Path:
+        """The certificate host ``host`` of pool ``pool`` presents under ``tls=True``."""
+        counts = host_counts(self.state)
+        cert, _ = host_certificate(self.state, pool, host, own=counts[pool] > 1)
+        return cert
+
     def start(self, timeout: float = 30.0) -> None:
-        pools = pool_count(self.state)
+        counts = host_counts(self.state)
+        expected = len(counts) + sum(n for n in counts if n > 1)
         self._stop = threading.Event()
         ready = threading.Event()
-        urls: list[str] = []
+        lines: list[list[str]] = []
         errors: list[BaseException] = []
 
         def announce(line: str) -> None:
             if line.startswith("pool"):
-                urls.append(line.split()[1])
-                if len(urls) == pools:
+                lines.append(line.split())
+                if len(lines) == expected:
                     ready.set()
 
         def run() -> None:
@@ -65,7 +77,11 @@ class RunningSimulator:
         self._thread.start()
         if not ready.wait(timeout) or errors:
             raise RuntimeError(f"simulator did not start: {errors[0] if errors else 'timeout'}")
-        self.urls = urls
+        self.urls = [words[1] for words in lines if len(words) == 2]
+        self.host_urls = [[url] if n == 1 else [] for url, n in zip(self.urls, counts, strict=True)]
+        for words in lines:
+            if len(words) == 3:  # "pool<i> host<j> <url>", in host order
+                self.host_urls[int(words[0][4:])].append(words[2])
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -88,11 +104,15 @@ def running_simulator(
     sr_size: int = 1024 * MIB,
     password: str | None = None,
     tls: bool = False,
+    hosts: int = 1,
 ) -> Iterator[RunningSimulator]:
-    """Initialise ``state`` if it is empty, serve it on free ports, stop on exit."""
+    """Initialise ``state`` if it is empty (``hosts`` hosts per pool), serve it on free ports,
+    stop on exit."""
     state.mkdir(parents=True, exist_ok=True)
     if pool_count(state) == 0:
-        init_state(state, pools, vms=vms, disk_size=disk_size, sr_size=sr_size, password=password)
+        init_state(
+            state, pools, vms=vms, disk_size=disk_size, sr_size=sr_size, password=password, hosts=hosts
+        )
     sim = RunningSimulator(state, tls=tls)
     sim.start()
     try:

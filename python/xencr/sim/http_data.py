@@ -1,6 +1,10 @@
 """``GET /export_raw_vdi`` and ``PUT /import_raw_vdi`` (``ocaml/xapi/export_raw_vdi.ml``,
 ``import_raw_vdi.ml``, ``xapi_http.ml``, ``vhd_tool_wrapper.ml``; xapi.md 4.1-4.4).
 
+Any host of the pool serves them, for the SRs it sees; a request for a VDI (or, for an import,
+an SR) that the receiving host cannot see is answered ``302 Found`` with the location of a host
+that can (``importexport.ml`` ``return_302_redirect``).
+
 Data moves between the socket and the VHD files inside the engine (bounded memory, GIL released).
 When a transfer fault is armed (drop after N bytes, flipped byte, rate limit) the stream goes
 through a pipe and a bounded Python copy loop that applies the fault.
@@ -14,9 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from xencr.sim import wire_xmlrpc
+from xencr.sim.api.placement import hosts_seeing
 from xencr.sim.errors import HttpFailure, XapiError
 from xencr.sim.storage import engine
 
@@ -30,13 +35,19 @@ RAW_CHUNK = 2 * 1024 * 1024  # raw imports are written a VHD block at a time
 IO_ERROR = XapiError("VDI_IO_ERROR", "Device I/O errors")
 CONTENT_TYPES = {"raw": "application/octet-stream", "vhd": "application/vhd"}
 KNOWN_FORMATS = ("raw", "vhd", "tar", "qcow2")
+# ocaml-uri's characters left unencoded in a query key / value (lib/uri.ml safe_chars_for_query_*)
+_QUERY_SAFE = "!$'()*,=:@/?-._~"
+_KEY_SAFE = _QUERY_SAFE.replace("=", "")
+_VALUE_SAFE = _QUERY_SAFE.replace(",", "")
+REDIRECT_DRAIN_SECONDS = 2.0
 
 
 class Transfer:
     """One request's parsed query, auth and task binding."""
 
-    def __init__(self, pool: PoolState, req: BaseHTTPRequestHandler, task_label: str) -> None:
+    def __init__(self, pool: PoolState, host: str, req: BaseHTTPRequestHandler, task_label: str) -> None:
         self.pool = pool
+        self.host = host  # the host that received the request
         self.req = req
         self.query = {k: v[-1] for k, v in parse_qs(urlsplit(req.path).query, keep_blank_values=True).items()}
         self.temp_session: str | None = None
@@ -76,8 +87,36 @@ class Transfer:
             if task and self.pool.db.exists("task", task):
                 self.task = task
             else:
-                self.task = self.pool.tasks.create(self.session, self.task_label)
+                self.task = self.pool.tasks.create(self.session, self.task_label, host=self.host)
         return self.task
+
+    def redirected(self, sr: str) -> bool:
+        """When the receiving host cannot see ``sr``, answer 302 to one that can and return True
+        (``importexport.ml``: ``check_sr_availability``, ``find_host_for_sr``,
+        ``return_302_redirect``). No host seeing it: ``NO_HOSTS_AVAILABLE``, HTML 500."""
+        pool = self.pool
+        with pool.db.lock:
+            seeing = hosts_seeing(pool.db, sr)
+            if self.host in seeing:
+                return False
+            if not seeing:
+                raise HttpFailure(500, XapiError("NO_HOSTS_AVAILABLE"))
+            # xapi picks at random among them; the simulator takes the master, else the first
+            target = (
+                pool.master_ref if pool.master_ref in seeing else next(h for h in pool.hosts() if h in seeing)
+            )
+            address = pool.db.get("host", target)["address"]
+        location = redirect_location("https" if pool.tls else "http", address, self.req.path)
+        pool.log.info("HTTP 302 redirect to %s", urlsplit(location).netloc)  # the query holds the session
+        head = (
+            "HTTP/1.1 302 Found\r\nConnection: close\r\nCache-Control: no-cache, no-store\r\n"
+            f"Location: {location}\r\n\r\n"
+        )
+        self.req.wfile.write(head.encode("latin-1"))
+        self.req.wfile.flush()
+        self.req.close_connection = True
+        _drain(self.req)
+        return True
 
     def fail_client_task(self, err: XapiError) -> None:
         """Fail the client's task when one was passed (handlers that fail before binding)."""
@@ -91,6 +130,42 @@ class Transfer:
         self.pool.save()
 
 
+def redirect_location(scheme: str, address: str, target: str) -> str:
+    """``<scheme>://<address><path>?<query>`` as xapi rebuilds it: the request's query decoded
+    (``+`` as space) and re-encoded by ocaml-uri, a bare key gaining ``=``."""
+    parts = urlsplit(target)
+    pairs = []
+    for element in parts.query.split("&") if parts.query else []:
+        key, _, value = element.partition("=")
+        pairs.append(
+            quote(unquote(key.replace("+", " ")), safe=_KEY_SAFE)
+            + "="
+            + quote(unquote(value.replace("+", " ")), safe=_VALUE_SAFE)
+        )
+    path = quote(unquote(parts.path), safe="!$&'()*+,;=:@/-._~")
+    return f"{scheme}://{address}{path}" + (f"?{'&'.join(pairs)}" if pairs else "")
+
+
+def _drain(req: BaseHTTPRequestHandler) -> None:
+    """Read what the client is still sending (an import's body) for a short while, so that closing
+    does not reset the connection before the client has read the 302."""
+    length = req.headers.get("Content-Length")
+    if req.command != "PUT" or length is None:
+        return
+    remaining = int(length)
+    deadline = time.monotonic() + REDIRECT_DRAIN_SECONDS
+    rfile: Any = req.rfile
+    try:
+        req.connection.settimeout(REDIRECT_DRAIN_SECONDS)
+        while remaining > 0 and time.monotonic() < deadline:
+            chunk = rfile.read1(min(remaining, COPY_CHUNK))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+    except OSError:  # includes the timeout
+        pass
+
+
 def _send_headers(req: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:
     req.send_response(status)
     for k, v in headers.items():
@@ -99,11 +174,13 @@ def _send_headers(req: BaseHTTPRequestHandler, status: int, headers: dict[str, s
     req.wfile.flush()
 
 
-def _dom0_attach(pool: PoolState, vdi: str) -> str:
-    """An RO VBD of ``vdi`` plugged into the control domain for the transfer (xapi.md 4.2 step 5)."""
+def _dom0_attach(pool: PoolState, host: str, vdi: str) -> str:
+    """An RO VBD of ``vdi`` plugged into the serving host's control domain for the transfer
+    (xapi.md 4.2 step 5)."""
     db = pool.db
     with db.lock:
-        dom0 = next(r for r, rec in db.items("VM") if rec["is_control_domain"])
+        dom0s = [r for r, rec in db.items("VM") if rec["is_control_domain"]]
+        dom0 = next((r for r in dom0s if db.get("VM", r)["resident_on"] == host), dom0s[0])
         used = {db.get("VBD", v)["userdevice"] for v in db.reverse("VM", "VBDs", dom0)}
         slot = next(str(n) for n in range(256) if str(n) not in used)
         return db.create(
@@ -230,8 +307,8 @@ def _through_pipe(produce: Callable[[int], Any], consume: Callable[[int], Any]) 
 # ------------------------------------------------------------------------------------------ export
 
 
-def export_raw_vdi(pool: PoolState, req: BaseHTTPRequestHandler) -> None:
-    t = Transfer(pool, req, "Exporting raw VDI")  # Xapi_http.with_context label
+def export_raw_vdi(pool: PoolState, host: str, req: BaseHTTPRequestHandler) -> None:
+    t = Transfer(pool, host, req, "Exporting raw VDI")  # Xapi_http.with_context label
     try:
         _export(t)
     finally:
@@ -245,8 +322,15 @@ def _export(t: Transfer) -> None:
     with pool.db.lock:
         try:
             vdi = pool.db.ref_of("VDI", q["vdi"])
-            base = pool.db.ref_of("VDI", q["base"]) if q.get("base") else None
         except XapiError as err:  # unknown UUID: before the task is bound, HTML 500
+            raise HttpFailure(500, err) from None
+        sr = pool.db.get("VDI", vdi)["SR"]
+    if t.redirected(sr):
+        return
+    with pool.db.lock:
+        try:
+            base = pool.db.ref_of("VDI", q["base"]) if q.get("base") else None
+        except XapiError as err:
             raise HttpFailure(500, err) from None
     task = t.bind_task()
     _fault_before(pool, task, "export_raw_vdi")
@@ -268,7 +352,7 @@ def _export(t: Transfer) -> None:
     vbds: list[str] = []
     try:
         # The VDI (and base) are attached read-only to dom0 before the headers go out.
-        vbds = [_dom0_attach(pool, vdi)] + ([_dom0_attach(pool, base)] if base else [])
+        vbds = [_dom0_attach(pool, t.host, vdi)] + ([_dom0_attach(pool, t.host, base)] if base else [])
         _send_headers(
             req,
             200,
@@ -354,8 +438,8 @@ def _raw_delta(
 # ------------------------------------------------------------------------------------------ import
 
 
-def import_raw_vdi(pool: PoolState, req: BaseHTTPRequestHandler) -> None:
-    t = Transfer(pool, req, "Importing raw VDI")  # Xapi_http.with_context label
+def import_raw_vdi(pool: PoolState, host: str, req: BaseHTTPRequestHandler) -> None:
+    t = Transfer(pool, host, req, "Importing raw VDI")  # Xapi_http.with_context label
     try:
         _import(t)
     finally:
@@ -380,6 +464,10 @@ def _import(t: Transfer) -> None:
         if vdi is None and sr is None:
             t.fail_client_task(XapiError("VDI_MISSING"))
             raise HttpFailure(400)
+        target_sr = pool.db.get("VDI", vdi)["SR"] if vdi is not None else sr
+    assert target_sr is not None
+    if t.redirected(target_sr):
+        return
     task = t.bind_task()
     _fault_before(pool, task, "import_raw_vdi")
 

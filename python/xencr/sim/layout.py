@@ -1,10 +1,12 @@
-"""``xencr sim init``: a ready-to-use state directory (per pool: a host with its control domain,
-two file-based VHD SRs, two networks, and a few halted VMs whose disks hold recognisable data)."""
+"""``xencr sim init``: a ready-to-use state directory (per pool: one or more hosts, each with its
+control domain and local SR, shared SRs, two networks, and a few halted VMs whose disks hold
+recognisable data). With one host per pool the layout is the historical one, unchanged."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import secrets
 import uuid as uuidlib
@@ -21,6 +23,8 @@ GIB = 1024**3
 MIB = 1024**2
 API_VERSION = (2, 21)  # what XCP-ng 8.3 reports (xapi.md 1.5)
 PASSWORD_FILE = "password"
+HOST_MEMORY = 64 * GIB
+DOM0_MEMORY = 4 * GIB
 
 
 # What a plugged SR of a simulated pool allows (every SR kind the simulator makes).
@@ -100,19 +104,22 @@ def _vm_fields(name: str, index: int) -> dict[str, Any]:
     return fields
 
 
-def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None:
-    """Fill an empty pool database."""
+def host_name(pool_index: int, host_index: int, hosts: int) -> str:
+    """``sim-host-<pool>`` for a one-host pool (the historical name), ``sim-host-<pool>-<j>`` else."""
+    return f"sim-host-{pool_index}" if hosts == 1 else f"sim-host-{pool_index}-{host_index}"
+
+
+def _create_host(pool: PoolState, name: str, index: int) -> str:
+    """A host with its metrics and its control domain; ``_index`` orders the pool's hosts."""
     db = pool.db
-    n = pool.index
-    host_uuid = str(uuidlib.uuid4())
     host = db.create(
         "host",
         {
-            "uuid": host_uuid,
-            "name_label": f"sim-host-{n}",
+            "uuid": str(uuidlib.uuid4()),
+            "name_label": name,
             "name_description": "simulated host",
-            "hostname": f"sim-host-{n}",
-            "address": "127.0.0.1",
+            "hostname": name,
+            "address": "127.0.0.1",  # a multi-host pool records each host's port when served
             "enabled": True,
             "API_version_major": API_VERSION[0],
             "API_version_minor": API_VERSION[1],
@@ -123,30 +130,31 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
                 "platform_version": "3.4.0",
                 "xapi": "24.19",
                 "xen": "4.17.4",
-                "hostname": f"sim-host-{n}",
+                "hostname": name,
             },
             "memory_overhead": 0,
             "cpu_info": {"cpu_count": "4"},
+            "_index": index,
         },
     )
     host_metrics = db.create(
         "host_metrics",
-        {"memory_total": 64 * GIB, "memory_free": 60 * GIB, "live": True, "last_updated": now()},
+        {"memory_total": HOST_MEMORY, "memory_free": 60 * GIB, "live": True, "last_updated": now()},
     )
     db.update("host", host, metrics=host_metrics)
     dom0 = db.create(
         "VM",
         {
-            "name_label": f"Control domain on host: sim-host-{n}",
+            "name_label": f"Control domain on host: {name}",
             "is_control_domain": True,
             "power_state": "Running",
             "resident_on": host,
             "domid": 0,
-            "memory_static_max": 4 * GIB,
-            "memory_dynamic_max": 4 * GIB,
-            "memory_dynamic_min": 4 * GIB,
-            "memory_static_min": 4 * GIB,
-            "memory_target": 4 * GIB,
+            "memory_static_max": DOM0_MEMORY,
+            "memory_dynamic_max": DOM0_MEMORY,
+            "memory_dynamic_min": DOM0_MEMORY,
+            "memory_static_min": DOM0_MEMORY,
+            "memory_target": DOM0_MEMORY,
             "VCPUs_max": 4,
             "VCPUs_at_startup": 4,
             "domain_type": "pv",
@@ -154,26 +162,54 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
         },
     )
     create_vm_metrics(db, dom0)
-    srs = []
-    for k, label in enumerate(("Local storage", "Second storage")):
-        sr = db.create(
-            "SR",
-            {
-                "name_label": label if k else f"Local storage on sim-host-{n}",
-                "name_description": "file-based VHD SR (simulated)",
-                "type": "ext",
-                "content_type": "user",
-                "shared": False,
-                "physical_size": sr_size,
-                "sm_config": {"devserial": f"sim-{n}-{k}"},
-                "allowed_operations": list(SR_OPERATIONS),
-            },
+    return host
+
+
+def _file_sr(pool: PoolState, label: str, serial: str, sr_size: int, *, shared: bool) -> str:
+    return pool.db.create(
+        "SR",
+        {
+            "name_label": label,
+            "name_description": "file-based VHD SR (simulated)",
+            "type": "nfs" if shared else "ext",
+            "content_type": "user",
+            "shared": shared,
+            "physical_size": sr_size,
+            "sm_config": {"devserial": serial},
+            "allowed_operations": list(SR_OPERATIONS),
+        },
+    )
+
+
+def _plug(pool: PoolState, sr: str, hosts: list[str], device_config: dict[str, str]) -> None:
+    for host in hosts:
+        pool.db.create(
+            "PBD", {"host": host, "SR": sr, "device_config": dict(device_config), "currently_attached": True}
         )
-        db.create(
-            "PBD",
-            {"host": host, "SR": sr, "device_config": {"device": f"/dev/sim{k}"}, "currently_attached": True},
-        )
-        srs.append(sr)
+
+
+def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int, hosts: int = 1) -> None:
+    """Fill an empty pool database. One host: a local SR, a second local SR and the iSCSI SR, as
+    always. Several hosts: a local SR per host plugged only there, and the second SR (NFS) and
+    the iSCSI SR shared (plugged on every host); VM ``k``'s disk is on host ``k mod hosts``."""
+    db = pool.db
+    n = pool.index
+    names = [host_name(n, j, hosts) for j in range(hosts)]
+    host_refs = [_create_host(pool, name, j) for j, name in enumerate(names)]
+    if hosts == 1:
+        local = [_file_sr(pool, f"Local storage on {names[0]}", f"sim-{n}-0", sr_size, shared=False)]
+        _plug(pool, local[0], host_refs, {"device": "/dev/sim0"})
+        second = _file_sr(pool, "Second storage", f"sim-{n}-1", sr_size, shared=False)
+        _plug(pool, second, host_refs, {"device": "/dev/sim1"})
+    else:
+        local = []
+        for j, (name, host) in enumerate(zip(names, host_refs, strict=True)):
+            sr = _file_sr(pool, f"Local storage on {name}", f"sim-{n}-{j}", sr_size, shared=False)
+            _plug(pool, sr, [host], {"device": "/dev/sim0"})
+            local.append(sr)
+        second = _file_sr(pool, "Second storage", f"sim-{n}-shared", sr_size, shared=True)
+        _plug(pool, second, host_refs, {"server": "127.0.0.1", "serverpath": f"/sim/{n}"})
+    srs = [*local, second]
     # A DR-capable SR (LVM over iSCSI) on a LUN of the simulated array, shared by every pool.
     lun = db.create(
         "SR",
@@ -187,18 +223,11 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
             "allowed_operations": list(SR_OPERATIONS),
         },
     )
-    db.create(
-        "PBD",
-        {
-            "host": host,
-            "SR": lun,
-            "currently_attached": True,
-            "device_config": {
-                "target": "127.0.0.1",
-                "targetIQN": "iqn.2026-01.sim:array",
-                "SCSIid": f"sim-lun-{n}",
-            },
-        },
+    _plug(
+        pool,
+        lun,
+        host_refs,
+        {"target": "127.0.0.1", "targetIQN": "iqn.2026-01.sim:array", "SCSIid": f"sim-lun-{n}"},
     )
     srs.append(lun)
     networks = [
@@ -219,10 +248,10 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
         "pool",
         {
             "name_label": f"sim-pool-{n}",
-            "master": host,
-            "default_SR": srs[0],
-            "suspend_image_SR": srs[0],
-            "crash_dump_SR": srs[0],
+            "master": host_refs[0],
+            "default_SR": local[0],
+            "suspend_image_SR": local[0],
+            "crash_dump_SR": local[0],
         },
     )
     ctx = Ctx(pool, None, "sim.init")
@@ -237,7 +266,7 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int) -> None
         if disk_size:
             vdi = new_vdi(
                 ctx,
-                srs[0],
+                local[k % hosts],
                 {"name_label": f"{name} disk 0", "virtual_size": disk_size, "type": "user", "sm_config": {}},
                 file_size=disk_size,
             )
@@ -287,13 +316,26 @@ def init_state(
     disk_size: int = 16 * MIB,
     sr_size: int = 4 * GIB,
     password: str | None = None,
+    hosts: int = 1,
 ) -> str:
-    """Create ``root`` with ``pools`` pools; returns the root password (also in ``root/password``)."""
+    """Create ``root`` with ``pools`` pools of ``hosts`` hosts each; returns the root password (also
+    in ``root/password``)."""
+    if hosts < 1:
+        raise ValueError(f"a pool needs at least one host, not {hosts}")
     root.mkdir(parents=True, exist_ok=True)
     if pool_count(root):
         raise FileExistsError(f"{root} already holds a simulator state")
     secret = write_password(root, password)
     for i in range(pools):
         pool = PoolState(root, i, secret)
-        populate(pool, vms=vms, disk_size=disk_size, sr_size=sr_size)
+        populate(pool, vms=vms, disk_size=disk_size, sr_size=sr_size, hosts=hosts)
     return secret
+
+
+def host_counts(root: Path) -> list[int]:
+    """How many hosts each pool of ``root`` has (read from the saved databases)."""
+    counts = []
+    for i in range(pool_count(root)):
+        doc = json.loads((root / f"pool{i}" / "db.json").read_text())
+        counts.append(len(doc["tables"].get("host", {})))
+    return counts

@@ -1,4 +1,7 @@
-"""One simulated pool: its database, storage, sessions, tasks and faults."""
+"""One simulated pool: its database, storage, sessions, tasks and faults, and which of its hosts
+is the master. Every host of a pool shares this state (a real pool's database lives on the master
+and members read it), but only the master takes API calls: a member answers ``HOST_IS_SLAVE``
+with the master's address (``xapi_session.ml``, ``session_check.ml``)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import logging
 import time
 import uuid as uuidlib
 from pathlib import Path
+from typing import Protocol
 
 from xencr.sim.activity import GuestActivity
 from xencr.sim.db import Database
@@ -15,11 +19,20 @@ from xencr.sim.errors import XapiError
 from xencr.sim.faults import Faults
 from xencr.sim.gc import Collector
 from xencr.sim.storage import Storage
+from xencr.sim.tls import host_certificate
 from xencr.sim.values import NULL_REF, now
 
 USERNAME = "root"
 # PAM's pam_strerror(PAM_AUTH_ERR), which xapi's local superuser check reports (xapi_session.ml).
 PAM_AUTH_FAILURE = "Authentication failure"
+
+
+class Listener(Protocol):
+    """One host's network endpoint, which a fault can take down and bring back."""
+
+    def go_down(self) -> None: ...
+
+    def come_up(self) -> None: ...
 
 
 class PoolState:
@@ -56,6 +69,8 @@ class PoolState:
         self.control_token = ""
         self.foreign_dbs: dict[str, Database] = {}  # DR sessions from VDI.open_database
         self.tls = False  # data handlers cannot hand a TLS socket's fd to the engine
+        self.listeners: dict[str, Listener] = {}  # host ref -> its listener, while served
+        self.down_hosts: set[str] = set()
 
     @property
     def pool_ref(self) -> str:
@@ -63,9 +78,56 @@ class PoolState:
         return refs[0] if refs else NULL_REF
 
     @property
+    def master_ref(self) -> str:
+        pool = self.pool_ref
+        return str(self.db.get("pool", pool)["master"]) if pool != NULL_REF else NULL_REF
+
+    @property
     def host_ref(self) -> str:
-        refs = self.db.refs("host")
-        return refs[0] if refs else NULL_REF
+        """The host that runs API calls: the master."""
+        return self.master_ref
+
+    def hosts(self) -> list[str]:
+        """The pool's hosts in the order ``init`` made them (host 0 first)."""
+        with self.db.lock:
+            return sorted(self.db.refs("host"), key=lambda h: int(self.db.get("host", h).get("_index", 0)))
+
+    def host_is_live(self, host: str) -> bool:
+        with self.db.lock:
+            metrics = self.db.get("host", host)["metrics"]
+            return bool(
+                self.db.exists("host_metrics", metrics) and self.db.get("host_metrics", metrics)["live"]
+            )
+
+    def certificate(self, host: str) -> Path:
+        """The certificate ``host`` presents (generated on first use, also without ``--tls``:
+        a real host always has one)."""
+        hosts = self.hosts()
+        cert, _ = host_certificate(
+            self.dir.parent, self.index, hosts.index(host), own=len(hosts) > 1, hostname=self.address
+        )
+        return cert
+
+    def host_is_slave(self) -> XapiError:
+        """``HOST_IS_SLAVE [master address]``, what a member answers to logins and API calls."""
+        with self.db.lock:
+            return XapiError("HOST_IS_SLAVE", self.db.get("host", self.master_ref)["address"])
+
+    def set_host_down(self, host: str, down: bool) -> None:
+        """Stop (or restart) the host's listener; the master notes the host dead (or alive)."""
+        listener = self.listeners.get(host)
+        if listener is None:
+            raise XapiError("INTERNAL_ERROR", "host faults need a running simulator")
+        with self.db.lock:
+            name = self.db.get("host", host)["name_label"]
+            self.db.update("host_metrics", self.db.get("host", host)["metrics"], live=not down)
+        self.faults.set_host_down(name, down)
+        if down:
+            self.down_hosts.add(host)
+            listener.go_down()
+        else:
+            listener.come_up()
+            self.down_hosts.discard(host)
 
     def save(self) -> None:
         with self.db.lock:
@@ -79,7 +141,12 @@ class PoolState:
 
     # ------------------------------------------------------------------ sessions (xapi_session.ml)
 
-    def login(self, uname: str, pwd: str, originator: str) -> str:
+    def login(self, uname: str, pwd: str, originator: str, host: str | None = None) -> str:
+        """A session, for a login received by ``host`` (None: an internal login, e.g. HTTP Basic
+        auth, which a member forwards to the master). A member refuses before checking the
+        password (``xapi_session.ml`` login_with_password)."""
+        if host is not None and host != self.master_ref:
+            raise self.host_is_slave()
         if uname != USERNAME or not hmac.compare_digest(pwd.encode(), self.password.encode()):
             self.log.info("login failed for user %s", uname)  # the password is never logged
             time.sleep(self.auth_delay)  # xapi sleeps 5 s against brute force
@@ -99,9 +166,20 @@ class PoolState:
                 },
             )
 
-    def check_session(self, ref: str) -> None:
+    def check_session(self, ref: str, host: str | None = None) -> None:
+        """``SESSION_INVALID`` for an unknown session; then, on a member (``host`` not the
+        master), ``HOST_IS_SLAVE``: client sessions are not pool sessions (``session_check.ml``)."""
         if not self.db.exists("session", ref):
             raise XapiError("SESSION_INVALID", ref)
+        if host is not None and host != self.master_ref:
+            raise self.host_is_slave()
+
+    def drop_sessions(self) -> None:
+        """Sessions are not persisted (``PersistNothing``): xapi restarting loses them all."""
+        with self.db.lock:
+            for ref in self.db.refs("session"):
+                self.db.delete("session", ref)
+            self.foreign_dbs.clear()
 
     def logout(self, ref: str) -> None:
         with self.db.lock:

@@ -1,17 +1,22 @@
-"""The HTTP front of each simulated pool: XML-RPC at ``/`` and ``/RPC2`` (any unregistered POST
+"""The HTTP front of each simulated host: XML-RPC at ``/`` and ``/RPC2`` (any unregistered POST
 path), JSON-RPC at ``/jsonrpc``, and the disk data handlers (xapi.md 1.1, 4).
 
-One :class:`http.server.ThreadingHTTPServer` per pool, HTTP/1.1 keep-alive, a thread per
+One :class:`http.server.ThreadingHTTPServer` per host, HTTP/1.1 keep-alive, a thread per
 connection (the SDK keeps its connection open, event.from long-polls and transfers run at once).
+Every host of a pool serves the pool's state; members answer API calls with ``HOST_IS_SLAVE``
+and serve the data handlers for the SRs they see. Hosts of a pool with several hosts listen on
+distinct ports of the same address, which their ``host.address`` records as ``<address>:<port>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,14 +33,18 @@ log = logging.getLogger("xencr.sim.http")
 HTML_500 = b"<html><body><h1>HTTP 500 internal server error</h1>An unexpected error occurred; please wait a while and try again. If the problem persists, please contact your support representative.<h1> Additional information </h1></body></html>"  # noqa: E501
 
 
-def call(pool: PoolState, method: str, params: list[Any]) -> Any:
-    """One RPC through the right dispatcher, saving the database afterwards."""
+def call(pool: PoolState, method: str, params: list[Any], host: str | None = None) -> Any:
+    """One RPC received by ``host`` through the right dispatcher, saving the database afterwards."""
     if method.startswith("sim."):
         return dispatch_sim(pool, method, params)
     try:
-        return dispatch(pool, method, params)
+        return dispatch(pool, method, params, host)
     finally:
         pool.save()
+
+
+# The connection each handler thread serves: a host going down spares the one asking for it.
+_serving = threading.local()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -54,6 +63,7 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def setup(self) -> None:
+        _serving.sock = self.request
         if isinstance(self.request, ssl.SSLSocket):
             self.request.settimeout(60)
             self.request.do_handshake()
@@ -98,6 +108,9 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _drop_if_unreachable(self) -> bool:
+        if self.server.host_ref in self.server.pool.down_hosts:
+            self.close_connection = True  # accepted just before the host went down
+            return True
         if self.server.pool.faults.unreachable:
             self.server.pool.log.warning(
                 "fault: host unreachable, dropping %s %s", self.command, urlsplit(self.path).path
@@ -131,14 +144,14 @@ class Handler(BaseHTTPRequestHandler):
             out = wire_xmlrpc.bare(params[0] if params else "")
         else:
             try:
-                out = wire_xmlrpc.success(call(pool, method, params))
+                out = wire_xmlrpc.success(call(pool, method, params, self.server.host_ref))
             except XapiError as err:
                 out = wire_xmlrpc.failure(err)
             except Exception:
                 pool.log.exception("internal error in %s", method)
                 self._error_page(500)
                 return
-        self._reply(200, out, "text/xml", {"Access-Control-Allow-Origin": "*"})
+        self._reply(200, out, "text/xml", {"Access-Control-Allow-Origin": "*", **self._closing()})
 
     def _jsonrpc(self, body: bytes) -> None:
         pool = self.server.pool
@@ -150,14 +163,18 @@ class Handler(BaseHTTPRequestHandler):
         if not rpc.method.startswith("sim.") and self._drop_if_unreachable():
             return
         try:
-            out = wire_jsonrpc.success(rpc, call(pool, rpc.method, rpc.params))
+            out = wire_jsonrpc.success(rpc, call(pool, rpc.method, rpc.params, self.server.host_ref))
         except XapiError as err:
             out = wire_jsonrpc.failure(rpc, err)
         except Exception:
             pool.log.exception("internal error in %s", rpc.method)
             self._error_page(500)
             return
-        self._reply(200, out, "application/json", {"Access-Control-Allow-Origin": "*"})
+        self._reply(200, out, "application/json", {"Access-Control-Allow-Origin": "*", **self._closing()})
+
+    def _closing(self) -> dict[str, str]:
+        """A call that took its own host down is answered, then the connection closes."""
+        return {"Connection": "close"} if self.server.host_ref in self.server.pool.down_hosts else {}
 
     # ---------------------------------------------------------------- data
 
@@ -165,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
         if self._drop_if_unreachable():
             return
         try:
-            fn(self.server.pool, self)
+            fn(self.server.pool, self.server.host_ref, self)
         except HttpFailure as failure:
             if failure.error is not None:
                 self.server.pool.log.info("HTTP %d: %s", failure.status, failure.error)
@@ -196,19 +213,26 @@ def api_methods() -> list[str]:
 
 
 class PoolServer(ThreadingHTTPServer):
+    """One host's listener."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, pool: PoolState, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, pool: PoolState, host_ref: str, address: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.pool = pool
+        self.host_ref = host_ref
         self.tls = tls
-        super().__init__((host, port), Handler)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__((address, port), Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that drops its connection (a cut transfer, a killed process) is routine for
         # a pool: log it, instead of socketserver's traceback on stderr.
         err = sys.exc_info()[1]
-        if isinstance(err, (ConnectionError, TimeoutError, ssl.SSLError)):
+        if isinstance(err, (ConnectionError, TimeoutError, ssl.SSLError, OSError)):
             self.pool.log.info("connection from %s ended: %s", client_address, err)
             return
         self.pool.log.exception("request from %s failed", client_address)
@@ -218,43 +242,159 @@ class PoolServer(ThreadingHTTPServer):
         if self.tls is not None:
             # the handshake runs in the connection's own thread (Handler.setup), not in accept
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        with self.connections_lock:
+            self.connections.add(sock)
         return sock, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        """Reset every open connection (a host that died), except the one asking for it."""
+        asking = getattr(_serving, "sock", None)
+        with self.connections_lock:
+            victims = [c for c in self.connections if c is not asking]
+        for sock in victims:
+            # the plain socket's shutdown: the TLS object stays usable by its handler thread
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class HostListener:
+    """A host's server and its thread; a fault stops it (connections refused) and restarts it on
+    the same port."""
+
+    def __init__(
+        self, pool: PoolState, host_ref: str, address: str, port: int, tls: ssl.SSLContext | None
+    ) -> None:
+        self.pool, self.host_ref, self.address, self.tls = pool, host_ref, address, tls
+        self.server: PoolServer | None = PoolServer(pool, host_ref, address, port, tls)
+        self.port = self.server.server_address[1]
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        assert self.server is not None
+        name = f"pool{self.pool.index}-{self.pool.db.get('host', self.host_ref)['name_label']}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def _close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server.cut_connections()
+            self.server = None
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        self.thread = None
+
+    def go_down(self) -> None:
+        with self.lock:
+            self._close()
+
+    def come_up(self) -> None:
+        with self.lock:
+            if self.server is None:
+                self.server = PoolServer(self.pool, self.host_ref, self.address, self.port, self.tls)
+                self.start()
+
+    def stop(self) -> None:
+        self.go_down()
+
+
+TlsFor = Callable[[PoolState, str], ssl.SSLContext]
 
 
 class Simulator:
-    """All pools of one state directory, served until :meth:`stop`."""
+    """All hosts of all pools of one state directory, served until :meth:`stop`.
+
+    Ports: with ``base_port``, host 0 of pool ``i`` listens on ``base_port + i`` (as always) and
+    the other hosts follow, pool by pool; with 0, each host of a multi-host pool takes the port its
+    ``address`` recorded when that port is free (addresses survive a restart), else any port."""
 
     def __init__(
-        self, pools: list[PoolState], host: str, base_port: int, tls: ssl.SSLContext | None = None
+        self, pools: list[PoolState], address: str, base_port: int, tls: TlsFor | None = None
     ) -> None:
         self.pools = pools
         self.scheme = "https" if tls else "http"
-        self.servers: list[PoolServer] = []
+        self.listeners: dict[tuple[int, int], HostListener] = {}
+        order = [(i, 0) for i in range(len(pools))] + [
+            (i, j) for i, pool in enumerate(pools) for j in range(1, len(pool.hosts()))
+        ]
+        wanted, contexts = {}, {}
+        for k, (i, j) in enumerate(order):
+            pools[i].tls = tls is not None
+            pools[i].address = address
+            host = pools[i].hosts()[j]
+            wanted[(i, j)] = base_port + k if base_port else _recorded_port(pools[i], host)
+            contexts[(i, j)] = tls(pools[i], host) if tls else None
+        # recorded ports are taken first, so that a host given any port cannot take one of them
+        for i, j in sorted(order, key=lambda ij: wanted[ij] == 0):
+            pool, port = pools[i], wanted[(i, j)]
+            host, context = pool.hosts()[j], contexts[(i, j)]
+            try:
+                listener = HostListener(pool, host, address, port, context)
+            except OSError:
+                if base_port or not port:
+                    raise
+                listener = HostListener(pool, host, address, 0, context)
+            self.listeners[(i, j)] = listener
+            pool.listeners[host] = listener
         for i, pool in enumerate(pools):
-            pool.tls = tls is not None
-            server = PoolServer(pool, host, base_port + i if base_port else 0, tls)
-            pool.address, pool.port = host, server.server_address[1]
-            self.servers.append(server)
-        self.threads: list[threading.Thread] = []
+            _record_addresses(pool, address, [self.listeners[(i, j)].port for j in range(len(pool.hosts()))])
 
     def urls(self) -> list[str]:
-        return [f"{self.scheme}://{p.address}:{p.port}" for p in self.pools]
+        """Per pool, the URL of its host 0 (the first master)."""
+        return [self._url(self.listeners[(i, 0)]) for i in range(len(self.pools))]
+
+    def host_urls(self) -> list[list[str]]:
+        """Per pool, the URL of each host in host order."""
+        return [
+            [self._url(self.listeners[(i, j)]) for j in range(len(pool.hosts()))]
+            for i, pool in enumerate(self.pools)
+        ]
+
+    def _url(self, listener: HostListener) -> str:
+        return f"{self.scheme}://{listener.address}:{listener.port}"
 
     def start(self) -> None:
-        for server in self.servers:
-            t = threading.Thread(target=server.serve_forever, name=f"pool{server.pool.index}", daemon=True)
-            t.start()
-            self.threads.append(t)
-            server.pool.guests.start()
+        for listener in self.listeners.values():
+            listener.start()
+        for pool in self.pools:
+            pool.guests.start()
 
     def stop(self) -> None:
         for pool in self.pools:
             pool.guests.close()
             pool.gc.close()  # let a running merge finish and record itself before the process ends
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
-        for t in self.threads:
-            t.join()
+        for listener in self.listeners.values():
+            listener.stop()
         for pool in self.pools:
+            pool.listeners.clear()
+            pool.down_hosts.clear()
             pool.save()
+
+
+def _recorded_port(pool: PoolState, host: str) -> int:
+    """The port in a multi-host pool's ``host.address`` (``127.0.0.1:8482``), else 0."""
+    if len(pool.hosts()) == 1:
+        return 0
+    _, _, port = str(pool.db.get("host", host)["address"]).rpartition(":")
+    return int(port) if port.isdigit() else 0
+
+
+def _record_addresses(pool: PoolState, address: str, ports: list[int]) -> None:
+    """Each host is up and live when served; a multi-host pool records where each listens (the
+    address members and redirects name). A one-host pool keeps its address as it always was."""
+    with pool.db.lock:
+        for host, port in zip(pool.hosts(), ports, strict=True):
+            row = pool.db.get("host", host)
+            if len(ports) > 1 and row["address"] != f"{address}:{port}":
+                pool.db.update("host", host, address=f"{address}:{port}")
+            metrics = row["metrics"]
+            if pool.db.exists("host_metrics", metrics) and not pool.db.get("host_metrics", metrics)["live"]:
+                pool.db.update("host_metrics", metrics, live=True)
+    pool.save()

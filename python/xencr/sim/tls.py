@@ -1,5 +1,9 @@
-"""``--tls``: a self-signed certificate generated once in the state directory (``tls/``), so clients
-can test certificate verification and fingerprint pinning against the simulator."""
+"""``--tls``: self-signed certificates generated once in the state directory (``tls/``), so clients
+can test certificate verification and fingerprint pinning against the simulator.
+
+The only host of a one-host pool presents ``tls/cert.pem`` (shared by such pools, as always);
+each host of a pool with several hosts has its own, ``tls/pool<i>-host<j>/cert.pem``, as each
+host of a real pool has (``host.get_server_certificate``)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,26 @@ KEY = "key.pem"
 
 def ensure_certificate(root: Path, hostname: str = "127.0.0.1") -> tuple[Path, Path]:
     """(cert, key) paths; generated with the openssl CLI on first use (P-256, 10 years, SAN IP+DNS)."""
-    directory = root / "tls"
+    return _ensure(root / "tls", hostname, "xencr-sim")
+
+
+def host_certificate(
+    root: Path, pool: int, host: int, *, own: bool, hostname: str = "127.0.0.1"
+) -> tuple[Path, Path]:
+    """(cert, key) of host ``host`` of pool ``pool``: its own when ``own`` (a pool of several
+    hosts), else the shared one."""
+    if not own:
+        return ensure_certificate(root, hostname)
+    (root / "tls").mkdir(mode=0o700, exist_ok=True)
+    return _ensure(root / "tls" / f"pool{pool}-host{host}", hostname, f"sim-host-{pool}-{host}")
+
+
+def all_certificates(root: Path) -> list[Path]:
+    """Every certificate the state's hosts present (what a control client trusts)."""
+    return sorted((root / "tls").glob(f"**/{CERT}"))
+
+
+def _ensure(directory: Path, hostname: str, common_name: str) -> tuple[Path, Path]:
     directory.mkdir(mode=0o700, exist_ok=True)
     cert, key = directory / CERT, directory / KEY
     if not (cert.exists() and key.exists()):
@@ -41,7 +64,7 @@ def ensure_certificate(root: Path, hostname: str = "127.0.0.1") -> tuple[Path, P
                 "-days",
                 "3650",
                 "-subj",
-                "/CN=xencr-sim",
+                f"/CN={common_name}",
                 "-addext",
                 san,
             ],

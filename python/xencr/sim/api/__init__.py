@@ -7,6 +7,7 @@ from xencr.sim.api import (  # noqa: F401 - imported for registration
     event,
     host_pool,
     network,
+    placement,
     session,
     sim,
     sr,

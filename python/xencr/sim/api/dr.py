@@ -281,10 +281,13 @@ def dr_task_create(ctx: Ctx, type_: str, device_config: dict[str, str], whitelis
             sr = introduce(
                 ctx, sr_uuid, doc["sr"]["name_label"], doc["sr"]["name_description"], type_, "", True, {}
             )
-            pbd = pbd_create(
-                ctx, {"host": ctx.pool.host_ref, "SR": sr, "device_config": device_config, "other_config": {}}
-            )
-            plug_pbd(ctx, pbd)
+            # a PBD on every host, the master first (xapi_dr_task.ml call_fn_on_master_then_slaves)
+            master = ctx.pool.master_ref
+            for host in [master] + [h for h in ctx.pool.hosts() if h != master]:
+                pbd = pbd_create(
+                    ctx, {"host": host, "SR": sr, "device_config": device_config, "other_config": {}}
+                )
+                plug_pbd(ctx, pbd)
             ctx.db.update("SR", sr, introduced_by=task)
     return task
 

@@ -7,7 +7,7 @@ from xencr.sim.dispatch import Ctx, handler
 
 @handler("session.login_with_password", locked=False)
 def login_with_password(ctx: Ctx, uname: str, pwd: str, version: str, originator: str) -> str:
-    return ctx.pool.login(uname, pwd, originator)
+    return ctx.pool.login(uname, pwd, originator, ctx.host or ctx.pool.master_ref)
 
 
 @handler("session.logout", locked=False)

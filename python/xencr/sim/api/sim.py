@@ -126,8 +126,28 @@ def _unreachable(pool: PoolState, flag: bool) -> str:
     return ""
 
 
+def host_of(pool: PoolState, which: str) -> str:
+    """A host named by ref, UUID or index in host order."""
+    with pool.db.lock:
+        if pool.db.exists("host", which):
+            return which
+        if which.isdigit() and int(which) < len(pool.hosts()):
+            return pool.hosts()[int(which)]
+        return str(pool.db.by_uuid("host", which))
+
+
+@sim_call("sim.fault_host_down")
+def _host_down(pool: PoolState, which: str, down: bool = True) -> str:
+    """Take a host down (its listener closed: connections refused, open ones reset; the master
+    records it not live) or bring it back up."""
+    pool.set_host_down(host_of(pool, str(which)), bool(down))
+    return ""
+
+
 @sim_call("sim.fault_clear")
 def _clear(pool: PoolState) -> str:
+    for host in list(pool.down_hosts):
+        pool.set_host_down(host, False)
     pool.faults.clear()
     with pool.db.lock:
         for sr in pool.db.refs("SR"):
@@ -192,9 +212,19 @@ def describe_pool(pool: PoolState) -> dict[str, Any]:
                     "disks": sorted(disks, key=lambda d: str(d["userdevice"])),
                 }
             )
+    hosts = [
+        {
+            "uuid": db.get("host", h)["uuid"],
+            "name": db.get("host", h)["name_label"],
+            "address": db.get("host", h)["address"],
+            "master": h == pool.master_ref,
+        }
+        for h in pool.hosts()
+    ]
     return {
         "index": pool.index,
         "name": name,
+        "hosts": hosts,
         "srs": srs,
         "networks": networks,
         "vms": sorted(vms, key=lambda v: (v["is_a_snapshot"], v["name"])),

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from xencr.sim.api import metrics
+from xencr.sim.api import metrics, placement
 from xencr.sim.api import vdi as vdi_api
 from xencr.sim.api.ctor import ctor_fields
 from xencr.sim.api.vbd import used_slots
@@ -142,12 +142,16 @@ def destroy(ctx: Ctx, vm: str) -> None:
 # ------------------------------------------------------------------------------------------ power
 
 
-def _set_power(ctx: Ctx, vm: str, state: str) -> None:
+def _set_power(ctx: Ctx, vm: str, state: str, host: str | None = None) -> None:
+    """Power state and its consequences; a domain that (re)starts runs on ``host``, else stays
+    where it is (reboot, unpause), else runs on the master."""
     db = ctx.db
     running = state in ("Running", "Paused")
     fields: dict[str, Any] = {"power_state": state}
     if running:
-        fields.update(resident_on=ctx.pool.host_ref, domid=_next_domid(ctx))
+        current = db.get("VM", vm)["resident_on"]
+        where = host or (current if db.exists("host", current) else ctx.pool.master_ref)
+        fields.update(resident_on=where, domid=_next_domid(ctx))
     elif state == "Halted":
         fields.update(resident_on=NULL_REF, domid=-1)
     else:  # Suspended: the domain is gone
@@ -164,10 +168,17 @@ def _next_domid(ctx: Ctx) -> int:
     return 1 + max([int(rec["domid"]) for _, rec in ctx.db.items("VM")] + [0])
 
 
-def _start(ctx: Ctx, vm: str, paused: bool, op: str) -> None:
+def _start(ctx: Ctx, vm: str, paused: bool, op: str, host: str | None = None) -> None:
+    """Start on ``host`` (``VM.start_on``: ``reserve_memory_for_vm`` checks it can boot there)
+    or on a host chosen among those that can (``VM.start``: ``forward_to_suitable_host``); the
+    checks come after the VM's own operation checks, as in message_forwarding.ml."""
     with vm_operation(ctx, vm, op) as row:
         with ctx.db.lock:
-            _set_power(ctx, vm, "Paused" if paused else "Running")
+            if host is None:
+                host = placement.choose_host(ctx, vm)
+            else:
+                placement.assert_can_boot_here(ctx.db, vm, host)
+            _set_power(ctx, vm, "Paused" if paused else "Running", host)
             metrics.on_start(ctx.db, vm, ctx.pool.index)
         # xapi_vm.ml start: sleeps start_delay seconds after the domain runs, before returning.
         time.sleep(float(row["start_delay"]) * ctx.pool.delay_scale)
@@ -182,7 +193,7 @@ def start(ctx: Ctx, vm: str, start_paused: bool, force: bool) -> None:
 def start_on(ctx: Ctx, vm: str, host: str, start_paused: bool, force: bool) -> None:
     with ctx.db.lock:
         require(ctx, "host", host)
-    _start(ctx, vm, start_paused, "start_on")
+    _start(ctx, vm, start_paused, "start_on", host)
 
 
 def _transition(ctx: Ctx, vm: str, op: str, state: str) -> None:
@@ -213,7 +224,10 @@ def suspend(ctx: Ctx, vm: str) -> None:
 
 @handler("VM.resume")
 def resume(ctx: Ctx, vm: str, start_paused: bool, force: bool) -> None:
-    _transition(ctx, vm, "resume", "Paused" if start_paused else "Running")
+    row = _vm(ctx, vm)
+    assert_operation(vm, row, "resume")
+    # resume, like start, goes to a suitable host (message_forwarding.ml forward_to_suitable_host)
+    _set_power(ctx, vm, "Paused" if start_paused else "Running", placement.choose_host(ctx, vm))
 
 
 @handler("VM.pause")
