@@ -85,11 +85,13 @@ pub enum VhdError {
         problem: String,
     },
 
-    #[error("{structure} at offset {offset}: file ends at {file_size}, {needed} bytes needed")]
+    /// The file (or stream) ends before a structure that must be there: `expected` is the least
+    /// length that would hold it (and whatever must follow it, such as the closing footer).
+    #[error("{structure} at offset {offset}: truncated: file ends at {file_size}, expected at least {expected}")]
     Truncated {
         structure: &'static str,
         offset: u64,
-        needed: u64,
+        expected: u64,
         file_size: u64,
     },
 
@@ -148,6 +150,13 @@ pub enum VhdError {
         context: String,
         source: std::io::Error,
     },
+
+    /// A file to read does not exist (Python gets `FileNotFoundError` with the path).
+    #[error("no such file: {path}")]
+    NoSuchFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl VhdError {
@@ -180,6 +189,7 @@ impl VhdError {
             VhdError::SizeMismatch(_) => "size_mismatch",
             VhdError::Http { .. } => "http_status",
             VhdError::Io { .. } => "io",
+            VhdError::NoSuchFile { .. } => "no_such_file",
         }
     }
 
@@ -238,10 +248,24 @@ impl VhdError {
 /// Attach a context string to `std::io::Result`s.
 pub trait IoContext<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+
+    /// The result of opening `path`: a missing file is [`VhdError::NoSuchFile`] naming it
+    /// ("no such file: PATH"), any other failure "cannot open PATH: reason".
+    fn opening(self, path: &std::path::Path) -> Result<T>;
 }
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| VhdError::io(context(), e))
+    }
+
+    fn opening(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VhdError::NoSuchFile {
+                path: path.display().to_string(),
+                source: e,
+            },
+            _ => VhdError::io(format!("cannot open {}", path.display()), e),
+        })
     }
 }

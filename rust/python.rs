@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyException, PyOSError};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -29,6 +29,11 @@ pyo3::create_exception!(
 type PyRes<T> = PyResult<T>;
 
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    if let Error::NoSuchFile { path, source } = &e {
+        // FileNotFoundError(errno, "no such file", path): `.filename` names the file.
+        let errno = source.raw_os_error().unwrap_or(libc::ENOENT);
+        return PyFileNotFoundError::new_err((errno, "no such file", path.clone()));
+    }
     if let Error::Io { context, source } = &e {
         let msg = format!("{context}: {source}");
         return match source.raw_os_error() {
@@ -431,7 +436,7 @@ fn open_source(
             (Box::new(FdReader(f)), remaining)
         }
         Endpoint::Path(p) => {
-            let f = File::open(&p).ctx(|| format!("cannot open {}", p.display()))?;
+            let f = File::open(&p).opening(&p)?;
             let len = f
                 .metadata()
                 .ctx(|| format!("cannot stat {}", p.display()))?
@@ -796,7 +801,7 @@ fn upload<'py>(
             path: dst_path,
             tls: trust_of(dst_tls)?,
         };
-        let file = std::fs::File::open(&path).ctx(|| format!("cannot open {}", path.display()))?;
+        let file = std::fs::File::open(&path).opening(&path)?;
         crate::net::upload(file, &dst, rate_limit, Some(&update))
     })?;
     let d = report_to_py(py, &r)?;

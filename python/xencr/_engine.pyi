@@ -22,7 +22,10 @@ DEFAULT_BLOCK_SIZE: int
 DIGEST_ALGORITHM: str
 
 class VhdError(Exception):
-    """A typed engine error; ``str(err)`` is one readable line."""
+    """A typed engine error; ``str(err)`` is one readable line (``truncated``: "STRUCTURE at
+    offset N: truncated: file ends at N, expected at least M"). I/O failures are ``OSError``
+    instead; a file to read that does not exist is ``FileNotFoundError`` whose ``filename`` is
+    its path (shown as "no such file: PATH")."""
 
     kind: str
     """Stable machine code: ``bad_cookie``, ``bad_checksum``, ``bad_version``, ``bad_disk_type``,

@@ -393,6 +393,7 @@ class JobConfig:
     webhook: str | None = None  # http(s) URL receiving the run report as JSON
     email_to: list[str] = field(default_factory=list)
     rpo: int | None = None  # seconds; the job's RPO, whatever its schedules say
+    verify_import: bool = True  # read each disk back from the target before the commit
 
     @property
     def selectors(self) -> list[VmSelector]:
@@ -821,6 +822,7 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig], smtp: SmtpC
         webhook=_http_url(t, "webhook"),
         email_to=[a.strip() for a in email_to],
         rpo=t.converted("rpo", parse_duration),
+        verify_import=t.get("verify_import", bool, True),
     )
     t.finish()
     return job
@@ -966,6 +968,8 @@ security = "starttls"           # "none", "starttls" or "tls"
 # Pools: XAPI endpoints, without secrets. The password of pool NAME comes from, in order:
 #   the environment variable XENCR_<NAME>_PASSWORD (site-a -> XENCR_SITE_A_PASSWORD),
 #   password_file (mode 0600 or stricter), or a prompt when run on a terminal.
+# These two are placeholders (example.com): `xencr pool add site-a https://HOST` replaces one in
+# place, keeping the jobs below that use it.
 
 [pools.site-a]
 url = "https://pool-a.example.com"         # https://host[:port] of the pool master
@@ -995,6 +999,11 @@ snapshot_mode = "normal"        # "normal", "checkpoint" (with memory) or "offli
 full_interval = 0               # a full copy every N runs (0: only when a delta is impossible)
 vm_timeout = "2h"               # a VM taking longer is cancelled and cleaned up
 enabled = true                  # false: the daemon does not schedule it (`xencr run` still can)
+verify_import = true            # before each restore point is committed, read back from the target
+#                               # what this run wrote and compare it with what was sent (a byte the
+#                               # target garbled is retried, never committed); costs reading the
+#                               # run's bytes once more over the target link. false: only a
+#                               # later `xencr verify` finds such damage
 # rpo = "30m"                   # alert when a restore point is older (default: from the schedules)
 report_when = "failure"         # send the run report: "never", "failure" (a VM failed or was
 #                               # interrupted), "breach" (that, or an RPO breach), "always"
@@ -1046,3 +1055,13 @@ cron = "@hourly"
 def sample_config() -> str:
     """A commented sample configuration showing every option; :func:`load_config` accepts it."""
     return SAMPLE_CONFIG
+
+
+# The sample's pools live under the domain reserved for examples (RFC 2606): no real pool does.
+SAMPLE_DOMAIN = "example.com"
+
+
+def is_sample_pool(pool: PoolConfig) -> bool:
+    """Whether ``pool`` is still a placeholder of the sample (`xencr pool add` replaces it)."""
+    host = (urlsplit(pool.url).hostname or "").lower()
+    return host == SAMPLE_DOMAIN or host.endswith("." + SAMPLE_DOMAIN)

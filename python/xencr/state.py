@@ -1,4 +1,5 @@
-"""Run history in SQLite: one table per concept (runs, tasks, the reasons of each disk's transfer).
+"""Run history in SQLite: one table per concept (runs, tasks, the reasons of each disk's transfer),
+and the block map of each restore point disk (`blockmap`), kept while a restore point uses it.
 
 Several processes may share the file (the daemon and a `xencr run` started by hand): WAL journal,
 a busy timeout, and short ``BEGIN IMMEDIATE`` write transactions. The schema grows by numbered
@@ -13,12 +14,14 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from xencr.replication.blockmap import BlockMap
 
 RUNNING = "running"
 RUN_OUTCOMES = frozenset({"success", "failure", "partial", "skipped", "interrupted"})
@@ -81,8 +84,33 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (job_id, schedule_id)
         )""",
     ),
+    (
+        # Objects a task found detached; each restore point disk's block map (`blockmap`): the map
+        # digest per task disk, the maps themselves by digest (compressed, shared by equal content),
+        # and which restore point disk uses which map, so that maps are dropped once none does.
+        "ALTER TABLE tasks ADD COLUMN detached INTEGER NOT NULL DEFAULT 0",
+        # The target as people name it (pool/SR name at the time), beside its SR UUID.
+        "ALTER TABLE tasks ADD COLUMN target TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE task_disks ADD COLUMN map TEXT",
+        """CREATE TABLE block_maps (
+            digest TEXT PRIMARY KEY,
+            data BLOB NOT NULL,
+            blocks INTEGER NOT NULL,
+            touched_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE map_refs (
+            restore_point TEXT NOT NULL,
+            disk TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            PRIMARY KEY (restore_point, disk)
+        )""",
+        "CREATE INDEX map_refs_by_digest ON map_refs (digest)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# A map no restore point uses yet may belong to an attempt still running (put before its commit,
+# referenced when its task is recorded): only maps untouched for this long are dropped.
+MAP_GRACE = timedelta(days=2)
 
 # Fixed width, so text order is time order and `since` filters in SQL.
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -145,6 +173,9 @@ class TaskRow:
     restore_point: str | None
     snapshot_time: datetime | None = None  # the restore point's moment (schema 2)
     cleaned: int = 0  # orphans this task cleaned up (schema 2)
+    detached: int = 0  # objects this task found detached (schema 3)
+    target: str = ""  # pool/SR name when recorded (schema 3; empty before)
+    maps: dict[str, str] = field(default_factory=dict)  # disk -> its block map's digest (schema 3)
 
     @property
     def duration(self) -> timedelta | None:
@@ -357,12 +388,13 @@ class StateDB:
 
     # -- tasks
 
-    def start_task(self, run_id: int, vm_uuid: str, vm_name: str, target_sr: str) -> int:
+    def start_task(self, run_id: int, vm_uuid: str, vm_name: str, target_sr: str, target: str = "") -> int:
         """Record one VM's transfer to one target starting now; its id."""
         with self._write() as db:
             cur = db.execute(
-                "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, started_at) VALUES (?, ?, ?, ?, ?)",
-                (run_id, vm_uuid, vm_name, target_sr, _to_text(self._clock())),
+                "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, target, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, vm_uuid, vm_name, target_sr, target, _to_text(self._clock())),
             )
             assert cur.lastrowid is not None
             return cur.lastrowid
@@ -379,7 +411,11 @@ class StateDB:
         restore_point: str | None = None,
         snapshot_time: datetime | None = None,
         cleaned: int = 0,
+        detached: int = 0,
+        maps: Mapping[str, str] | None = None,
     ) -> None:
+        """Record a task's end. ``maps`` (disk -> block map digest) of a task that made
+        ``restore_point`` also say that the restore point uses those maps (`release_maps`)."""
         if outcome not in TASK_OUTCOMES:
             raise ValueError(f"unknown task outcome {outcome!r} (one of {', '.join(sorted(TASK_OUTCOMES))})")
         if transfer is not None and transfer not in TRANSFERS:
@@ -387,7 +423,7 @@ class StateDB:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE tasks SET outcome = ?, finished_at = ?, transfer = ?, bytes_sent = ?, error = ?,"
-                " restore_point = ?, snapshot_time = ?, cleaned = ? WHERE id = ?",
+                " restore_point = ?, snapshot_time = ?, cleaned = ?, detached = ? WHERE id = ?",
                 (
                     outcome,
                     _to_text(self._clock()),
@@ -397,26 +433,35 @@ class StateDB:
                     restore_point,
                     None if snapshot_time is None else _to_text(snapshot_time),
                     cleaned,
+                    detached,
                     task_id,
                 ),
             )
             if cur.rowcount != 1:
                 raise KeyError(f"no task {task_id}")
+            maps = dict(maps or {})
             db.execute("DELETE FROM task_disks WHERE task_id = ?", (task_id,))
             db.executemany(
-                "INSERT INTO task_disks (task_id, disk, reason) VALUES (?, ?, ?)",
-                [(task_id, disk, reason) for disk, reason in (reasons or {}).items()],
+                "INSERT INTO task_disks (task_id, disk, reason, map) VALUES (?, ?, ?, ?)",
+                [(task_id, disk, reason, maps.get(disk)) for disk, reason in (reasons or {}).items()],
             )
+            if restore_point is not None:
+                db.executemany(
+                    "INSERT OR REPLACE INTO map_refs (restore_point, disk, digest) VALUES (?, ?, ?)",
+                    [(restore_point, disk, digest) for disk, digest in maps.items()],
+                )
 
-    def skip_task(self, run_id: int, vm_uuid: str, vm_name: str, target_sr: str, reason: str) -> int:
+    def skip_task(
+        self, run_id: int, vm_uuid: str, vm_name: str, target_sr: str, reason: str, target: str = ""
+    ) -> int:
         """Record a VM/target this run did not attempt (e.g. still busy from a previous run): a
         finished task with outcome 'skipped' and ``reason`` as its error; its id."""
         now = _to_text(self._clock())
         with self._write() as db:
             cur = db.execute(
-                "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, started_at, finished_at, outcome,"
-                " error) VALUES (?, ?, ?, ?, ?, ?, 'skipped', ?)",
-                (run_id, vm_uuid, vm_name, target_sr, now, now, reason),
+                "INSERT INTO tasks (run_id, vm_uuid, vm_name, target_sr, target, started_at, finished_at,"
+                " outcome, error) VALUES (?, ?, ?, ?, ?, ?, ?, 'skipped', ?)",
+                (run_id, vm_uuid, vm_name, target_sr, target, now, now, reason),
             )
             assert cur.lastrowid is not None
             return cur.lastrowid
@@ -511,14 +556,56 @@ class StateDB:
             rows = self._read(f"SELECT * FROM tasks {clause}", args)
             ids = [r["id"] for r in rows]
             reasons: dict[int, dict[str, str]] = {i: {} for i in ids}
+            maps: dict[int, dict[str, str]] = {i: {} for i in ids}
             if ids:
                 marks = ",".join("?" * len(ids))
                 for r in self._read(
-                    f"SELECT task_id, disk, reason FROM task_disks WHERE task_id IN ({marks}) ORDER BY disk",
+                    f"SELECT task_id, disk, reason, map FROM task_disks WHERE task_id IN ({marks})"
+                    " ORDER BY disk",
                     ids,
                 ):
                     reasons[r["task_id"]][r["disk"]] = r["reason"]
-        return [_task_row(r, reasons[r["id"]]) for r in rows]
+                    if r["map"] is not None:
+                        maps[r["task_id"]][r["disk"]] = r["map"]
+        return [_task_row(r, reasons[r["id"]], maps[r["id"]]) for r in rows]
+
+    # -- block maps
+
+    def put_map(self, block_map: BlockMap) -> str:
+        """Keep a block map (once per content); its digest."""
+        digest = block_map.digest
+        data = block_map.to_bytes()
+        with self._write() as db:
+            # Touched again when put again: an attempt about to use it keeps it from `release_maps`.
+            db.execute(
+                "INSERT INTO block_maps (digest, data, blocks, touched_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (digest) DO UPDATE SET touched_at = excluded.touched_at",
+                (digest, data, len(block_map.blocks), _to_text(self._clock())),
+            )
+        return digest
+
+    def get_map(self, digest: str) -> BlockMap | None:
+        rows = self._read("SELECT data FROM block_maps WHERE digest = ?", (digest,))
+        return BlockMap.from_bytes(bytes(rows[0]["data"])) if rows else None
+
+    def release_maps(self, restore_points: Iterable[str]) -> int:
+        """These restore points are gone (retention destroyed them): forget which maps they used,
+        and drop the maps no restore point uses any more (those untouched for `MAP_GRACE`: a
+        running attempt's map is not used by anything yet). Returns the number dropped."""
+        points = list(restore_points)
+        cutoff = _to_text(self._clock() - MAP_GRACE)
+        with self._write() as db:
+            db.executemany("DELETE FROM map_refs WHERE restore_point = ?", [(p,) for p in points])
+            cur = db.execute(
+                "DELETE FROM block_maps WHERE touched_at < ? AND digest NOT IN (SELECT digest FROM map_refs)",
+                (cutoff,),
+            )
+            return cur.rowcount
+
+    def map_bytes(self) -> int:
+        """What the kept block maps take in the database (compressed)."""
+        (row,) = self._read("SELECT COALESCE(SUM(LENGTH(data)), 0) AS n FROM block_maps")
+        return int(row["n"])
 
     # -- schedules
 
@@ -602,7 +689,7 @@ def _run_row(r: sqlite3.Row) -> RunRow:
     )
 
 
-def _task_row(r: sqlite3.Row, reasons: dict[str, str]) -> TaskRow:
+def _task_row(r: sqlite3.Row, reasons: dict[str, str], maps: dict[str, str]) -> TaskRow:
     started = _from_text(r["started_at"])
     assert started is not None
     return TaskRow(
@@ -621,4 +708,7 @@ def _task_row(r: sqlite3.Row, reasons: dict[str, str]) -> TaskRow:
         restore_point=r["restore_point"],
         snapshot_time=_from_text(r["snapshot_time"]),
         cleaned=r["cleaned"],
+        detached=r["detached"],
+        target=r["target"],
+        maps=maps,
     )

@@ -88,7 +88,7 @@ impl Footer {
             return Err(VhdError::Truncated {
                 structure: "footer",
                 offset,
-                needed: 512,
+                expected: offset + 512,
                 file_size: offset + b.len() as u64,
             });
         }

@@ -118,7 +118,7 @@ impl Header {
             return Err(VhdError::Truncated {
                 structure: "header",
                 offset,
-                needed: 1024,
+                expected: offset + 1024,
                 file_size: offset + b.len() as u64,
             });
         }

@@ -59,7 +59,11 @@ pub fn check_header(footer: &Footer, header: &Header, file_size: u64) -> Result<
         return Err(VhdError::Truncated {
             structure: "bat",
             offset: header.table_offset,
-            needed: bat_len,
+            // The BAT, then at least the footer after it.
+            expected: header
+                .table_offset
+                .saturating_add(bat_len)
+                .saturating_add(FOOTER_SIZE),
             file_size,
         });
     }

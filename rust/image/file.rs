@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{IoContext, Result, VhdError};
 use crate::format::batmap::{self, BatmapHeader};
 use crate::format::layout::{self, Region};
-use crate::format::{bat, bitmap, DiskType, Footer, Header, FOOTER_SIZE, HEADER_SIZE, UNALLOCATED};
+use crate::format::{
+    bat, bitmap, DiskType, Footer, Header, FOOTER_SIZE, HEADER_SIZE, MAX_TABLE_ENTRIES, UNALLOCATED,
+};
 
 /// A fixed disk is addressed in virtual blocks of this size (it has no BAT of its own).
 pub const FIXED_BLOCK_SIZE: u32 = crate::format::DEFAULT_BLOCK_SIZE;
@@ -37,6 +39,60 @@ pub struct Inspection {
     pub problems: Vec<VhdError>,
 }
 
+/// When the footer at the end is not one, a file cut short (a copy that stopped early) is told
+/// apart from a damaged one by its footer copy at offset 0: a dynamic or differencing disk's
+/// copy, header and BAT say how long the file must be. `Truncated` naming where the footer
+/// should be when the file is shorter than that; `None` when nothing says it was cut.
+fn cut_short(file: &File, path: &Path, file_size: u64) -> Result<Option<VhdError>> {
+    let read = |buf: &mut [u8], at: u64| -> Result<bool> {
+        if at.saturating_add(buf.len() as u64) > file_size {
+            return Ok(false);
+        }
+        file.read_exact_at(buf, at)
+            .ctx(|| format!("cannot read {}", path.display()))?;
+        Ok(true)
+    };
+    let truncated = |expected: u64| {
+        (file_size < expected).then_some(VhdError::Truncated {
+            structure: "footer",
+            offset: expected - FOOTER_SIZE,
+            expected,
+            file_size,
+        })
+    };
+    let mut b = [0u8; 512];
+    read(&mut b, 0)?;
+    let Ok(copy) = Footer::parse(&b, 0) else {
+        return Ok(None);
+    };
+    if copy.disk_type == DiskType::Fixed {
+        return Ok(None); // a fixed disk has no copy at 0: what came first is its data
+    }
+    let hdr_at = copy.data_offset;
+    let mut hb = [0u8; 1024];
+    if !read(&mut hb, hdr_at)? {
+        return Ok(truncated(hdr_at.saturating_add(HEADER_SIZE + FOOTER_SIZE)));
+    }
+    let header = match Header::parse(&hb, hdr_at) {
+        Ok(h) if h.max_table_entries <= MAX_TABLE_ENTRIES => h,
+        _ => return Ok(None),
+    };
+    let bat_len = bat::padded_size(header.max_table_entries);
+    let bat_end = header.table_offset.saturating_add(bat_len);
+    if bat_end > file_size {
+        return Ok(truncated(bat_end.saturating_add(FOOTER_SIZE)));
+    }
+    let mut table = vec![0u8; bat_len as usize];
+    read(&mut table, header.table_offset)?;
+    let block_len = header.bitmap_bytes() + u64::from(header.block_size);
+    let data_end = bat::parse(&table, header.max_table_entries)
+        .into_iter()
+        .filter(|&e| e != UNALLOCATED)
+        .map(|e| (u64::from(e) * 512).saturating_add(block_len))
+        .fold(bat_end, u64::max);
+    Ok(truncated(data_end.saturating_add(FOOTER_SIZE)))
+}
+
 impl VhdFile {
     /// Open with strict validation: the first problem is the error.
     pub fn open(path: &Path, writable: bool) -> Result<VhdFile> {
@@ -58,7 +114,7 @@ impl VhdFile {
             .read(true)
             .write(writable)
             .open(path)
-            .ctx(|| format!("cannot open {}", path.display()))?;
+            .opening(path)?;
         let file_size = file
             .metadata()
             .ctx(|| format!("cannot stat {}", path.display()))?
@@ -73,7 +129,7 @@ impl VhdFile {
             return fail(VhdError::Truncated {
                 structure: "footer",
                 offset: 0,
-                needed: FOOTER_SIZE,
+                expected: FOOTER_SIZE,
                 file_size,
             });
         }
@@ -83,7 +139,7 @@ impl VhdFile {
             .ctx(|| format!("cannot read {}", path.display()))?;
         let footer = match Footer::parse(&buf, footer_at) {
             Ok(f) => f,
-            Err(e) => return fail(e),
+            Err(e) => return fail(cut_short(&file, path, file_size)?.unwrap_or(e)),
         };
         let mut problems = Vec::new();
         let mut vf = VhdFile {
@@ -101,7 +157,7 @@ impl VhdFile {
                 problems.push(VhdError::Truncated {
                     structure: "data",
                     offset: 0,
-                    needed: vf.footer.current_size + FOOTER_SIZE,
+                    expected: vf.footer.current_size.saturating_add(FOOTER_SIZE),
                     file_size,
                 });
             }
@@ -124,7 +180,8 @@ impl VhdFile {
             problems.push(VhdError::Truncated {
                 structure: "header",
                 offset: hdr_at,
-                needed: HEADER_SIZE,
+                // The header, then the footer at the end.
+                expected: hdr_at.saturating_add(HEADER_SIZE + FOOTER_SIZE),
                 file_size,
             });
             return Ok(Inspection {

@@ -20,7 +20,7 @@ impl Source {
     pub fn open(path: &Path, format: &str, parents: &[PathBuf]) -> Result<Source> {
         match format {
             "raw" => {
-                let file = File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
+                let file = File::open(path).opening(path)?;
                 let size = file
                     .metadata()
                     .ctx(|| format!("cannot stat {}", path.display()))?

@@ -164,7 +164,7 @@ fn read_head<R: Read>(r: &mut Forward<R>, opts: &ParseOptions) -> Result<(Stream
             return Err(VhdError::Truncated {
                 structure: "bat",
                 offset: header.table_offset,
-                needed: bat_len,
+                expected: header.table_offset + bat_len + FOOTER_SIZE,
                 file_size: len,
             });
         }

@@ -239,6 +239,9 @@ def test_usage_errors_exit_2(cfg_path: Path) -> None:
         (("pool", "list"), "xencr pool list --json"),
         (("job", "list"), "xencr job list --json"),
         (("job", "show"), "xencr job show web --json"),
+        (("job", "enable"), "xencr job enable web"),
+        (("job", "disable"), "xencr job disable web"),
+        (("pool", "remove"), "xencr pool remove old-site"),
         (("history",), "xencr history web --since 1d"),
     ],
 )
@@ -293,8 +296,8 @@ def test_history_text(cfg_path: Path, tmp_path: Path) -> None:
         f"run {r1}  2020-11-20 09:00:00Z  web  partial  1m15s  (schedule web-every-15m)",
         "  error: web-2 skipped",
         "  web-1 -> sr-b  success  mixed  3.0 MiB  1m15s",
-        "    0: delta",
-        "    1: disk added",
+        "    disk 0: delta",
+        "    disk 1: full (disk added)",
         "    restore point rp-1",
         "  web-2 -> sr-b  skipped  0s",
         "    error: previous run still running",
@@ -302,7 +305,7 @@ def test_history_text(cfg_path: Path, tmp_path: Path) -> None:
         f"run {r2}  2020-11-22 09:00:00Z  web  failure  5s  (manual)",
         "  error: web-1: SR_FULL",
         "  web-1 -> sr-b  failure  full  0 B  5s",
-        "    0: replica started",
+        "    disk 0: full (replica started)",
         "    error: SR_FULL [sr-b]",
     ]
     code, out, _ = run("history", "--config", str(cfg_path), "--since", "2020-11-21")

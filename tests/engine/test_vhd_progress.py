@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from xencr.cli.progress import Progress, human_bytes, rate
+from xencr.cli.progress import Progress
+from xencr.units import human_bytes, human_rate
 
 
 def test_human_units() -> None:
     assert human_bytes(512) == "512 B"
     assert human_bytes(3 << 20) == "3.0 MiB"
-    assert rate(2 << 30, 2.0) == "1.0 GiB/s"
+    assert human_rate(2 << 30, 2.0) == "1.0 GiB/s"
 
 
 def test_progress_samples_the_output_and_ends_with_a_rate(

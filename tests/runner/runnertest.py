@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xapitest import MIB, PASSWORD, Pools
+from xapitest import Pools, default_sr, password_file
 
 from xencr.replication import metadata as md
 
@@ -22,12 +22,8 @@ OTHER = "other"  # vm0 only, to the same SR
 def write_config(
     tmp: Path, pools: Pools, *, job_extra: str = "", pool_a_extra: str = "", pool_b_extra: str = ""
 ) -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    pw = tmp / "pw"
-    pw.write_text(PASSWORD)
-    os.chmod(pw, 0o600)
-    t = pools.session(1)
-    sr = t.api.SR.get_uuid(t.api.pool.get_default_SR(t.api.pool.get_all()[0]))
+    pw = password_file(tmp)
+    sr = default_sr(pools)
     cfg = tmp / "xencr.toml"
     cfg.write_text(
         f'state = "{tmp / "state.sqlite"}"\n'
@@ -41,20 +37,6 @@ def write_config(
         f'[[jobs.{OTHER}.schedules]]\nevery = "1h"\n'
     )
     return cfg
-
-
-def disk_uuid(pools: Pools, vm_name: str) -> str:
-    s = pools.session(0)
-    vm = s.api.VM.get_by_name_label(vm_name)[0]
-    vbd = next(v for v in s.api.VM.get_VBDs(vm) if s.api.VBD.get_type(v) == "Disk")
-    return str(s.api.VDI.get_uuid(s.api.VBD.get_VDI(vbd)))
-
-
-def change(pools: Pools, vm_name: str, blocks: int, seed: str) -> None:
-    """Write into ``blocks`` distinct 2 MiB blocks of the VM's disk: a delta of that many blocks."""
-    s = pools.session(0)
-    for i in range(blocks):
-        s.api.sim.write(disk_uuid(pools, vm_name), str(i * 2 * MIB + 512), "512", f"{seed}-{i}")
 
 
 @dataclass(frozen=True)

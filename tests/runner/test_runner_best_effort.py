@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from runnertest import JOB, OTHER, change, exporting, snapshot, spawn_held, wait_for, write_config
+from runnertest import JOB, OTHER, exporting, snapshot, spawn_held, wait_for, write_config
 from typer.testing import CliRunner
-from xapitest import Pools
+from xapitest import Pools, change
 
 from xencr.cli.run import run_command
 from xencr.config import load_config

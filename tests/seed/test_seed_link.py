@@ -208,7 +208,7 @@ def test_refusals_write_nothing(pools: Pools, tmp_path: Path, case: str) -> None
         "not-a-snapshot": "is a VM, not a snapshot",
         "no-such-snapshot": "UUID 00000000-0000-0000-0000-00000000dead on the source pool",
         "no-such-vm": "UUID 00000000-0000-0000-0000-00000000beef on the target pool",
-        "password": "SESSION_AUTHENTICATION_FAILED",
+        "password": "authentication failed for user 'root'",
     }[case]
     assert code == 1, (out, err)
     lines = err.strip().splitlines()
@@ -239,7 +239,7 @@ def test_password_in_url_works_and_never_shows(pools: Pools, tmp_path: Path, enc
         "seed", "link", _creds_url(pools.urls[0], bad, encode=encode), snap, pools.urls[1], target, "j", "s",
         "--config", str(config(tmp_path, pools, job="url")),
     )  # fmt: skip
-    assert code == 1 and "SESSION_AUTHENTICATION_FAILED" in err
+    assert code == 1 and f"pool 'source' ({pools.urls[0]}): authentication failed for user 'root'" in err
     assert bad not in out + err and quote(bad, safe="") not in out + err
 
 

@@ -33,10 +33,11 @@ def test_xo_classic_chain_is_continued(pools: Pools) -> None:
     }
     src.api.VM.set_other_config(snap, dict(src.api.VM.get_other_config(snap)) | xo_keys)
     # XO's side of the target: a replica VM whose disks are full copies of that snapshot.
-    replica = create_replica(ts, src.api.VM.get_record(snap) | {"name_label": "vm0 - nightly"}, {})
+    made = {md.ATTEMPT: "made-by-xo"}  # the helpers insist on an attempt id; XO's keys replace it
+    replica = create_replica(ts, src.api.VM.get_record(snap) | {"name_label": "vm0 - nightly"}, made)
     ts.api.VM.set_other_config(replica, {md.XO_COPY_OF: snap_uuid, md.XO_SR: sr_uuid} | xo_keys)
     for d in disks_of(src, snap):
-        vdi = create_disk(ts, sr, d, None, {})
+        vdi = create_disk(ts, sr, d, None, made)
         ts.api.VDI.set_other_config(vdi, {md.XO_COPY_OF: d.uuid, md.XO_SR: sr_uuid})
         attach(ts, replica, vdi, d)
         copy_vdi(src, d.vdi, ts, vdi)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,3 +42,60 @@ def run_sim(state: Path, *, tls: bool = False) -> Iterator[Pools]:
         yield p
         for s in p.sessions:
             s.logout()
+
+
+def password_file(tmp: Path, password: str = PASSWORD) -> Path:
+    """The simulator's password in a mode-0600 file, as a configuration names it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    pw = tmp / "pw"
+    pw.write_text(password)
+    os.chmod(pw, 0o600)
+    return pw
+
+
+def default_sr(pools: Pools, i: int = 1) -> str:
+    """The UUID of pool ``i``'s default SR."""
+    t = pools.session(i)
+    return str(t.api.SR.get_uuid(t.api.pool.get_default_SR(t.api.pool.get_all()[0])))
+
+
+def job_config(
+    tmp: Path,
+    pools: Pools,
+    job: str,
+    vms: list[str],
+    *,
+    retention: int = 3,
+    job_extra: str = "",
+    url: str | None = None,
+    sr: str | None = None,
+    password: str = PASSWORD,
+) -> Path:
+    """A configuration: pool ``a`` (source, ``url`` or the first simulated pool) and ``b``
+    (target), one job replicating ``vms`` to ``sr`` (default: b's default SR, by UUID)."""
+    pw = password_file(tmp, password)
+    cfg = tmp / "xencr.toml"
+    cfg.write_text(
+        f'state = "{tmp / "state.sqlite"}"\n'
+        f'[pools.a]\nurl = "{url or pools.urls[0]}"\npassword_file = "{pw}"\n'
+        f'[pools.b]\nurl = "{pools.urls[1]}"\npassword_file = "{pw}"\n'
+        f'[jobs.{job}]\npool = "a"\nvms = {json.dumps(vms)}\n{job_extra}\n'
+        f'[[jobs.{job}.targets]]\npool = "b"\nsr = "{sr or default_sr(pools)}"\n'
+        f'[[jobs.{job}.schedules]]\nevery = "15m"\nretention = {retention}\n'
+    )
+    return cfg
+
+
+def disk_uuid(pools: Pools, vm_name: str) -> str:
+    """The UUID of the first disk of a source VM."""
+    s = pools.session(0)
+    vm = s.api.VM.get_by_name_label(vm_name)[0]
+    vbd = next(v for v in s.api.VM.get_VBDs(vm) if s.api.VBD.get_type(v) == "Disk")
+    return str(s.api.VDI.get_uuid(s.api.VBD.get_VDI(vbd)))
+
+
+def change(pools: Pools, vm_name: str, blocks: int, seed: str) -> None:
+    """Write into ``blocks`` distinct 2 MiB blocks of the VM's disk: a delta of that many blocks."""
+    s = pools.session(0)
+    for i in range(blocks):
+        s.api.sim.write(disk_uuid(pools, vm_name), str(i * 2 * MIB + 512), "512", f"{seed}-{i}")

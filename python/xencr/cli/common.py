@@ -12,12 +12,8 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 import typer
 
 from xencr.cli import errors
-from xencr.config import Config, ConfigError, load_config
-from xencr.credentials import CredentialError
-from xencr.seed.manifest import SeedError
-from xencr.state import StateError
-from xencr.xapi.errors import PoolUnreachable, XapiError
-from xencr.xapi.transfer import TransferError
+from xencr.cli.errors import USER_ERRORS
+from xencr.config import Config, load_config
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -32,18 +28,6 @@ ConfigOption = Annotated[
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-# The user's own mistakes or environment, and what the pools answered: their message is the
-# whole story, no "internal error".
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    CredentialError,
-    StateError,
-    XapiError,
-    PoolUnreachable,
-    TransferError,
-    SeedError,
-)
 
 
 def warn(message: str) -> None:

@@ -6,13 +6,41 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Annotated
 
 import typer
 
 from xencr.cli.common import ConfigOption, load, reported, usage_error
+from xencr.cli.live import LiveTransfers
+from xencr.config import Config
+from xencr.replication.jobs import run_configured
+from xencr.replication.runner import RunReport
 from xencr.service.daemon import Daemon, parse_listen
+
+
+def run_logging_transfers(
+    config: Config,
+    job_ref: str,
+    *,
+    schedule_id: str | None = None,
+    trigger: str = "manual",
+    progress: Callable[[str], None] = lambda _: None,
+    cancel: threading.Event | None = None,
+) -> RunReport:
+    """``run_configured`` with a progress line per disk in flight, at least every 30 s and every
+    10 %, among the run's progress events: a journal shows a long transfer is alive."""
+    with LiveTransfers(enabled=False, log=progress) as live:
+        return run_configured(
+            config,
+            job_ref,
+            schedule_id=schedule_id,
+            trigger=trigger,
+            progress=progress,
+            monitor=live,
+            cancel=cancel,
+        )
 
 
 @reported
@@ -39,7 +67,9 @@ def daemon_command(
             parse_listen(metrics_listen)
         except ValueError as err:
             usage_error(str(err))
-    daemon = Daemon(lambda: load(config), stream=sys.stdout, metrics_listen=metrics_listen)
+    daemon = Daemon(
+        lambda: load(config), stream=sys.stdout, run=run_logging_transfers, metrics_listen=metrics_listen
+    )
 
     def stop(signum: int, frame: FrameType | None) -> None:
         daemon.request_stop()

@@ -9,6 +9,14 @@ from typing import ParamSpec, TypeVar
 
 import typer
 
+from xencr._engine import VhdError
+from xencr.config import ConfigError
+from xencr.credentials import CredentialError
+from xencr.seed.manifest import SeedError
+from xencr.state import StateError
+from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.transfer import TransferError
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -26,8 +34,26 @@ class CliError(Exception):
     """A failure the command detected itself; its message is the whole story."""
 
 
+# The user's own mistakes or environment, what the pools answered (a pool unreachable
+# included), and what the engine found wrong in a file: their message is the whole story, never
+# "internal error".
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CliError,
+    VhdError,
+    ConfigError,
+    CredentialError,
+    StateError,
+    XapiError,
+    PoolUnreachable,
+    TransferError,
+    SeedError,
+)
+
+
 def describe(err: BaseException) -> str:
     """The one line a user sees for ``err``."""
+    if isinstance(err, FileNotFoundError) and err.filename is not None:
+        return f"no such file: {err.filename}"
     if isinstance(err, OSError):
         # The engine's OSErrors carry "context: reason" as strerror; Python's carry filename.
         what = err.strerror or str(err)
@@ -36,11 +62,7 @@ def describe(err: BaseException) -> str:
         return what
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
-    if isinstance(err, CliError):
-        return line
-    from xencr._engine import VhdError  # lazy: `--help` must work without the extension
-
-    if isinstance(err, VhdError):
+    if isinstance(err, USER_ERRORS):
         return line
     return f"internal error ({type(err).__name__}): {line}"
 

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported, usage_error
-from xencr.cli.progress import human_bytes
 from xencr.config import ConfigError, format_duration, parse_duration
 from xencr.state import RunRow, StateDB, TaskRow
+from xencr.units import human_bytes, transfer_text
 
 
 def parse_since(text: str, now: datetime) -> datetime:
@@ -59,6 +59,7 @@ def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
                 "vm_uuid": t.vm_uuid,
                 "vm_name": t.vm_name,
                 "target_sr": t.target_sr,
+                "target": t.target or None,
                 "outcome": t.outcome,
                 "transfer": t.transfer,
                 "reasons": dict(t.reasons),
@@ -70,10 +71,21 @@ def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
                 "restore_point": t.restore_point,
                 "snapshot_time": when(t.snapshot_time),
                 "cleaned": t.cleaned,
+                "detached": t.detached,
+                # disk -> its block map's digest: the content `xencr verify` checks the disk against
+                "maps": dict(t.maps),
             }
             for t in tasks
         ],
     }
+
+
+def disk_kind(transfer: str | None, reason: str) -> str:
+    """How one disk of a task went: the task's transfer unless it mixed both, then its reason
+    says (``delta``, or continuing a Xen Orchestra chain, is a delta; any other reason a full)."""
+    if transfer in ("full", "delta"):
+        return transfer
+    return "delta" if reason == "delta" or reason.startswith("continues ") else "full"
 
 
 def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
@@ -86,18 +98,24 @@ def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
     if run.error:
         lines.append(f"  error: {run.error}")
     for t in tasks:
-        what = f"  {t.vm_name} -> {t.target_sr}  {t.outcome}"
+        what = f"  {t.vm_name} -> {t.target or t.target_sr}  {t.outcome}"
         if t.transfer:
             what += f"  {t.transfer}"
         if t.outcome not in ("running", "skipped", "interrupted") or t.bytes_sent:
             what += f"  {human_bytes(t.bytes_sent)}"
         what += f"  {_took(t.duration)}"
         lines.append(what)
-        lines += [f"    {disk}: {reason}" for disk, reason in t.reasons.items()]
+        lines += [
+            f"    disk {disk}: {transfer_text(disk_kind(t.transfer, reason), reason)}"
+            for disk, reason in t.reasons.items()
+        ]
         if t.restore_point:
             lines.append(f"    restore point {t.restore_point}")
+        lines += [f"    disk {disk} block map {digest}" for disk, digest in t.maps.items()]
         if t.cleaned:
             lines.append(f"    cleaned up {t.cleaned} leftover(s) of earlier runs")
+        if t.detached:
+            lines.append(f"    {t.detached} detached object(s) left alone (xencr replica list)")
         if t.error:
             # The outcome column already says "skipped"; the reason follows without repeating it.
             error = t.error.removeprefix("skipped: ") if t.outcome == "skipped" else t.error

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from tomlkit import TOMLDocument
 
 from xencr.cli.common import ConfigOption, JsonFlag, columns, load, print_json, reported
 from xencr.cli.render import table
+from xencr.cli.tomledit import edit, set_value, table_at
 from xencr.config import JobConfig, ScheduleConfig, TargetConfig, format_duration, format_rate
 
 job_app = typer.Typer(
-    help="Configured jobs: what is protected, where to, and when.",
+    help="Configured jobs: what is protected, where to, and when; enable or disable one.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -142,3 +145,47 @@ def show_command(
     if not j.schedules:
         rows.append(("schedules", "none (runs only by hand)"))
     typer.echo(table(rows))
+
+
+def _set_enabled(job_ref: str, enabled: bool, config: Path | None) -> None:
+    cfg = load(config)
+    job = cfg.job(job_ref)
+    state = "enabled" if enabled else "disabled"
+    if job.enabled == enabled:
+        typer.echo(f"job {job.name!r} is already {state} in {cfg.path}")
+        return
+
+    def change(doc: TOMLDocument) -> None:
+        set_value(table_at(doc, "jobs", job.name), "enabled", enabled)
+
+    edit(cfg.path, change)
+    typer.echo(f"{state} job {job.name!r} in {cfg.path}; a running daemon applies it when reloaded (SIGHUP)")
+
+
+@job_app.command("enable")
+@reported
+def enable_command(
+    job: Annotated[str, typer.Argument(metavar="JOB", help="Job name or id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Let the daemon schedule a job again: sets ``enabled = true`` in its table, keeping the
+    file's comments and layout (edited with tomlkit).
+
+    Example:  xencr job enable web
+    """
+    _set_enabled(job, True, config)
+
+
+@job_app.command("disable")
+@reported
+def disable_command(
+    job: Annotated[str, typer.Argument(metavar="JOB", help="Job name or id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Stop the daemon scheduling a job (`xencr run JOB` still runs it by hand): sets
+    ``enabled = false`` in its table, keeping the file's comments and layout (edited with tomlkit).
+    Its restore points stay; status and metrics stop flagging its RPO.
+
+    Example:  xencr job disable web
+    """
+    _set_enabled(job, False, config)

@@ -28,7 +28,8 @@ def metrics_command(
     config: ConfigOption = None,
 ) -> None:
     """Print the metrics: restore-point age and RPO per VM and target, last success, bytes sent by
-    kind, run durations, tasks by outcome, full-transfer reasons, orphans cleaned.
+    kind, run durations, runs and tasks by outcome (a run that failed before any transfer counts
+    as a failed run), full-transfer reasons, orphans cleaned.
 
     Example:  xencr metrics --textfile /var/lib/node_exporter/textfile/xencr.prom
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,9 +14,10 @@ import typer
 
 from xencr.cli.common import ConfigOption, load, print_json, reported, warn
 from xencr.cli.errors import describe
-from xencr.replication.jobs import connected
+from xencr.replication.jobs import Connected, connected, resolve_sr
 from xencr.replication.preview import StatusRow, plan, status, status_from_history
 from xencr.state import StateDB
+from xencr.units import human_bytes, transfer_text
 from xencr.xapi.errors import PoolUnreachable, XapiError
 
 ConfigOpt = Annotated[
@@ -44,8 +45,9 @@ def plan_command(
     json_out: Annotated[bool, typer.Option("--json")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Print, without changing anything, full or delta per disk and why, estimated bytes, the
-    target SR's free space after the run, and anything that would fail.
+    """Print, without changing anything, full or delta per disk and why, estimated size, the
+    target SR's free space after the run, and anything that would fail (sizes in binary units;
+    --json gives exact bytes).
 
     Example:  xencr plan web-servers
     """
@@ -57,11 +59,13 @@ def plan_command(
     else:
         for r in rows:
             typer.echo(
-                f"{r.vm_name} -> {r.target}: ~{r.estimated_bytes} bytes, SR free after: {r.sr_free_after}"
+                f"{r.vm_name} -> {r.target}: ~{human_bytes(r.estimated_bytes)}, "
+                f"SR free after: {human_bytes(r.sr_free_after)}"
             )
             for d in r.disks:
                 typer.echo(
-                    f"  disk {d.userdevice} ({d.name}): {d.kind} ({d.reason}), ~{d.estimated_bytes} bytes"
+                    f"  disk {d.userdevice} ({d.name}): {transfer_text(d.kind, d.reason)}, "
+                    f"~{human_bytes(d.estimated_bytes)}"
                 )
             for p in r.problems:
                 typer.echo(f"  PROBLEM: {p}")
@@ -97,6 +101,8 @@ def status_line(job: str, r: StatusRow, now: datetime) -> str:
     line = (
         f"{job}  {r.vm_name} -> {r.target}: {newest} ({rpo}), last {_last(r)}, next {_when(r.next_run, now)}"
     )
+    if r.detached:
+        line += f", {r.detached} detached object(s) left alone (xencr replica list)"
     if r.source == "history":
         line += " [from history]"
     if r.breach:
@@ -124,7 +130,19 @@ def status_json(job: str, r: StatusRow) -> dict[str, Any]:
         "last_finished": iso(r.last_finished),
         "next_run": iso(r.next_run),
         "source": r.source,
+        "detached": r.detached,
     }
+
+
+def target_names(c: Connected) -> dict[str, str]:
+    """SR UUID -> ``pool/SR name`` for the job's targets, as the pools name them now (a job may
+    name an SR by UUID; people read names)."""
+    out = {}
+    for t in c.job.targets:
+        s = c.sessions[t.pool]
+        ref, uuid = resolve_sr(s, t.sr, t.pool)
+        out[uuid] = f"{t.pool}/{s.api.SR.get_name_label(ref)}"
+    return out
 
 
 # The pool cannot be asked: status falls back on what the history recorded.
@@ -156,7 +174,8 @@ def status_command(
         for j in jobs:
             try:
                 with connected(cfg, j, interactive=sys.stdin.isatty()) as c:
-                    found = status(c, db, now)
+                    names = target_names(c)
+                    found = [replace(r, target=names.get(r.target_sr, r.target)) for r in status(c, db, now)]
             except _UNREACHABLE as err:
                 warn(f"job {j.name}: {describe(err)}; showing the recorded history")
                 fell_back = True

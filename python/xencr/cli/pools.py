@@ -10,17 +10,20 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
+from tomlkit import TOMLDocument
 
 from xencr.cli.common import ConfigOption, JsonFlag, columns, load, print_json, reported
 from xencr.cli.errors import CliError
-from xencr.config import ConfigError, PoolConfig, default_config_path, load_config, normalise_fingerprint
+from xencr.cli.tomledit import appended, edit, set_value, table_at
+from xencr.config import PoolConfig, default_config_path, is_sample_pool, load_config, normalise_fingerprint
 from xencr.credentials import password_source, split_url_credentials, warn
 from xencr.replication.jobs import connect
+from xencr.units import human_bytes
 from xencr.xapi.errors import PoolUnreachable
 from xencr.xapi.tls import display_fingerprint, fetch_fingerprint
 
 pool_app = typer.Typer(
-    help="Configured pools: add (with certificate pinning), list, test.",
+    help="Configured pools: add (with certificate pinning), list, test, remove.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -87,8 +90,26 @@ def _verified(url: str) -> bool:
         raise PoolUnreachable(f"{url}: {err.strerror or err}") from None
 
 
-def _toml_str(v: str) -> str:
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _pinned(clean: str, trust_fingerprint: str | None) -> str | None:
+    """The fingerprint to pin for ``clean``: none when its certificate verifies; else the one
+    shown and accepted (on a terminal) or given with --trust-fingerprint."""
+    if urlsplit(clean).scheme != "https" or _verified(clean):
+        return None
+    seen = fetch_fingerprint(clean)
+    shown = display_fingerprint(seen)
+    if trust_fingerprint is not None:
+        if normalise_fingerprint(trust_fingerprint) != seen:
+            raise CliError(f"{clean} presents {shown}, not the fingerprint given: not added")
+    elif sys.stdin.isatty():
+        typer.echo(f"{clean} presents a certificate that does not verify; its fingerprint is {shown}")
+        if not typer.confirm("Trust (pin) this certificate?", default=False):
+            raise CliError("certificate not trusted: pool not added")
+    else:
+        raise CliError(
+            f"{clean}: certificate does not verify; its fingerprint is {shown}: "
+            f"check it, then add --trust-fingerprint {shown}"
+        )
+    return seen
 
 
 @pool_app.command("add")
@@ -104,10 +125,18 @@ def add_command(
         str | None,
         typer.Option("--trust-fingerprint", help="Pin this certificate (sha256:...) of a self-signed pool."),
     ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Change a configured pool (new URL, user or certificate).")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Add a pool to the configuration. A self-signed certificate is shown on first contact and
     pinned once you accept it (or pass --trust-fingerprint). No password is ever written.
+
+    A pool of the sample `xencr init` writes (its URL still on example.com) is replaced in place,
+    so the sample's jobs that use it keep working; any other pool of that name only with
+    --replace, which sets url, username, fingerprint (and password_file if given) and keeps the
+    pool's other keys. The file's comments and layout are kept (edited with tomlkit).
 
     Example:  xencr pool add site-b https://10.0.0.2 --trust-fingerprint sha256:AB:CD:...
     """
@@ -116,40 +145,61 @@ def add_command(
     if password is not None:
         warn("the password in the URL was dropped: use XENCR_<POOL>_PASSWORD, --password-file or a prompt")
     username = user or username
-    cfg = load_config(path) if path.exists() else None
-    if cfg is not None and name in cfg.pools:
-        raise CliError(f"pool {name!r} is already in {path}")
-    pin = None
-    if urlsplit(clean).scheme == "https" and not _verified(clean):
-        seen = fetch_fingerprint(clean)
-        shown = display_fingerprint(seen)
-        if trust_fingerprint is not None:
-            if normalise_fingerprint(trust_fingerprint) != seen:
-                raise CliError(f"{clean} presents {shown}, not the fingerprint given: not added")
-        elif sys.stdin.isatty():
-            typer.echo(f"{clean} presents a certificate that does not verify; its fingerprint is {shown}")
-            if not typer.confirm("Trust (pin) this certificate?", default=False):
-                raise CliError("certificate not trusted: pool not added")
-        else:
-            raise CliError(
-                f"{clean}: certificate does not verify; its fingerprint is {shown}: "
-                f"check it, then add --trust-fingerprint {shown}"
-            )
-        pin = seen
-    lines = [f"\n[pools.{name}]", f"url = {_toml_str(clean)}", f"username = {_toml_str(username)}"]
+    existing = load_config(path).pools.get(name) if path.exists() else None
+    sample = existing is not None and is_sample_pool(existing)
+    if existing is not None and not (sample or replace):
+        raise CliError(
+            f"pool {name!r} is already in {path} "
+            f"(--replace changes it; `xencr pool remove {name}` removes it)"
+        )
+    pin = _pinned(clean, trust_fingerprint)
+    values: dict[str, str] = {"url": clean, "username": username}
     if password_file:
-        lines.append(f"password_file = {_toml_str(password_file)}")
+        values["password_file"] = password_file
     if pin:
-        lines.append(f'fingerprint = "{display_fingerprint(pin)}"')
-    before = path.read_text() if path.exists() else ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(before + "\n".join(lines) + "\n")
-    try:
-        load_config(path)
-    except ConfigError:
-        path.write_text(before)  # never leave a config that no longer loads
-        raise
-    typer.echo(f"added pool {name!r} to {path}" + (f" (pinned {display_fingerprint(pin)})" if pin else ""))
+        values["fingerprint"] = display_fingerprint(pin)
+
+    def change(doc: TOMLDocument) -> TOMLDocument | None:
+        if existing is None:
+            return appended(doc, "pools", name, values)
+        table = table_at(doc, "pools", name)
+        for key, value in values.items():
+            set_value(table, key, value)
+        if not pin and "fingerprint" in table:
+            del table["fingerprint"]  # the certificate now verifies: an old pin would refuse it
+        return None
+
+    edit(path, change)
+    what = "added" if existing is None else ("replaced the sample" if sample else "replaced")
+    typer.echo(f"{what} pool {name!r} in {path}" + (f" (pinned {display_fingerprint(pin)})" if pin else ""))
+
+
+@pool_app.command("remove")
+@reported
+def remove_command(
+    name: Annotated[str, typer.Argument(help="Configured pool name.")],
+    config: ConfigOption = None,
+) -> None:
+    """Remove a pool from the configuration; refused while a job uses it (as its source or a
+    target). Nothing changes on the pool itself. The file's comments and layout are kept.
+
+    Example:  xencr pool remove old-site
+    """
+    cfg = load(config)
+    cfg.pool(name)  # one line naming the known pools if there is no such pool
+    users = [
+        f"{j.name} ({'source' if j.pool == name else 'target'})"
+        for j in sorted(cfg.jobs.values(), key=lambda j: j.name)
+        if j.pool == name or any(t.pool == name for t in j.targets)
+    ]
+    if users:
+        raise CliError(f"pool {name!r} is used by job {', job '.join(users)}: not removed")
+
+    def change(doc: TOMLDocument) -> None:
+        del doc["pools"][name]
+
+    edit(cfg.path, change)
+    typer.echo(f"removed pool {name!r} from {cfg.path}")
 
 
 @pool_app.command("test")
@@ -159,7 +209,8 @@ def test_command(
     config: ConfigOption = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Log in to a pool and show what xencr sees: pool, master, API version, SRs and free space.
+    """Log in to a pool and show what xencr sees: pool, master, API version, SRs and free space
+    (--json: free space in bytes).
 
     Example:  xencr pool test site-a
     """
@@ -188,4 +239,4 @@ def test_command(
         return
     typer.echo(f"{name}: pool {info['pool']!r}, master {info['master']!r}, XAPI {info['api_version']}: ok")
     for sr in info["srs"]:
-        typer.echo(f"  SR {sr['name']} ({sr['type']}, {sr['uuid']}): {sr['free']} bytes free")
+        typer.echo(f"  SR {sr['name']} ({sr['type']}, {sr['uuid']}): {human_bytes(sr['free'])} free")

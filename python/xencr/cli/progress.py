@@ -14,17 +14,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def rate(nbytes: int, seconds: float) -> str:
-    return f"{human_bytes(nbytes / seconds)}/s" if seconds > 0 else "-"
+from xencr.units import human_bytes, human_rate
 
 
 class Progress:
@@ -63,7 +53,7 @@ class Progress:
         if self.total:
             pct = min(100.0, 100.0 * done / self.total)
             parts.append(f"of {human_bytes(self.total)} ({pct:.0f}%)")
-        parts.append(rate(done, elapsed))
+        parts.append(human_rate(done, elapsed))
         if self.total and done and elapsed > 0:
             eta = max(0.0, (self.total - done) / (done / elapsed))
             parts.append(f"ETA {eta:.0f}s")
@@ -111,7 +101,7 @@ class Progress:
         else:
             n = self.finished_bytes or 0
             sys.stderr.write(
-                f"\r\033[K{self.label}: {human_bytes(n)} in {elapsed:.2f}s, {rate(n, elapsed)}\n"
+                f"\r\033[K{self.label}: {human_bytes(n)} in {elapsed:.2f}s, {human_rate(n, elapsed)}\n"
             )
         sys.stderr.flush()
 

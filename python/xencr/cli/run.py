@@ -17,6 +17,7 @@ from xencr.cli.common import ConfigOption, load, reported
 from xencr.cli.live import LiveTransfers
 from xencr.replication.jobs import report_json, run_configured
 from xencr.replication.runner import RunReport
+from xencr.units import human_bytes, transfer_text
 
 ConfigOpt = Annotated[
     Path | None,
@@ -25,33 +26,39 @@ ConfigOpt = Annotated[
 
 
 def summary_lines(report: RunReport) -> list[str]:
+    """What the run did per VM and target, sizes in binary units. A target refused because
+    another run holds it has no line here: :func:`refusal_lines` says it, once."""
     lines = []
     for v in report.vms:
         if v.error:
             lines.append(f"{v.vm_name}: FAILED: {v.error}")
         for t in v.targets:
-            reasons = ", ".join(
-                sorted({f"{d.kind} ({d.reason})" if d.kind == "full" else d.kind for d in t.disks})
-            )
+            if t.outcome == "skipped":
+                continue
+            reasons = ", ".join(sorted({transfer_text(d.kind, d.reason) for d in t.disks}))
             if t.outcome == "success":
                 lines.append(
                     f"{v.vm_name} -> {t.target}: ok, restore point {t.restore_point}, "
-                    f"{t.bytes_sent} bytes, {reasons}"
+                    f"{human_bytes(t.bytes_sent)}, {reasons}"
                 )
-            elif t.outcome in ("skipped", "interrupted"):
-                lines.append(f"{v.vm_name} -> {t.target}: {t.outcome}: {t.error}")
+            elif t.outcome == "interrupted":
+                lines.append(f"{v.vm_name} -> {t.target}: interrupted: {t.error}")
             else:
                 lines.append(f"{v.vm_name} -> {t.target}: FAILED: {t.error}")
             lines += [f"  cleaned up: {c}" for c in t.cleaned]
             lines += [f"  expired restore point {e}" for e in t.expired]
             lines += [f"  warning: {w}" for w in t.warnings]
+            lines += [f"  detached: {d}" for d in t.detached]
+        lines += [f"  {v.vm_name}: {k}" for k in v.source_kept]
     return lines
 
 
 def refusal_lines(report: RunReport) -> list[str]:
-    """One line per VM/target this run left alone because another run holds it."""
+    """One line per VM/target this run left alone because another run holds it, naming the
+    holder (the runner's reason, "skipped: ...", would only repeat it)."""
     return [
-        f"xencr: {v.vm_name} -> {t.target}: refused: being replicated by {t.holder}"
+        f"xencr: {v.vm_name} -> {t.target}: refused: being replicated by "
+        f"{t.holder or 'another run (holder unknown)'}"
         for v in report.vms
         for t in v.targets
         if t.outcome == "skipped"

@@ -23,12 +23,17 @@ from xencr.seed.export import export_seed
 from xencr.seed.load import import_seed
 from xencr.seed.manifest import read as read_manifest
 from xencr.service.locks import holder, lock_dir, try_lock
+from xencr.units import human_bytes
 from xencr.xapi.session import XapiSession
 
 seed_app = typer.Typer(
     help="Seed a job's first full copy by disk: link a hand-made copy, or export and import one.",
     no_args_is_help=True,
 )
+
+
+def _say(line: str) -> None:
+    typer.echo(line, err=True)
 
 
 def _optional_config(path: Path | None) -> Config | None:
@@ -204,12 +209,13 @@ def export_command(
             j.pool,
             ref,
             to,
-            say=lambda line: typer.echo(line, err=True),
+            say=_say,
             monitor=live,
         )
     size = sum(d.length for d in m.disks)
     typer.echo(
-        f"exported {m.vm_name} (snapshot {m.snapshot_uuid}): {len(m.disks)} disk(s), {size} bytes in {to};"
+        f"exported {m.vm_name} (snapshot {m.snapshot_uuid}): {len(m.disks)} disk(s), "
+        f"{human_bytes(size)} in {to};"
         f" on the target site: xencr seed import {to} --pool POOL --sr SR"
     )
 
@@ -249,7 +255,7 @@ def import_command(
         with lock:
             rp = import_seed(
                 ts, sr_ref, sr_uuid, directory, m, network_map=network_map,
-                say=lambda line: typer.echo(line, err=True), monitor=live,
+                say=_say, monitor=live,
             )  # fmt: skip
     typer.echo(
         f"restore point {rp.uuid} of {m.vm_name} on SR {sr_uuid}, linked to job {m.job_name}:"

@@ -17,8 +17,9 @@ from typing import IO, Annotated, Any, Literal
 import typer
 
 from xencr.cli.errors import CliError, describe, reported
-from xencr.cli.progress import Progress, human_bytes
+from xencr.cli.progress import Progress
 from xencr.cli.render import ranges, render_info
+from xencr.units import human_bytes
 
 vhd_app = typer.Typer(
     help="Inspect, check, convert, stream and merge VHD files.",
@@ -161,7 +162,8 @@ def check(
         for path, problems in results.items():
             if problems:
                 for problem in problems:
-                    typer.echo(f"{path}: {problem}")
+                    # A missing file is its own whole line: "no such file: PATH".
+                    typer.echo(problem if problem == f"no such file: {path}" else f"{path}: {problem}")
             else:
                 typer.echo(f"{path}: ok")
     if any(results.values()):

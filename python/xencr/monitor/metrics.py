@@ -14,7 +14,7 @@ from pathlib import Path
 
 from xencr.config import Config
 from xencr.monitor.rpo import protection
-from xencr.state import JobTotals, StateDB
+from xencr.state import RUN_OUTCOMES, JobTotals, RunRow, StateDB
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -77,6 +77,12 @@ def _declare_all(e: _Exposition) -> None:
         "Bytes sent to targets by kind of transfer (a task mixing full and delta disks counts as full).",
     )
     e.declare("xencr_run_duration_seconds", "gauge", "Duration of the job's last finished run.")
+    e.declare(
+        "xencr_runs_total",
+        "counter",
+        "Finished runs by outcome; a run that failed before any transfer (pool unreachable, "
+        "login refused, SR missing) is a failure here and has no task.",
+    )
     e.declare("xencr_tasks_total", "counter", "Finished tasks (one VM to one target) by outcome.")
     e.declare(
         "xencr_full_transfers_total",
@@ -84,6 +90,12 @@ def _declare_all(e: _Exposition) -> None:
         "Disks sent in full by successful tasks, by the reason a delta was not possible.",
     )
     e.declare("xencr_orphans_cleaned_total", "counter", "Leftovers of interrupted runs cleaned up.")
+    e.declare(
+        "xencr_detached_objects",
+        "gauge",
+        "Objects carrying the job's keys that xencr leaves alone (a replica started, renamed or "
+        "cloned by someone...): not restore points, never destroyed; the administrator decides.",
+    )
     e.declare(
         "xencr_last_run_timestamp_seconds",
         "gauge",
@@ -121,8 +133,10 @@ def render(db: StateDB | None, config: Config, now: datetime) -> str:
                 e.add("xencr_rpo_breached", labels, int(p.breached(now)))
                 if p.last_success is not None:
                     e.add("xencr_last_success_timestamp_seconds", labels, p.last_success.timestamp())
+                e.add("xencr_detached_objects", labels, p.detached)
 
     by_id = {t.job_id: t for t in totals}
+    runs = _run_counts(db.runs() if db is not None else [])
     for job_id in sorted(names, key=lambda i: (names[i], i)):
         jl = {"job": names[job_id]}
         t = by_id.get(job_id)
@@ -132,6 +146,8 @@ def render(db: StateDB | None, config: Config, now: datetime) -> str:
         e.add("xencr_bytes_sent_total", jl | {"kind": "delta"}, delta)
         if t is not None and t.last_finished is not None and t.last_finished.duration is not None:
             e.add("xencr_run_duration_seconds", jl, t.last_finished.duration.total_seconds())
+        for outcome in sorted(RUN_OUTCOMES):
+            e.add("xencr_runs_total", jl | {"outcome": outcome}, runs.get((job_id, outcome), 0))
         counts = t.tasks if t else {}
         for outcome in sorted(set(_OUTCOMES) | set(counts)):
             e.add("xencr_tasks_total", jl | {"outcome": outcome}, counts.get(outcome, 0))
@@ -141,6 +157,15 @@ def render(db: StateDB | None, config: Config, now: datetime) -> str:
         if t is not None:
             e.add("xencr_last_run_timestamp_seconds", jl, t.last_started.timestamp())
     return e.text()
+
+
+def _run_counts(runs: Iterable[RunRow]) -> dict[tuple[str, str], int]:
+    """(job id, outcome) -> finished runs; runs still going are not counted yet."""
+    out: dict[tuple[str, str], int] = {}
+    for r in runs:
+        if r.outcome in RUN_OUTCOMES:
+            out[r.job_id, r.outcome] = out.get((r.job_id, r.outcome), 0) + 1
+    return out
 
 
 def write_textfile(path: Path, text: str) -> None:

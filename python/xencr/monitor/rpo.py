@@ -34,6 +34,7 @@ class Protection:
     last_success: datetime | None  # when that task finished
     last: TaskRow  # the newest task, whatever its outcome
     rpo: int | None
+    detached: int = 0  # objects left alone (`ownership`) that the newest task to look found
 
     def age(self, now: datetime) -> int | None:
         if self.snapshot_time is None:
@@ -82,6 +83,8 @@ def protection(db: StateDB, job: JobConfig) -> list[Protection]:
                 last_success=ok.finished_at if ok is not None else None,
                 last=t,
                 rpo=rpo,
+                # A skipped task did not look at the target: the last one that did says.
+                detached=t.detached if t.outcome != "skipped" else (ok.detached if ok else 0),
             )
         )
     return sorted(out, key=lambda p: (p.vm, p.vm_uuid, p.target_sr))

@@ -9,17 +9,10 @@ from typing import Any
 
 from xencr.config import format_duration
 from xencr.monitor.rpo import Breach
+from xencr.units import human_bytes
 
 # A VM or target in one of these did not get its restore point this run.
 FAILED = frozenset({"failure", "interrupted"})
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _age(seconds: int | None) -> str:
@@ -92,6 +85,8 @@ def summary(payload: Mapping[str, Any], breaches: Sequence[Breach], why: str) ->
                 lines.append(f"     warning: {w}")
             if t.get("cleaned"):
                 lines.append(f"     cleaned up {len(t['cleaned'])} leftover(s) of earlier runs")
+            for d in t.get("detached") or []:
+                lines.append(f"     detached: {d}")
     if breaches:
         lines += ["", "RPO breaches (newest restore point older than the RPO):"]
         lines += [

@@ -1,8 +1,10 @@
 """Full or delta, per disk and per target, with the reason a user is shown.
 
-Delta needs: a restore point of this job on the target whose source snapshot still exists on
-the source; that restore point protected, halted, and its copy of the disk unchanged since the
-transfer (compared with its commit snapshot)."""
+Delta needs: an intact restore point of this job on the target (`ownership`: protected, never
+started, exactly as xencr left it) whose source snapshot still exists on the source, and its copy
+of the disk unchanged since the transfer (compared with its commit snapshot). A replica found
+detached (started, unprotected, changed...) is never a base: when it is newer than any base, its
+reason is the reason shown for the full ("replica started")."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from xencr.replication import metadata as md
+from xencr.replication import ownership
+from xencr.replication.ownership import RestorePoint
 from xencr.replication.source import Disk, disks_of
-from xencr.replication.target import RestorePoint, restore_points, xo_restore_points
+from xencr.replication.target import xo_restore_points
 from xencr.xapi.session import XapiSession
 from xencr.xapi.transfer import TransferError, changed_blocks
 
@@ -66,7 +70,8 @@ def plan_target(
 ) -> TargetPlan:
     """``previous``: this job's earlier snapshots of the VM on the source, oldest first;
     ``xo_snapshots``: its other snapshots, which a Xen Orchestra chain may continue from."""
-    points = restore_points(t, job_id, vm_uuid, sr_uuid)
+    found = ownership.survey(t, job_id, vm_uuid, sr_uuid)
+    points = found.points
 
     def all_full(reason: str) -> TargetPlan:
         return TargetPlan([DiskPlan(d, reason) for d in disks], None, points)
@@ -102,6 +107,9 @@ def plan_target(
                 f" {snap['other_config'][md.SEED][:19].replace('T', ' ')}) has no replica on this SR yet:"
                 " import it with `xencr seed import`, or run with --full to send a full copy"
             )
+        taken = found.newest_detached
+        if taken is not None and (not points or taken[0] > points[-1].snapshot_time):
+            return all_full(f"replica {taken[1]}")
         return all_full("base snapshot deleted" if points else "first run")
     base_snap = by_uuid[rp.copy_of][0]
     vm_reason = _vm_level_reason(rp)

@@ -36,7 +36,7 @@ log = logging.getLogger("xencr.replication")
 
 
 def connect(pool: PoolConfig, *, interactive: bool) -> XapiSession:
-    endpoint = Endpoint(pool.url, fingerprint=pool.fingerprint, verify_tls=pool.verify_tls)
+    endpoint = Endpoint(pool.url, fingerprint=pool.fingerprint, verify_tls=pool.verify_tls, name=pool.name)
     return XapiSession(endpoint, pool.username, resolve_password(pool, interactive=interactive))
 
 
@@ -119,6 +119,7 @@ def spec_of(job: JobConfig, schedule_id: str | None, *, now: datetime | None = N
         concurrency=job.concurrency,
         rate_limit=rate_of(sched, now) if sched else None,
         vm_timeout=float(job.vm_timeout) if job.vm_timeout else None,
+        verify_import=job.verify_import,
     )
 
 
@@ -138,7 +139,12 @@ def run_configured(
     """Run a job once and record it. VMs or targets still being replicated by another run are
     skipped (recorded, not failures). ``cancel``, when set, stops the run cleanly: transfers in
     flight are cut and discarded, nothing new starts, and the report is returned as usual.
-    The job's report is sent (webhook, email) as its ``report_when`` says; that never fails a run."""
+    The job's report is sent (webhook, email) as its ``report_when`` says; that never fails a run.
+
+    The run is recorded from the moment it starts connecting: a password refused, a pool
+    unreachable, an SR or a ``--vm`` not found is a failed run with its one-line error in the
+    history and the metrics. A job or schedule that does not exist is not a run of anything:
+    only the raised error says so."""
     job = config.job(job_ref)
     spec = dataclasses.replace(
         spec_of(job, schedule_id),
@@ -148,19 +154,19 @@ def run_configured(
         max_exports=config.pool(job.pool).max_exports,
     )
     with StateDB(config.state_path) as db:
+        db.mark_interrupted()
+        run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
         try:
             with connected(config, job, interactive=interactive) as c:
-                db.mark_interrupted()
                 targets = targets_of(c)
                 vms = selected_vms(c, only)
-                run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
                 recorder = _Recorder(db, run_id)
                 try:
                     report = run_job(
                         c.source,
                         [ref for ref, _ in vms],
                         targets,
-                        spec,
+                        dataclasses.replace(spec, maps=db),  # restore point disks' block maps
                         force_full=full,
                         progress=progress,
                         monitor=monitor,
@@ -168,16 +174,16 @@ def run_configured(
                     )
                     recorder.close(vms, report)
                 except BaseException as err:
-                    # A run that raised is over: say so now rather than leave it "running".
                     recorder.abandon(_error_line(err))
-                    db.finish_run(run_id, "failure", _error_line(err))
                     raise
                 db.finish_run(
                     run_id, report.outcome, None if report.outcome == "success" else _summary(report)
                 )
-        except Exception as err:
+        except BaseException as err:
+            # A run that raised is over, whenever it raised: say so now rather than leave it "running".
+            db.finish_run(run_id, "failure", _error_line(err))
             # A mistake in a command typed by hand is answered on the terminal, not reported.
-            if not (isinstance(err, ConfigError) and trigger == "manual"):
+            if isinstance(err, Exception) and not (isinstance(err, ConfigError) and trigger == "manual"):
                 _notify(config, job, db, _failed_payload(job, err))
             raise
         _notify(config, job, db, report_payload(report))
@@ -199,7 +205,7 @@ class _Recorder:
         self.lock = threading.Lock()
 
     def started(self, vm: VmResult, target: Target) -> None:
-        task = self.db.start_task(self.run_id, vm.vm_uuid, vm.vm_name, target.sr_uuid)
+        task = self.db.start_task(self.run_id, vm.vm_uuid, vm.vm_name, target.sr_uuid, target.name)
         with self.lock:
             self.open[(vm.vm_uuid, target.sr_uuid)] = task
 
@@ -207,10 +213,12 @@ class _Recorder:
         with self.lock:
             task = self.open.pop((vm.vm_uuid, tr.sr_uuid), None)
         if task is None and tr.outcome == "skipped":
-            self.db.skip_task(self.run_id, vm.vm_uuid, vm.vm_name, tr.sr_uuid, tr.error or "skipped")
+            self.db.skip_task(
+                self.run_id, vm.vm_uuid, vm.vm_name, tr.sr_uuid, tr.error or "skipped", tr.target
+            )
             return
         if task is None:
-            task = self.db.start_task(self.run_id, vm.vm_uuid, vm.vm_name, tr.sr_uuid)
+            task = self.db.start_task(self.run_id, vm.vm_uuid, vm.vm_name, tr.sr_uuid, tr.target)
         self.db.finish_task(
             task,
             tr.outcome,
@@ -221,7 +229,12 @@ class _Recorder:
             restore_point=tr.restore_point,
             snapshot_time=vm.snapshot_time if tr.restore_point else None,
             cleaned=len(tr.cleaned),
+            detached=len(tr.detached),
+            maps={d.userdevice: d.map_digest for d in tr.disks if d.map_digest},
         )
+        if tr.expired:
+            # Retention destroyed these restore points: their maps go unless another uses them.
+            self.db.release_maps(tr.expired)
 
     def close(self, vms: list[tuple[str, dict[str, Any]]], report: RunReport) -> None:
         """Tasks a VM started but never finished (its run raised midway) fail with its error."""
@@ -286,6 +299,7 @@ def report_payload(report: RunReport) -> dict[str, Any]:
             "bytes": d.bytes_sent,
             "blocks": d.blocks,
             "seconds": round(d.seconds, 3),
+            "map": d.map_digest or None,  # the restore point disk's block map (`xencr verify`)
         }
 
     return {
@@ -302,6 +316,7 @@ def report_payload(report: RunReport) -> dict[str, Any]:
                 "snapshot_time": v.snapshot_time.isoformat() if v.snapshot_time else None,
                 "error": v.error,
                 "source_snapshots_removed": v.source_pruned,
+                "source_snapshots_in_use": v.source_kept,
                 "targets": [
                     {
                         "target": t.target,
@@ -315,6 +330,7 @@ def report_payload(report: RunReport) -> dict[str, Any]:
                         "cleaned": t.cleaned,
                         "expired": t.expired,
                         "warnings": t.warnings,
+                        "detached": t.detached,
                         "disks": [disk(d) for d in t.disks],
                     }
                     for t in v.targets

@@ -47,6 +47,15 @@ def parse_ranges(text: str) -> list[int]:
     return out
 
 
+# Ownership (see `ownership`): which attempt made an object, whether it is still the object xencr
+# made (a copy carries another's `self`), its seal at the commit, and the verdicts written on it.
+ATTEMPT = "xencr:attempt"
+SELF = "xencr:self"  # the object's own UUID, written right after creation
+SEAL = "xencr:seal"  # on a restore point: `ownership.seal_of` at the commit
+CLONING = "xencr:cloning"  # on a base while an attempt clones it: the clone inherits the attempt
+DETACHED = "xencr:detached"  # "<time> <why>": left alone from now on
+EXPIRING = "xencr:expiring"  # retention began destroying this restore point
+
 FULL_COUNT = "xencr:chain"  # runs since the last full, per disk (full_interval)
 # On a source snapshot that `xencr seed export` wrote to files: its time (`precise()`). Until a
 # replica of it exists the job refuses to send a full over the network, and the snapshot is kept.

@@ -9,13 +9,14 @@ from datetime import UTC, datetime
 
 from xencr.config import JobConfig
 from xencr.monitor.rpo import job_rpo, protection
+from xencr.replication import ownership
 from xencr.replication import source as srcmod
 from xencr.replication.decide import plan_target
 from xencr.replication.jobs import Connected, selected_vms, spec_of, targets_of
 from xencr.replication.metadata import parse_stamp
-from xencr.replication.target import restore_points
 from xencr.schedule import next_fire
 from xencr.state import StateDB, TaskRow
+from xencr.units import human_bytes
 from xencr.xapi.transfer import changed_blocks
 
 BLOCK = 2 * 1024 * 1024
@@ -90,7 +91,7 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
             free[t.sr_uuid] -= tp.estimated_bytes
             tp.sr_free_after = free[t.sr_uuid] + released
             if free[t.sr_uuid] < 0:
-                tp.problems.append(f"insufficient space on {t.name}: {-free[t.sr_uuid]} bytes short")
+                tp.problems.append(f"insufficient space on {t.name}: {human_bytes(-free[t.sr_uuid])} short")
             target_nets = {r["name_label"] for r in t.session.api.network.get_all_records().values()}
             for n in sorted(nets):
                 mapped = t.network_map.get(n, n)
@@ -115,6 +116,7 @@ class StatusRow:
     last_finished: datetime | None = None  # when the newest task ended
     next_run: datetime | None = None  # None: the job is disabled or has no schedule
     source: str = "pool"  # "pool": restore points as the target holds them; "history": as recorded
+    detached: int = 0  # objects of the job on the target that xencr leaves alone (`ownership`)
 
     @property
     def breach(self) -> bool:
@@ -152,7 +154,8 @@ def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> lis
     targets = targets_of(c)
     for _vm, rec in selected_vms(c):
         for t in targets:
-            points = restore_points(t.session, c.job.id, rec["uuid"], t.sr_uuid)
+            found = ownership.survey(t.session, c.job.id, rec["uuid"], t.sr_uuid)
+            points = found.points
             newest = points[-1] if points else None
             when = parse_stamp(newest.snapshot_time) if newest else None
             last = _last(db, rec["uuid"], t.sr_uuid)
@@ -170,6 +173,7 @@ def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> lis
                     snapshot_time=when,
                     last_finished=last.finished_at if last else None,
                     next_run=upcoming,
+                    detached=len(found.detached),
                 )
             )
     return rows
@@ -201,6 +205,7 @@ def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None
                 last_finished=p.last.finished_at,
                 next_run=upcoming,
                 source="history",
+                detached=p.detached,
             )
         )
     return rows

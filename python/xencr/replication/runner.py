@@ -22,13 +22,24 @@ from typing import Any, Protocol
 from xencr import _engine
 from xencr._engine import VhdError
 from xencr.replication import metadata as md
+from xencr.replication import ownership
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
+from xencr.replication.blockmap import KEY as MAP_KEY
+from xencr.replication.blockmap import BlockMap, MapStore, combine
 from xencr.replication.decide import DiskPlan, SeedPending, plan_target
 from xencr.service import limits, locks
+from xencr.units import human_bytes, transfer_text
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import TransferCancelled, TransferError, TransferTimeout, copy_vdi
+from xencr.xapi.transfer import (
+    TransferCancelled,
+    TransferError,
+    TransferTimeout,
+    copy_vdi,
+    export_digests,
+    read_back,
+)
 
 log = logging.getLogger("xencr.replication")
 
@@ -51,6 +62,10 @@ class JobSpec:
     lock_dir: Path | None = None  # per VM/target locks shared with other runs (None: no locking)
     source_pool: str = ""  # the source pool's name, for its export limit
     max_exports: int | None = None  # disk exports from the source pool at once (None: no limit)
+    # Read each disk back from the target before the commit and compare it with what was sent.
+    verify_import: bool = True
+    # Where each restore point disk's block map is kept (the state database); None: no maps.
+    maps: MapStore | None = field(default=None, compare=False)
 
 
 CANCELLED = "cancelled: shutting down"
@@ -79,6 +94,11 @@ class DiskResult:
     seconds: float = 0.0
     digest: str = ""
     block_indices: list[int] = field(default_factory=list)
+    map_digest: str = ""  # the restore point disk's block map (`blockmap`), when maps are kept
+    # What was sent, block by block, until the read-back and the map have used it.
+    sent: list[tuple[int, str]] = field(default_factory=list, repr=False)
+    algorithm: str = _engine.DIGEST_ALGORITHM
+    block_size: int = 0
 
 
 @dataclass
@@ -91,6 +111,8 @@ class TargetResult:
     cleaned: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Objects of this job that xencr leaves alone (`ownership`): one line each, found this run.
+    detached: list[str] = field(default_factory=list)
     error: str | None = None
     holder: str | None = None  # skipped: who holds the VM/target ("job web (pid 12) since ...")
 
@@ -112,6 +134,7 @@ class VmResult:
     snapshot_time: datetime | None = None  # the moment the snapshot (and its restore points) hold
     targets: list[TargetResult] = field(default_factory=list)
     source_pruned: list[str] = field(default_factory=list)
+    source_kept: list[str] = field(default_factory=list)  # snapshots of ours left alone: in use
     error: str | None = None
 
     @property
@@ -192,7 +215,7 @@ def replicate_vm(
     try:
         active, skipped = _lock_targets(rec, targets, job, held)
         for tr in skipped:
-            progress(f"{rec['name_label']} -> {tr.target}: {tr.error} ({tr.holder})")
+            # No progress line: the caller says it once (`xencr run`'s refusal, the daemon's task).
             obs.finished(result, tr)
         if active:
             _replicate_locked(
@@ -258,18 +281,25 @@ def _replicate_locked(
         obs.started(result, t)
     # The per-VM timeout covers every target and attempt; transfers are cut when it passes.
     deadline = time.monotonic() + job.vm_timeout if job.vm_timeout else None
-    cleaned = {t.name: tgt.cleanup(t.session, job.id, rec["uuid"], t.sr, t.sr_uuid) for t in targets}
+    tidied = {t.name: ownership.tidy(t.session, job.id, rec["uuid"], t.sr_uuid) for t in targets}
+    if not some_skipped:
+        # A busy target may be another run of this job, whose snapshot may not be tagged yet.
+        gone, in_use = srcmod.drop_leftovers(src, vm, job.id)
+        for t in targets:
+            tidied[t.name].removed += gone
+        result.source_kept += in_use
+    attempt = ownership.new_attempt(job.id)
     previous = srcmod.job_snapshots(src, vm, job.id)
     foreign = srcmod.foreign_snapshots(src, vm, job.id)
     nobak = [d.vdi for d in srcmod.disks_of(src, vm, with_nobak=True) if md.NOBAK in d.name]
     try:
         snap, when = srcmod.take_snapshot(
-            src, vm, rec, job.id, job.name, job.schedule_id, job.snapshot_mode, nobak
+            src, vm, rec, job.id, job.name, job.schedule_id, job.snapshot_mode, nobak, attempt
         )
     except (XapiError, PoolUnreachable) as err:
         result.error = f"snapshot failed: {_error_line(err)}"
         for t in targets:
-            obs.finished(result, TargetResult(t.name, t.sr_uuid, error=result.error, cleaned=cleaned[t.name]))
+            obs.finished(result, _tidied(TargetResult(t.name, t.sr_uuid, error=result.error), tidied[t.name]))
         return
     snap_rec = src.api.VM.get_record(snap)
     result.snapshot = snap_rec["uuid"]
@@ -293,7 +323,7 @@ def _replicate_locked(
         monitor,
     )
     for t in targets:
-        tr = TargetResult(t.name, t.sr_uuid, cleaned=cleaned[t.name])
+        tr = _tidied(TargetResult(t.name, t.sr_uuid), tidied[t.name])
         result.targets.append(tr)
         _attempts(shared, t, tr)
         obs.finished(result, tr)
@@ -313,7 +343,15 @@ def _replicate_locked(
         # A busy target may be another run of this job, sending a snapshot not ours to judge;
         # the next run that has every target prunes.
         keep.update(uuids.values())
-    result.source_pruned = srcmod.prune_snapshots(src, vm, job.id, keep)
+    pruned, in_use = srcmod.prune_snapshots(src, vm, job.id, keep)
+    result.source_pruned = pruned
+    result.source_kept += in_use
+
+
+def _tidied(tr: TargetResult, c: ownership.Cleaned) -> TargetResult:
+    tr.cleaned = list(c.removed)
+    tr.detached = [d.line() for d in c.detached]
+    return tr
 
 
 def _attempts(run: _VmRun, t: Target, tr: TargetResult) -> None:
@@ -422,6 +460,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         md.SR: t.sr_uuid,
         md.COPY_OF: snap_rec["uuid"],
         md.SNAPSHOT_TIME: md.precise(when),
+        md.ATTEMPT: ownership.new_attempt(job.id),  # every object this attempt creates carries it
     }
     hold("before-replica")
     # The snapshot has the disks' moment; startup settings (order, delays, HA priority) are
@@ -439,7 +478,8 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
             tgt.attach(ts, replica, vdi, dp.disk)
         tr.warnings += tgt.copy_vifs(src, vm, ts, replica, t.network_map)
         for dp in plan.disks:
-            progress(f"{rec['name_label']} -> {t.name}: disk {dp.disk.userdevice} {dp.kind} ({dp.reason})")
+            how = transfer_text(dp.kind, dp.reason)
+            progress(f"{rec['name_label']} -> {t.name}: disk {dp.disk.userdevice} {how}")
         hold("before-transfer")
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
             pairs = list(zip(plan.disks, new_vdis, strict=True))
@@ -448,36 +488,43 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
                 pool.map(lambda pv: _send(src, t, pv[0], pv[1], job, deadline, monitor, label), pairs)
             )
         tr.disks = results
+        with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
+            checks = zip(plan.disks, results, new_vdis, strict=True)
+            list(pool.map(lambda c: _read_back_and_map(ts, t.name, c[0], c[1], c[2], job, deadline), checks))
         total = sum(d.bytes_sent for d in results)
-        kinds = ", ".join(f"{d.userdevice}: {d.kind}" for d in results)
+        kinds = ", ".join(f"disk {d.userdevice} {d.kind}" for d in results)
         name = f"{rec['name_label']} ({stamp})"
         description = (
-            f"xencr replica of {rec['name_label']} at {stamp}: {_human(total)} transferred ({kinds})"
+            f"xencr replica of {rec['name_label']} at {stamp}: {human_bytes(total)} transferred ({kinds})"
         )
         for d, vdi in zip(results, new_vdis, strict=True):
             # What `xencr verify` re-reads and compares: which blocks came, and their digests.
             oc = dict(ts.api.VDI.get_other_config(vdi))
+            mapped = {MAP_KEY: d.map_digest} if d.map_digest else {}
             ts.api.VDI.set_other_config(
-                vdi, oc | {md.DIGEST: d.digest, md.BLOCKS: md.ranges(d.block_indices)}
+                vdi, oc | {md.DIGEST: d.digest, md.BLOCKS: md.ranges(d.block_indices)} | mapped
             )
         hold("before-commit")
         tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
         hold("after-commit")
     except BaseException:
         # In-process failure: nothing of this attempt may remain (a kill is cleaned next run).
-        tgt.discard(ts, replica, new_vdis)
+        ownership.discard(ts, replica, new_vdis)
         raise
     tr.restore_point = str(ts.api.VM.get_uuid(replica))
     seconds = max((d.seconds for d in tr.disks), default=0.0)
-    speed = f", {_human(int(tr.bytes_sent / seconds))}/s" if seconds > 0 else ""
-    progress(
-        f"{rec['name_label']} -> {t.name}: restore point {tr.restore_point} ({_human(tr.bytes_sent)}{speed})"
-    )
-    # Retention: the oldest complete restore points beyond the schedule's count; never the newest.
+    speed = f", {human_bytes(int(tr.bytes_sent / seconds))}/s" if seconds > 0 else ""
+    sent = human_bytes(tr.bytes_sent)
+    progress(f"{rec['name_label']} -> {t.name}: restore point {tr.restore_point} ({sent}{speed})")
+    # Retention: the oldest intact restore points beyond the schedule's count, never the newest;
+    # detached replicas are not restore points and are never counted (`ownership`).
     points = tgt.restore_points(ts, job.id, rec["uuid"], t.sr_uuid)
     for rp in points[: max(0, len(points) - max(1, job.retention))]:
-        tgt.destroy_replica(ts, rp.ref)
-        tr.expired.append(rp.uuid)
+        left = ownership.expire(ts, rp)
+        if left is None:
+            tr.expired.append(rp.uuid)
+        else:
+            tr.detached.append(left.line())
 
 
 def _send(
@@ -539,16 +586,49 @@ def _copy(
         r.seconds,
         md.digest_of_list(r.digest_algorithm, r.digests),
         [b for b, _ in r.digests],
+        sent=r.digests,
+        algorithm=r.digest_algorithm,
+        block_size=r.block_size,
     )
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"
+def _read_back_and_map(
+    ts: XapiSession,
+    target: str,
+    dp: DiskPlan,
+    d: DiskResult,
+    vdi: str,
+    job: JobSpec,
+    deadline: float | None,
+) -> None:
+    """Before the commit: read back what this attempt wrote into ``vdi`` (`read_back` raises
+    on a difference, and the attempt is discarded and retried), then keep the disk's block map
+    (its base's map with the delta's blocks replaced) and set ``d.map_digest``."""
+    if job.verify_import:
+        where = f"target {target} disk {d.userdevice}"
+        read_back(ts, vdi, d.sent, base=dp.base_target_vdi, where=where, deadline=deadline, cancel=job.cancel)
+    if job.maps is not None:
+        base: BlockMap | None = None
+        missing = ""
+        if dp.base_target_vdi is not None:
+            key = ts.api.VDI.get_other_config(dp.base_target_vdi).get(MAP_KEY)
+            base = job.maps.get_map(key) if key else None
+            if base is None:
+                missing = "carries no map key" if not key else f"map {key} is not in the state database"
+        if missing:
+            # Only the delta's blocks are known: the whole disk is read once to know the rest.
+            log.warning(
+                "%s disk %s: the base %s; reading the whole disk back for its map",
+                target,
+                d.userdevice,
+                missing,
+            )
+            whole = export_digests(ts, vdi, deadline=deadline, cancel=job.cancel)
+            new_map = BlockMap.of_blocks(whole.algorithm, whole.block_size, whole.digests)
+        else:
+            new_map = combine(base, d.sent, algorithm=d.algorithm, block_size=d.block_size)
+        d.map_digest = job.maps.put_map(new_map)
+    d.sent = []  # a large disk's list is large; nothing needs it any more
 
 
 def run_job(

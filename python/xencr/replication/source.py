@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from xencr.replication import metadata as md
-from xencr.xapi.errors import XapiError
+from xencr.replication import ownership
 from xencr.xapi.session import XapiSession
 
 log = logging.getLogger("xencr.replication")
@@ -80,11 +80,13 @@ def take_snapshot(
     schedule_id: str,
     mode: str,
     nobak: list[str],
+    attempt: str,
 ) -> tuple[str, datetime]:
     """Snapshot the VM (normal, checkpoint with memory, or offline: clean shutdown first and
-    restart after) and tag it as this job's. Disks marked `[NOBAK]` are left out."""
+    restart after) and tag it as this job's. Disks marked `[NOBAK]` are left out. The name
+    carries the attempt's id, so that a snapshot a kill left untagged is still found."""
     now = datetime.now(UTC)
-    name = f"[xencr {job_name}] {vm_rec['name_label']}"
+    name = ownership.snapshot_name(job_name, vm_rec["name_label"], attempt)
     restart = False
     if mode == "offline" and vm_rec["power_state"] == "Running":
         s.call_async("VM.clean_shutdown", vm)
@@ -104,6 +106,7 @@ def take_snapshot(
         md.VM: vm_rec["uuid"],
         md.SNAPSHOT_TIME: md.precise(now),
         md.ROLE: "source-snapshot",
+        md.ATTEMPT: attempt,
     }
     oc = dict(s.api.VM.get_other_config(snap))
     oc = {k: v for k, v in oc.items() if not k.startswith(md.PREFIX)} | marks
@@ -115,23 +118,14 @@ def take_snapshot(
     return snap, now
 
 
-def destroy_snapshot(s: XapiSession, snap: str) -> None:
-    """A snapshot VM and its disks (VM.destroy keeps the disks)."""
-    vdis = [d.vdi for d in disks_of(s, snap)]
-    s.api.VM.destroy(snap)
-    for vdi in vdis:
-        try:
-            s.api.VDI.destroy(vdi)
-        except XapiError as err:
-            log.warning("snapshot disk %s not destroyed: %s", vdi, err)
-
-
-def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> list[str]:
-    """Destroy this job's snapshots of the VM except ``keep``; returns the UUIDs destroyed.
+def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> tuple[list[str], list[str]]:
+    """Destroy this job's snapshots of the VM except ``keep`` (`ownership.destroy_snapshot`:
+    never one whose disks another VM uses); returns the UUIDs destroyed, and a line for each
+    snapshot left alone because it is in use.
 
     A seed's snapshot (written to files, perhaps still travelling) is kept until the chain has
     moved past it: until some kept base is newer than it."""
-    gone = []
+    gone, in_use = [], []
     snaps = job_snapshots(s, vm, job_id)
     newest_kept = max(
         (r["other_config"].get(md.SNAPSHOT_TIME, "") for ref, r in snaps if ref in keep), default=""
@@ -142,6 +136,21 @@ def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> lis
         seeded = rec["other_config"].get(md.SEED)
         if seeded and rec["other_config"].get(md.SNAPSHOT_TIME, "") >= newest_kept:
             continue
-        destroy_snapshot(s, snap)
-        gone.append(rec["uuid"])
-    return gone
+        why = ownership.destroy_snapshot(s, snap)
+        if why is None:
+            gone.append(rec["uuid"])
+        else:
+            in_use.append(f"source snapshot {rec['uuid']} {rec['name_label']!r}: {why} (left alone)")
+    return gone, in_use
+
+
+def drop_leftovers(s: XapiSession, vm: str, job_id: str) -> tuple[list[str], list[str]]:
+    """Destroy the snapshots this job's killed attempts left untagged (`ownership.source_leftovers`);
+    returns the lines for those destroyed and for those left alone (in use)."""
+    gone: list[str] = []
+    in_use: list[str] = []
+    for snap, rec in ownership.source_leftovers(s, vm, job_id):
+        why = ownership.destroy_snapshot(s, snap)
+        line = f"untagged source snapshot {rec['uuid']} of an interrupted attempt"
+        (gone if why is None else in_use).append(line if why is None else f"{line}: {why} (left alone)")
+    return gone, in_use

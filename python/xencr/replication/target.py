@@ -3,86 +3,29 @@ point, clean-up of interrupted runs, and retention.
 
 A restore point is a replica VM marked complete, whose disks each have a *commit snapshot*
 taken at the commit: the immutable copy the next delta is cloned from. Comparing a replica's
-live disk with its commit snapshot tells whether anyone wrote to it since."""
+live disk with its commit snapshot tells whether anyone wrote to it since. What may be destroyed
+(and what is detached instead) is decided in `ownership`, and nowhere else."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from xencr.replication import metadata as md
+from xencr.replication import ownership
+from xencr.replication.ownership import RestorePoint
 from xencr.replication.source import Disk
-from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
 
+__all__ = ["RestorePoint", "restore_points"]  # RestorePoint: defined with the rule, in ownership
 log = logging.getLogger("xencr.replication")
 NULL = "OpaqueRef:NULL"
 
 
-@dataclass
-class RestorePoint:
-    ref: str
-    uuid: str
-    name: str
-    snapshot_time: str
-    copy_of: str  # source snapshot VM UUID
-    record: dict[str, Any]
-    # userdevice -> (live VDI ref, commit snapshot VDI ref or None, source snapshot VDI UUID)
-    disks: dict[str, tuple[str, str | None, str]] = field(default_factory=dict)
-    # Laid out by Xen Orchestra (classic keys): no commit snapshots, its live disks are the base.
-    xo: bool = False
-
-    @property
-    def protected(self) -> bool:
-        blocked = self.record["blocked_operations"]
-        return all(op in blocked for op in md.PROTECTED_OPS)
-
-
-def replicas_of(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every replica VM (complete or not) of this job, source VM and target SR."""
-    out = []
-    for ref, rec in t.api.VM.get_all_records().items():
-        oc = rec["other_config"]
-        if (
-            rec["is_a_snapshot"]
-            or oc.get(md.ROLE) != "replica"
-            or oc.get(md.JOB) != job_id
-            or oc.get(md.VM) != vm_uuid
-            or oc.get(md.SR) != sr_uuid
-        ):
-            continue
-        out.append((str(ref), rec))
-    return out
-
-
 def restore_points(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> list[RestorePoint]:
-    """Complete restore points, oldest first."""
-    points = []
-    for ref, rec in replicas_of(t, job_id, vm_uuid, sr_uuid):
-        oc = rec["other_config"]
-        if oc.get(md.COMPLETE) != "true":
-            continue
-        rp = RestorePoint(
-            ref, rec["uuid"], rec["name_label"], oc.get(md.SNAPSHOT_TIME, ""), oc.get(md.COPY_OF, ""), rec
-        )
-        for vbd in rec["VBDs"]:
-            b = t.api.VBD.get_record(vbd)
-            if b["type"] != "Disk" or b["VDI"] == NULL:
-                continue
-            live = str(b["VDI"])
-            snaps = [str(x) for x in t.api.VDI.get_snapshots(live)]
-            commit = next(
-                (x for x in snaps if t.api.VDI.get_other_config(x).get(md.ROLE) == "commit-snapshot"), None
-            )
-            rp.disks[str(b["userdevice"])] = (
-                live,
-                commit,
-                t.api.VDI.get_other_config(live).get(md.COPY_OF, ""),
-            )
-        points.append(rp)
-    return sorted(points, key=lambda p: p.snapshot_time)
+    """This job's intact restore points of the VM on the SR, oldest first (`ownership.survey`:
+    detached replicas are not restore points)."""
+    return ownership.survey(t, job_id, vm_uuid, sr_uuid).points
 
 
 def xo_restore_points(
@@ -184,9 +127,12 @@ def _vm_record(src_rec: dict[str, Any], name: str, keys: dict[str, str]) -> dict
 
 
 def create_replica(t: XapiSession, src_rec: dict[str, Any], keys: dict[str, str]) -> str:
-    """The replica VM shell, incomplete-marked and protected before any data lands."""
+    """The replica VM shell, incomplete-marked and protected before any data lands. ``keys``
+    carry the attempt's id (`md.ATTEMPT`): the VM has it from the call that creates it."""
+    assert md.ATTEMPT in keys, "every object an attempt creates carries its id"
     name = f"[xencr importing] {src_rec['name_label']}"
     vm = str(t.api.VM.create(_vm_record(src_rec, name, keys | {md.COMPLETE: "false", md.ROLE: "replica"})))
+    _set_self(t, "VM", vm)
     # blocked_operations given to VM.create did not always take effect (xo-compat.md 2): set them.
     for op in md.PROTECTED_OPS:
         t.api.VM.remove_from_blocked_operations(vm, op)
@@ -198,7 +144,10 @@ def create_disk(
     t: XapiSession, sr: str, src_disk: Disk, base_snapshot: str | None, keys: dict[str, str]
 ) -> str:
     """A new VDI for one disk: a clone of the base restore point's commit snapshot (delta), or a
-    fresh one of the same size (full). Marked incomplete at once."""
+    fresh one of the same size (full). Marked incomplete, with the attempt's id, from the call
+    that creates it: a clone inherits the base's keys, so the base carries the attempt in
+    `md.CLONING` while it is cloned (`ownership` finds a clone cut off before its keys)."""
+    assert md.ATTEMPT in keys, "every object an attempt creates carries its id"
     oc = keys | {md.COMPLETE: "false", md.ROLE: "replica-disk", md.COPY_OF: src_disk.uuid}
     if base_snapshot is None:
         rec = {
@@ -211,11 +160,22 @@ def create_disk(
             "name_label": src_disk.name,
             "name_description": "xencr replica disk",
         }
-        return str(t.api.VDI.create(rec))
+        vdi = str(t.api.VDI.create(rec))
+        _set_self(t, "VDI", vdi)
+        return vdi
+    base_oc = dict(t.api.VDI.get_other_config(base_snapshot))
+    t.api.VDI.set_other_config(base_snapshot, base_oc | {md.CLONING: keys[md.ATTEMPT]})
     vdi = str(t.api.VDI.clone(base_snapshot, {}))
-    t.api.VDI.set_other_config(vdi, oc)
+    t.api.VDI.set_other_config(vdi, oc | {md.SELF: str(t.api.VDI.get_uuid(vdi))})
+    t.api.VDI.set_other_config(base_snapshot, {k: v for k, v in base_oc.items() if k != md.CLONING})
     t.api.VDI.set_name_label(vdi, src_disk.name)
     return vdi
+
+
+def _set_self(t: XapiSession, cls: str, ref: str) -> None:
+    """Name an object its own: a copy of it made by anyone keeps this value, not its own UUID."""
+    oc = dict(t.call(f"{cls}.get_other_config", ref))
+    t.call(f"{cls}.set_other_config", ref, oc | {md.SELF: str(t.call(f"{cls}.get_uuid", ref))})
 
 
 def attach(t: XapiSession, vm: str, vdi: str, d: Disk) -> None:
@@ -295,68 +255,24 @@ def commit(
         oc = dict(t.api.VDI.get_other_config(vdi)) | disk_keys | {md.COMPLETE: "true"}
         t.api.VDI.set_other_config(vdi, oc)
         snap = str(t.api.VDI.snapshot(vdi, {}))
-        t.api.VDI.set_other_config(snap, oc | {md.ROLE: "commit-snapshot"})
+        t.api.VDI.set_other_config(
+            snap, oc | {md.ROLE: "commit-snapshot", md.SELF: str(t.api.VDI.get_uuid(snap))}
+        )
     t.api.VM.set_name_label(vm, name)
     t.api.VM.set_name_description(vm, description)
-    oc = dict(t.api.VM.get_other_config(vm)) | keys | {md.COMPLETE: "true"}
+    seal(t, vm, keys | {md.COMPLETE: "true"})
+
+
+def seal(t: XapiSession, vm: str, keys: dict[str, str]) -> None:
+    """Write ``keys`` and the replica's seal (`ownership.seal_of`) in one `other_config` write:
+    a run's commit point, and a seed link's."""
+    rec = t.api.VM.get_record(vm)
+    disks = {}
+    for vbd in rec["VBDs"]:
+        b = t.api.VBD.get_record(vbd)
+        if b["type"] == "Disk" and b["VDI"] != NULL:
+            disks[str(b["userdevice"])] = str(t.api.VDI.get_uuid(b["VDI"]))
+    # A commit is a fresh verdict: an earlier one (a half-written seed link seen by a run) goes.
+    oc = {k: v for k, v in rec["other_config"].items() if k not in (md.DETACHED, md.EXPIRING)}
+    oc |= keys | {md.SELF: rec["uuid"], md.SEAL: ownership.seal_of(rec, disks)}
     t.api.VM.set_other_config(vm, oc)
-
-
-def destroy_replica(t: XapiSession, vm: str) -> int:
-    """A replica VM, its disks and their commit snapshots; returns how many VDIs went."""
-    vdis: list[str] = []
-    for vbd in t.api.VM.get_VBDs(vm):
-        vdi = str(t.api.VBD.get_VDI(vbd))
-        if vdi != NULL and t.api.VBD.get_type(vbd) == "Disk":
-            vdis.append(vdi)
-            vdis.extend(str(x) for x in t.api.VDI.get_snapshots(vdi))
-    if t.api.VM.get_power_state(vm) != "Halted":
-        t.api.VM.hard_shutdown(vm)
-    t.api.VM.destroy(vm)
-    for vdi in vdis:
-        destroy_vdi(t, vdi)
-    return len(vdis)
-
-
-def discard(t: XapiSession, replica: str, vdis: list[str]) -> None:
-    """Remove a failed attempt's replica and disks, best effort: whatever stays is incomplete, and
-    the next run (or seed import) removes it."""
-    try:
-        destroy_replica(t, replica)
-    except (XapiError, PoolUnreachable) as err:
-        log.warning("replica %s not destroyed: %s (the next run cleans it up)", replica, err)
-    for vdi in vdis:
-        with contextlib.suppress(XapiError, PoolUnreachable):
-            destroy_vdi(t, vdi)
-
-
-def destroy_vdi(t: XapiSession, vdi: str) -> None:
-    try:
-        t.api.VDI.destroy(vdi)
-    except XapiError as err:
-        if err.code != "HANDLE_INVALID":
-            log.warning("VDI %s not destroyed: %s", vdi, err)
-
-
-def cleanup(t: XapiSession, job_id: str, vm_uuid: str, sr: str, sr_uuid: str) -> list[str]:
-    """Remove what an interrupted run of this job left for this VM on this SR: incomplete
-    replicas and their disks, and disks of ours that belong to no complete restore point.
-    Idempotent. Returns one line per object removed."""
-    removed = []
-    for ref, rec in replicas_of(t, job_id, vm_uuid, sr_uuid):
-        if rec["other_config"].get(md.COMPLETE) != "true":
-            n = destroy_replica(t, ref)
-            removed.append(f"incomplete replica {rec['uuid']} and {n} disk(s)")
-    kept: set[str] = set()
-    for rp in restore_points(t, job_id, vm_uuid, sr_uuid):
-        for live, snap, _ in rp.disks.values():
-            kept.add(live)
-            if snap:
-                kept.add(snap)
-    for vdi, rec in t.api.VDI.get_all_records().items():
-        oc = rec["other_config"]
-        ours = oc.get(md.JOB) == job_id and oc.get(md.VM) == vm_uuid and rec["managed"]
-        if ours and rec["SR"] == sr and str(vdi) not in kept:
-            destroy_vdi(t, str(vdi))
-            removed.append(f"orphan disk {rec['uuid']}")
-    return removed

@@ -18,6 +18,7 @@ from typing import Any
 from xencr import _engine
 from xencr.config import JobConfig
 from xencr.replication import metadata as md
+from xencr.replication import ownership
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
 from xencr.replication.runner import TransferMonitor, hold
@@ -70,7 +71,10 @@ def export_seed(
     snap, done = _resume(s, job, rec, directory, say)
     if snap is None:
         nobak = [d.vdi for d in srcmod.disks_of(s, vm, with_nobak=True) if md.NOBAK in d.name]
-        snap, when = srcmod.take_snapshot(s, vm, rec, job.id, job.name, schedule_id, job.snapshot_mode, nobak)
+        attempt = ownership.new_attempt(job.id)
+        snap, when = srcmod.take_snapshot(
+            s, vm, rec, job.id, job.name, schedule_id, job.snapshot_mode, nobak, attempt
+        )
         # From here the job keeps this snapshot, and refuses a full until a replica of it exists.
         s.api.VM.set_other_config(snap, dict(s.api.VM.get_other_config(snap)) | {md.SEED: md.precise(when)})
         _save_progress(directory, str(s.api.VM.get_uuid(snap)), {})

@@ -17,6 +17,7 @@ from typing import Any
 
 from xencr.replication import metadata as md
 from xencr.replication.source import Disk, disks_of
+from xencr.replication.target import seal
 from xencr.xapi.errors import XapiError
 from xencr.xapi.session import XapiSession
 
@@ -152,9 +153,9 @@ def _describe(obj: str, keys: dict[str, str], drop: tuple[str, ...] = ()) -> str
 
 
 def xencr_steps(src: XapiSession, tgt: XapiSession, p: Pairing, job_id: str, schedule_id: str) -> list[Step]:
-    """Our layout. Order: protect the target VM; a commit snapshot per disk; the VM's keys with
-    `complete` (the commit point: from here it is a restore point); its disks' keys; last, the
-    source snapshot's keys (from then on the job keeps it as the next delta's base)."""
+    """Our layout. Order: protect the target VM; a commit snapshot per disk; its disks' keys; the
+    VM's keys with `complete` and its seal (the commit point: from here it is a restore point);
+    last, the source snapshot's keys (from then on the job keeps it as the next delta's base)."""
     source_vm = p.source_vm_rec["uuid"]
     keys = {
         md.JOB: job_id,
@@ -190,25 +191,28 @@ def xencr_steps(src: XapiSession, tgt: XapiSession, p: Pairing, job_id: str, sch
             partial(_name, tgt, p.target_vm, name, md.TAGS),
         )
     )
-    steps.append(
-        Step(
-            _describe(f"target VM {p.target_rec['uuid']}", vm_keys),
-            lambda: _merge(tgt, "VM", p.target_vm, vm_keys),
-        )
-    )
     for sd, td in p.pairs:
         disk_keys = keys | {
             md.COPY_OF: sd.uuid,
             md.FULL_COUNT: "0",
             md.COMPLETE: "true",
             md.ROLE: "replica-disk",
+            md.SELF: td.uuid,
         }
         steps.append(
             Step(
                 _describe(f"target disk {td.userdevice} ({td.uuid})", disk_keys),
-                partial(_merge, tgt, "VDI", td.vdi, disk_keys),
+                partial(_merge, tgt, "VDI", td.vdi, disk_keys, _VERDICTS),
             )
         )
+    # The commit point: the VM's keys and its seal (`ownership`) in one write.
+    steps.append(
+        Step(
+            _describe(f"target VM {p.target_rec['uuid']}", vm_keys | {md.SELF: p.target_rec["uuid"]})
+            + f", {md.SEAL}=<seal of the VM as linked>",
+            lambda: seal(tgt, p.target_vm, vm_keys),
+        )
+    )
     src_keys = {
         md.JOB: job_id,
         md.SCHEDULE: schedule_id,
@@ -246,12 +250,17 @@ def _commit_snapshot(t: XapiSession, vdi: str, keys: dict[str, str]) -> str:
     for snap in t.api.VDI.get_snapshots(vdi):
         oc = t.api.VDI.get_other_config(snap)
         if oc.get(md.ROLE) == "commit-snapshot" and oc.get(md.COPY_OF) == keys[md.COPY_OF]:
-            t.api.VDI.set_other_config(snap, dict(oc) | keys | {md.ROLE: "commit-snapshot"})
+            _merge(t, "VDI", str(snap), keys | {md.ROLE: "commit-snapshot"}, _VERDICTS)
             return str(snap)
     snap = str(t.api.VDI.snapshot(vdi, {}))
-    oc = dict(t.api.VDI.get_other_config(snap))
-    t.api.VDI.set_other_config(snap, oc | keys | {md.ROLE: "commit-snapshot"})
+    own = {md.ROLE: "commit-snapshot", md.SELF: str(t.api.VDI.get_uuid(snap))}
+    _merge(t, "VDI", snap, keys | own, _VERDICTS)
     return snap
+
+
+# A link is the administrator's word: an earlier verdict on these objects (a run that saw an
+# interrupted link's half-written keys) no longer holds.
+_VERDICTS = (md.DETACHED, md.EXPIRING)
 
 
 # -- Xen Orchestra's layout

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from xencr import _engine
 from xencr.replication import metadata as md
+from xencr.replication import ownership
 from xencr.replication import target as tgt
 from xencr.replication.runner import TransferMonitor, hold
 from xencr.replication.source import Disk
 from xencr.seed.manifest import Manifest, SeedDisk, SeedError
+from xencr.units import human_bytes
 from xencr.xapi.files import upload_vdi
 from xencr.xapi.session import XapiSession
 from xencr.xapi.transfer import read_digests
@@ -58,8 +60,11 @@ def import_seed(
     if done is not None:
         say(f"already imported: restore point {done.uuid}")
         return done
-    for line in tgt.cleanup(ts, m.job_id, m.vm_uuid, sr, sr_uuid):
+    tidied = ownership.tidy(ts, m.job_id, m.vm_uuid, sr_uuid)
+    for line in tidied.removed:
         say(f"cleaned up: {line}")
+    for left in tidied.detached:
+        say(f"detached: {left.line()}")
     _check_space(ts, sr, m)
     keys = {
         md.JOB: m.job_id,
@@ -68,6 +73,7 @@ def import_seed(
         md.SR: sr_uuid,
         md.COPY_OF: m.snapshot_uuid,
         md.SNAPSHOT_TIME: m.snapshot_time,
+        md.ATTEMPT: ownership.new_attempt(m.job_id),
     }
     replica = tgt.create_replica(ts, m.vm_record, keys)
     vdis: list[str] = []
@@ -96,7 +102,7 @@ def import_seed(
             if problem:
                 raise SeedError(f"{problem} (the file is damaged); nothing was linked")
             total += r.length
-            say(f"disk {d.userdevice}: {r.length} bytes sent, {r.blocks} blocks match the manifest")
+            say(f"disk {d.userdevice}: {human_bytes(r.length)} sent, {r.blocks} blocks match the manifest")
         for d, vdi in zip(m.disks, vdis, strict=True):
             # Read back what the pool stored: the copy is only linked if it is the exported one.
             again = read_digests(ts, vdi)
@@ -117,10 +123,10 @@ def import_seed(
             vdis,
             keys | {md.BYTES: str(total)},
             f"{m.vm_name} ({stamp})",
-            f"xencr replica of {m.vm_name} at {stamp}: seeded from files ({total} bytes)",
+            f"xencr replica of {m.vm_name} at {stamp}: seeded from files ({human_bytes(total)})",
         )
     except BaseException:
-        tgt.discard(ts, replica, vdis)
+        ownership.discard(ts, replica, vdis)
         raise
     rp = existing(ts, m, sr_uuid)
     assert rp is not None, "a committed seed is a restore point"
@@ -133,5 +139,6 @@ def _check_space(ts: XapiSession, sr: str, m: Manifest) -> None:
     need = sum(d.length for d in m.disks)
     if int(rec["physical_size"]) > 0 and need > free:
         raise SeedError(
-            f"SR {rec['name_label']} has {free} bytes free; the seed needs {need}: nothing was imported"
+            f"SR {rec['name_label']} has {human_bytes(free)} free; the seed needs {human_bytes(need)}:"
+            " nothing was imported"
         )

@@ -104,9 +104,10 @@ def read(directory: Path) -> Manifest:
     for d in m.disks:
         f = directory / d.file
         if not f.is_file():
-            raise SeedError(f"{f}: missing (disk {d.userdevice})")
-        if f.stat().st_size != d.length:
-            raise SeedError(
-                f"{f}: {f.stat().st_size} bytes, the manifest says {d.length} (truncated or replaced)"
-            )
+            raise SeedError(f"no such file: {f} (disk {d.userdevice} of the seed)")
+        size = f.stat().st_size
+        if size < d.length:
+            raise SeedError(f"{f}: truncated: file ends at {size}, expected at least {d.length}")
+        if size != d.length:
+            raise SeedError(f"{f}: {size} bytes, the manifest says {d.length} (replaced?)")
     return m

@@ -38,8 +38,22 @@ class XapiError(Exception):
         return self.code in TRANSIENT_CODES
 
 
+class AuthenticationFailed(XapiError):
+    """The pool refused the login (``SESSION_AUTHENTICATION_FAILED``). One line naming the pool
+    and the user; the password is never part of it (XAPI's params are only user and message)."""
+
+    def __init__(self, where: str, username: str, params: Sequence[object] = ()) -> None:
+        super().__init__("SESSION_AUTHENTICATION_FAILED", params)
+        self.where = where
+        self.username = username
+
+    def __str__(self) -> str:
+        return f"{self.where}: authentication failed for user {self.username!r}"
+
+
 class PoolUnreachable(Exception):
-    """The pool could not be reached (connection refused, DNS, timeout, TLS failure)."""
+    """The pool could not be reached (connection refused, DNS, timeout, TLS failure), or what
+    answered does not speak XAPI; ``str()`` names the pool and the reason in one line."""
 
 
 class FingerprintMismatch(PoolUnreachable):

@@ -1,6 +1,11 @@
 """A XAPI session on top of the official SDK: login, logout, re-login on SESSION_INVALID (the
 SDK does that), retries with backoff for connection errors and transient XAPI errors (never for
-logic errors), async calls followed to completion, and typed errors."""
+logic errors), async calls followed to completion, and typed errors.
+
+Every failure to reach or use the pool itself (login refused, connection refused, DNS, TLS, a
+certificate that is not the pinned one, an answer that is not XAPI's) is one line starting with
+the pool: ``pool 'dr' (https://10.0.0.2): authentication failed for user 'root'``. Errors XAPI
+returns for a call (``VDI_IN_USE [...]``) stay as XAPI sent them."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+import xml.parsers.expat
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +25,7 @@ from urllib.parse import urlsplit
 
 import XenAPI
 
-from xencr.xapi.errors import FingerprintMismatch, PoolUnreachable, XapiError
+from xencr.xapi.errors import AuthenticationFailed, FingerprintMismatch, PoolUnreachable, XapiError
 from xencr.xapi.tls import PinnedTransport, TimeoutSafeTransport, TimeoutTransport, client_context
 
 log = logging.getLogger("xencr.xapi")
@@ -32,11 +38,18 @@ _RETRYABLE_OS = (ConnectionError, socket.timeout, http.client.HTTPException)
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a pool answers, without credentials."""
+    """Where a pool answers, without credentials; ``name`` is the pool's name in the
+    configuration (``""`` for a bare URL)."""
 
     url: str
     fingerprint: str | None = None
     verify_tls: bool = True
+    name: str = ""
+
+    @property
+    def where(self) -> str:
+        """How errors name the pool: ``pool 'dr' (https://10.0.0.2)``, or the URL alone."""
+        return f"pool {self.name!r} ({self.url})" if self.name else self.url
 
     @property
     def scheme(self) -> str:
@@ -83,8 +96,7 @@ class XapiSession:
             )
         except XapiError as err:
             if err.code == "SESSION_AUTHENTICATION_FAILED":
-                # XAPI's params are [username, message]; the password is never among them.
-                raise XapiError(err.code, err.params) from None
+                raise AuthenticationFailed(endpoint.where, username, err.params) from None
             raise
 
     def _transport(self, timeout: float) -> xmlrpc.client.Transport:
@@ -113,10 +125,20 @@ class XapiSession:
             fn = getattr(fn, part)
         return self._retrying(method, lambda: fn(*args))
 
-    def _retrying(self, method: str, thunk: Callable[[], Any]) -> Any:
+    def call_once(self, method: str, *args: Any) -> Any:
+        """One call whose failure is an answer, not a passing condition: no retries, even on a
+        "transient" code (a destroy refused with VDI_IN_USE means the object is in use)."""
+        fn: Any = self._sdk.xenapi
+        for part in method.split("."):
+            fn = getattr(fn, part)
+        return self._retrying(method, lambda: fn(*args), retries=0)
+
+    def _retrying(self, method: str, thunk: Callable[[], Any], *, retries: int | None = None) -> Any:
+        where = self.endpoint.where
         delay = self.backoff
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            last = attempt == retries
             try:
                 with self._lock:
                     return thunk()
@@ -125,17 +147,23 @@ class XapiSession:
                 if not err.transient or last:
                     raise err from None
                 log.warning("%s: %s, retrying in %.1fs", method, err, delay)
-            except FingerprintMismatch:
-                raise
+            except FingerprintMismatch as e:
+                # Its text starts with host:port; the pool's name and URL say more.
+                raise FingerprintMismatch(f"{where}: {str(e).split(': ', 1)[-1]}") from None
             except ssl.SSLError as e:
-                raise PoolUnreachable(f"{self.endpoint.url}: TLS: {e.reason or e}") from None
-            except (OSError, *_RETRYABLE_OS) as e:
-                if last:
-                    raise PoolUnreachable(f"{self.endpoint.url}: {_describe(e)}") from None
-                log.warning("%s: %s, retrying in %.1fs", method, _describe(e), delay)
+                raise PoolUnreachable(f"{where}: TLS: {e.reason or e}") from None
+            except (OSError, xmlrpc.client.ProtocolError, *_RETRYABLE_OS) as e:
+                # A 5xx may come from a proxy in front of a restarting pool; a 4xx will not pass.
+                client_error = isinstance(e, xmlrpc.client.ProtocolError) and e.errcode < 500
+                if last or client_error:
+                    raise PoolUnreachable(f"{where}: {_describe(e)}") from None
+                log.warning("%s: %s: %s, retrying in %.1fs", where, method, _describe(e), delay)
             except xmlrpc.client.Fault as e:
-                # The SDK raises Faults for protocol problems (and after 3 failed re-logins).
-                raise XapiError("INTERNAL_ERROR", [e.faultString]) from None
+                # The SDK raises Faults when the answer is not XAPI's (no Status), on a login
+                # timeout, and after 3 re-logins that gave no valid session.
+                raise PoolUnreachable(f"{where}: {e.faultString}") from None
+            except (xml.parsers.expat.ExpatError, xmlrpc.client.ResponseError):
+                raise PoolUnreachable(f"{where}: the answer is not XML-RPC (is this a XAPI URL?)") from None
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
@@ -218,6 +246,10 @@ def _describe(e: BaseException) -> str:
         return "timed out"
     if isinstance(e, socket.gaierror):
         return f"cannot resolve host ({e.strerror})"
+    if isinstance(e, xmlrpc.client.ProtocolError):
+        return f"HTTP {e.errcode} {e.errmsg} (is this a XAPI URL?)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower() if e.errno is not None else e.strerror
     return str(e) or type(e).__name__
 
 

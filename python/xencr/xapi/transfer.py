@@ -11,8 +11,11 @@ through Python."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +56,7 @@ class TransferReport:
     digests: list[tuple[int, str]] = field(default_factory=list)
     digest_algorithm: str = _engine.DIGEST_ALGORITHM
     imported_vdi: str = ""
+    block_size: int = 2 * 1024 * 1024
 
 
 def _tcp(session: XapiSession) -> socket.socket:
@@ -210,6 +214,7 @@ def copy_vdi(
             seconds=time.monotonic() - start,
             digests=list(report["digests"]),
             imported_vdi=imported,
+            block_size=int(report["block_size"]),
         )
     finally:
         for sock in socks:
@@ -364,3 +369,247 @@ def read_digests(session: XapiSession, vdi: str) -> dict[str, Any]:
             sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
+
+
+# ------------------------------------------------------------------------------ reading back
+
+
+class ReadbackMismatch(TransferError):
+    """What a target holds after an import is not what was sent to it."""
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """A VDI's blocks as an export of it carried them (all of them, or those of a delta)."""
+
+    algorithm: str
+    block_size: int
+    digests: list[tuple[int, str]]  # (block index, hex digest), ascending
+    bytes_read: int
+    block_count: int  # blocks of the whole disk (the BAT's entries)
+
+
+@functools.cache
+def zero_digest(algorithm: str, block_size: int) -> str:
+    """The digest of an all-zero block, as the engine computes it (asked of the engine once:
+    a one-block disk written with zeros, exported to nowhere)."""
+    if algorithm != _engine.DIGEST_ALGORITHM:
+        raise TransferError(f"digests of {algorithm} are not computed by this engine")
+    with tempfile.TemporaryDirectory(prefix="xencr-zero-") as tmp:
+        path = os.path.join(tmp, "zero.vhd")
+        _engine.create(path, block_size, block_size=block_size)
+        _engine.write(path, 0, bytes(block_size))
+        report = _engine.export_stream(path, os.devnull)
+    return str(report["digests"][0][1])
+
+
+def export_digests(
+    session: XapiSession,
+    vdi: str,
+    *,
+    base: str | None = None,
+    deadline: float | None = None,
+    cancel: threading.Event | None = None,
+) -> ReadBack:
+    """Export ``vdi`` (a delta against ``base`` when given) and digest every block it carries;
+    nothing is written anywhere. Past ``deadline`` or once ``cancel`` is set the export is cut
+    (`TransferTimeout` / `TransferCancelled`)."""
+    task = str(session.call("task.create", "xencr read-back", f"read-back of {vdi}"))
+    sock = _tcp(session)
+    watchdog = _Watchdog([sock], deadline, cancel)
+    try:
+        params = {"vdi": vdi, "format": "vhd"} | ({"base": base} if base else {})
+        path = "/export_raw_vdi?" + _query(session, task, **params)
+        try:
+            report = _engine.relay(sock.fileno(), session.endpoint.host, path, src_tls=_tls_spec(session))
+        except (_engine.VhdError, OSError) as err:
+            if watchdog.fired == "cancel":
+                raise TransferCancelled(f"read-back of {vdi} cancelled") from None
+            if watchdog.fired:
+                raise TransferTimeout(f"read-back of {vdi} cut at its deadline") from None
+            if getattr(err, "kind", "") == "http_status":
+                raise _task_failure(session, task) or TransferError(f"export of {vdi}: {err}") from None
+            raise TransferError(f"read-back of {vdi}: {err}") from None
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(OSError):
+            sock.close()
+        session.cancel_task(task)
+        session.destroy_task(task)
+    return ReadBack(
+        algorithm=str(report["digest_algorithm"]),
+        block_size=int(report["block_size"]),
+        digests=[(int(i), str(h)) for i, h in report["digests"]],
+        bytes_read=int(report["bytes_in"]),
+        block_count=-(-int(report["virtual_size"]) // int(report["block_size"])),
+    )
+
+
+def read_back(
+    session: XapiSession,
+    vdi: str,
+    sent: list[tuple[int, str]],
+    *,
+    base: str | None,
+    where: str,
+    deadline: float | None = None,
+    cancel: threading.Event | None = None,
+) -> ReadBack:
+    """Read back from the target what an import into ``vdi`` wrote and compare it with the
+    digests of what was ``sent``; `ReadbackMismatch` (its line starts with ``where``) otherwise.
+
+    A delta (``vdi`` a clone of the commit snapshot ``base``) is exported against that base, so
+    only the blocks written into the clone come back (vhd-tool, and the engine after it, carries
+    the blocks of the chain layers the two do not share); each must be exactly one sent. A full
+    is exported whole: the same blocks must come back, except that a zero block may be absent or
+    present on either side (an unallocated block reads as zeros; whether a pool allocates a
+    block written with zeros is its own business)."""
+    got = export_digests(session, vdi, base=base, deadline=deadline, cancel=cancel)
+    expected = dict(sent)
+    found = dict(got.digests)
+    if base is None:
+        zero = zero_digest(got.algorithm, got.block_size)
+        expected = {i: h for i, h in expected.items() if h != zero}
+        found = {i: h for i, h in found.items() if h != zero}
+    bad = sorted(i for i in set(expected) | set(found) if expected.get(i) != found.get(i))
+    if bad:
+        raise ReadbackMismatch(f"{where}: read back differs from what was sent: {_blocks_phrase(bad)}")
+    return got
+
+
+def _blocks_phrase(indices: list[int]) -> str:
+    text = ",".join(_ranges(indices))
+    return f"block {text}" if len(indices) == 1 else f"blocks {text}"
+
+
+def _ranges(indices: list[int]) -> list[str]:
+    """``[0, 1, 2, 7]`` -> ``["0-2", "7"]``."""
+    out: list[list[int]] = []
+    for i in sorted(indices):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return [f"{a}-{b}" if a != b else str(a) for a, b in out]
+
+
+def read_sample(
+    session: XapiSession, vdi: str, choose: Callable[[int], set[int]]
+) -> tuple[ReadBack, set[int]]:
+    """Digest only some blocks of ``vdi``: ``choose(block_count)`` picks them once the export's
+    head says how many the disk has; returns their digests (those allocated) and the choice.
+
+    XAPI's export streams the disk from its first block and cannot seek (`/export_raw_vdi`
+    takes no range; only NBD, `VDI.get_nbd_info`, reads at an offset), so the export is read up
+    to the last chosen allocated block and cut there; only the chosen blocks are digested (the
+    engine digests a stream made of them alone)."""
+    task = str(session.call("task.create", "xencr verify", f"sampled re-read of {vdi}"))
+    sock = _connect(session)
+    try:
+        query = _query(session, task, vdi=vdi, format="vhd")
+        _send_request(sock, "GET", "/export_raw_vdi?" + query, session.endpoint.host, None)
+        status, _, rest = _read_head(sock, "export")
+        if status != 200:
+            raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
+        have, _ = _read_stream_head(sock, rest)
+        # The header follows the footer: its BAT offset, entries and block size (VHD spec).
+        table_offset: int = struct.unpack(">Q", have[528:536])[0]
+        entries, block_size = struct.unpack(">II", have[540:548])
+        bat = struct.unpack(f">{entries}I", have[table_offset : table_offset + 4 * entries])
+        chosen = choose(entries)
+        # Stream order: ascending offsets; each block is its sector bitmap, then its data.
+        allocated = sorted((off, i) for i, off in enumerate(bat) if off != _UNALLOCATED)
+        block_len = -(-block_size // 512 // 8 // 512) * 512 + block_size
+        wanted = [(off, i) for off, i in allocated if i in chosen]
+        if not wanted:
+            return ReadBack(_engine.DIGEST_ALGORITHM, block_size, [], len(have), entries), chosen
+        data_start = allocated[0][0] * 512
+        while len(have) < data_start:
+            chunk = sock.recv(data_start - len(have))
+            if not chunk:
+                raise TransferError(f"export of {vdi} ended before its first block")
+            have += chunk
+        new_bat = [_UNALLOCATED] * entries
+        for n, (_, i) in enumerate(wanted):
+            new_bat[i] = (data_start + n * block_len) // 512
+        head = bytearray(have[:data_start])
+        head[table_offset : table_offset + 4 * entries] = struct.pack(f">{entries}I", *new_bat)
+        pending = have[data_start:]  # block bytes that came with the head
+        length = data_start + len(wanted) * block_len + 512
+        rfd, wfd = os.pipe()
+        result: list[dict[str, Any]] = []
+        errors: list[BaseException] = []
+
+        def digest() -> None:
+            try:
+                result.append(dict(_engine.transform(rfd, os.devnull, length=length)))
+            except BaseException as err:
+                errors.append(err)
+            finally:
+                os.close(rfd)  # a writer still writing then fails instead of waiting forever
+
+        worker = threading.Thread(target=digest, name="xencr-sample", daemon=True)
+        worker.start()
+        read = len(have)
+        try:
+            _write_all(wfd, bytes(head))
+            at = data_start  # stream offset of the next byte to take
+            buf = bytearray(block_len)
+            for off, i in allocated:
+                if off > wanted[-1][0]:
+                    break  # past the last chosen block: the rest is never read
+                skip = off * 512 - at
+                got, pending = _take(sock, pending, buf, skip + block_len)
+                read += got
+                at = off * 512 + block_len
+                if i in chosen:
+                    _write_all(wfd, bytes(buf))
+            _write_all(wfd, have[:512])  # the footer copy that ends a stream
+        except BrokenPipeError:
+            pass  # the engine stopped reading: its error says why
+        finally:
+            os.close(wfd)
+            worker.join()
+        if errors or not result:
+            raise TransferError(f"sampled re-read of {vdi}: {errors[0] if errors else 'no report'}")
+        report = result[0]
+        digests = [(int(i), str(h)) for i, h in report["digests"]]
+        return ReadBack(str(report["digest_algorithm"]), block_size, digests, read, entries), chosen
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+        session.cancel_task(task)
+        session.destroy_task(task)
+
+
+_UNALLOCATED = 0xFFFFFFFF
+
+
+def _take(sock: socket.socket, pending: bytes, buf: bytearray, n: int) -> tuple[int, bytes]:
+    """The next ``n`` stream bytes, the last ``len(buf)`` of them left in ``buf``: first from
+    ``pending``, then from the socket. Returns the bytes read from the socket and what is left
+    of ``pending``."""
+    view = memoryview(buf)
+    keep_from = n - len(buf)  # bytes before this offset are skipped, not kept
+    done = read = 0
+    while done < n:
+        want = n - done
+        if pending:
+            chunk, pending = pending[:want], pending[want:]
+        else:
+            chunk = sock.recv(min(want, 1 << 20))
+            if not chunk:
+                raise TransferError("export ended early")
+            read += len(chunk)
+        end = done + len(chunk)
+        if end > keep_from:
+            lo = max(done, keep_from)
+            view[lo - keep_from : end - keep_from] = chunk[lo - done :]
+        done = end
+    return read, pending
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
