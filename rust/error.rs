@@ -142,8 +142,22 @@ pub enum VhdError {
     #[error("size mismatch: {0}")]
     SizeMismatch(String),
 
-    #[error("{host} answered HTTP {status}")]
-    Http { host: String, status: u16 },
+    #[error("{host} answered HTTP {status} to the {side}")]
+    Http {
+        side: &'static str,
+        host: String,
+        status: u16,
+    },
+
+    /// A 3xx: the pool sends the request to the host that can serve it (XAPI's 302 for a VDI
+    /// whose SR another host sees). The location carries the session in its query: it is an
+    /// attribute for the caller to follow, never part of the message.
+    #[error("{host} redirected the {side} to another host")]
+    Redirect {
+        side: &'static str,
+        host: String,
+        location: String,
+    },
 
     #[error("{context}: {source}")]
     Io {
@@ -188,12 +202,29 @@ impl VhdError {
             VhdError::MergeState { .. } => "merge_state",
             VhdError::SizeMismatch(_) => "size_mismatch",
             VhdError::Http { .. } => "http_status",
+            VhdError::Redirect { .. } => "redirect",
             VhdError::Io { .. } => "io",
             VhdError::NoSuchFile { .. } => "no_such_file",
         }
     }
 
     /// The on-disk structure concerned, when there is one.
+    /// Which request of a relay an HTTP answer came to: "export" or "import".
+    pub fn side(&self) -> Option<&'static str> {
+        match self {
+            VhdError::Http { side, .. } | VhdError::Redirect { side, .. } => Some(side),
+            _ => None,
+        }
+    }
+
+    /// Where a redirect sends the request (its whole URL, query included).
+    pub fn location(&self) -> Option<&str> {
+        match self {
+            VhdError::Redirect { location, .. } => Some(location),
+            _ => None,
+        }
+    }
+
     pub fn structure(&self) -> Option<&'static str> {
         match self {
             VhdError::BadCookie { structure, .. }

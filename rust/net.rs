@@ -220,28 +220,45 @@ fn send_head(c: &mut Conn, method: &str, side: &Side, length: Option<u64>) -> Re
         .ctx(|| format!("cannot send the request to {}", side.host))
 }
 
-/// The response's status, and the body bytes that came with its head.
-fn read_head(c: &mut Conn, host: &str) -> Result<(u16, Vec<u8>)> {
+/// An HTTP response head: its status, its `Location` (for a redirect), and the body bytes that
+/// came along with it.
+struct Head {
+    status: u16,
+    location: Option<String>,
+    rest: Vec<u8>,
+}
+
+fn read_head(c: &mut Conn, side: &'static str, host: &str) -> Result<Head> {
+    let bad = || VhdError::Http {
+        side,
+        host: host.into(),
+        status: 0,
+    };
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let status = head
-                .split_whitespace()
-                .nth(1)
+            let mut lines = head.split("\r\n");
+            let status = lines
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| VhdError::Http {
-                    host: host.into(),
-                    status: 0,
-                })?;
-            return Ok((status, buf[end + 4..].to_vec()));
+                .ok_or_else(bad)?;
+            let location = lines.find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("location")
+                    .then(|| value.trim().to_string())
+            });
+            return Ok(Head {
+                status,
+                location,
+                rest: buf[end + 4..].to_vec(),
+            });
         }
         if buf.len() > 1 << 20 {
-            return Err(VhdError::Http {
-                host: host.into(),
-                status: 0,
-            });
+            return Err(bad());
         }
         let n = c
             .read(&mut chunk)
@@ -255,18 +272,32 @@ fn read_head(c: &mut Conn, host: &str) -> Result<(u16, Vec<u8>)> {
     }
 }
 
+/// A head that is not 200: a redirect to follow (with its location), or the status.
+fn refused(head: Head, side: &'static str, host: &str) -> VhdError {
+    match head.location {
+        Some(location) if (300..400).contains(&head.status) => VhdError::Redirect {
+            side,
+            host: host.into(),
+            location,
+        },
+        _ => VhdError::Http {
+            side,
+            host: host.into(),
+            status: head.status,
+        },
+    }
+}
+
 /// GET the export on `src`: the open connection (the head already read, chained back in front)
 /// and the stream's total length, probed from that head.
 fn open_export(src: &Side) -> Result<(impl Read, u64)> {
     let mut s = open(src)?;
     send_head(&mut s, "GET", src, None)?;
-    let (status, mut head) = read_head(&mut s, &src.host)?;
-    if status != 200 {
-        return Err(VhdError::Http {
-            host: src.host.clone(),
-            status,
-        });
+    let response = read_head(&mut s, "export", &src.host)?;
+    if response.status != 200 {
+        return Err(refused(response, "export", &src.host));
     }
+    let mut head = response.rest;
     let total = loop {
         match probe_length(&head)? {
             HeadProbe::Complete { total_len, .. } => break total_len,
@@ -307,11 +338,17 @@ fn put_import(
     let total = opts.length.unwrap_or(0);
     let mut out = open(dst)?;
     send_head(&mut out, "PUT", dst, Some(total))?;
+    // XAPI answers an import before reading its body (xapi.md 4.3: 200 and the task id, or a
+    // 302 to the host that sees the SR, or a refusal): read that first, so that a redirect or a
+    // refusal is known before any byte of the disk is sent.
+    let response = read_head(&mut out, "import", &dst.host)?;
+    if response.status != 200 {
+        return Err(refused(response, "import", &dst.host));
+    }
     let report = transform(source, &mut out, opts, rate_limit)?;
     out.flush()
         .ctx(|| format!("cannot send the import to {}", dst.host))?;
-    let (status, _) = read_head(&mut out, &dst.host)?;
-    Ok((report, status))
+    Ok((report, response.status))
 }
 
 /// GET the export on `src`; PUT it (with its length, probed from the stream's head) to `dst`

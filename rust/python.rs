@@ -47,6 +47,8 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let _ = value.setattr("kind", e.kind());
     let _ = value.setattr("structure", e.structure());
     let _ = value.setattr("offset", e.offset());
+    let _ = value.setattr("side", e.side());
+    let _ = value.setattr("location", e.location());
     err
 }
 

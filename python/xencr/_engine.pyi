@@ -33,11 +33,17 @@ class VhdError(Exception):
     ``bat_out_of_bounds``, ``bat_misaligned``, ``bat_overlap``, ``locator_out_of_bounds``,
     ``truncated``, ``too_large``, ``parent_not_found``, ``parent_mismatch``, ``not_differencing``,
     ``unsupported``, ``bad_range``, ``stream_order``, ``stream_length``, ``partial_bitmap``,
-    ``batmap``, ``merge_state``, ``size_mismatch``, ``io``."""
+    ``batmap``, ``merge_state``, ``size_mismatch``, ``http_status``, ``redirect``, ``io``."""
     structure: str | None
     """``footer``, ``header``, ``bat``, ``bitmap``, ``locator``, ``batmap``, ``stream``, ``chain``..."""
     offset: int | None
     """Byte offset in the file or stream where the problem is, when there is one."""
+    side: str | None
+    """For ``http_status`` and ``redirect``: which request of a relay was answered, ``"export"``
+    or ``"import"``."""
+    location: str | None
+    """For ``redirect``: the URL the pool sends the request to (its query carries the session:
+    never show it)."""
 
 class Progress:
     """A byte counter that a coarse call updates as it goes; read ``bytes`` from another thread
@@ -200,8 +206,10 @@ def relay(
     that certificate), ``GET src_path``, the length probed from the stream's head, ``PUT
     dst_path`` with that ``Content-Length``, and the stream through :func:`transform`. With no
     destination the stream is only validated and digested. Returns the transform's report plus
-    ``import_status`` (the import's HTTP status, or None). A non-200 export raises
-    :class:`VhdError` of kind ``http_status``."""
+    ``import_status`` (the import's HTTP status, or None). The import's answer is read before
+    its body is sent (XAPI answers first). A non-200 answer raises :class:`VhdError` of kind
+    ``http_status``, a 3xx with a location one of kind ``redirect`` (``side`` says which request,
+    ``location`` where to), before any byte of the disk is sent to the import."""
 
 def download(
     src_fd: int,

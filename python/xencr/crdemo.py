@@ -1,6 +1,8 @@
-"""The replication demo (`xencr demo`): two simulated pools, a job for two VMs, a full run, guest
-writes, a delta run, and proof that the newest restore points hold exactly the source snapshots'
-content, that a replica refuses to start, and that a clone of it boots."""
+"""The replication demo (`xencr demo`): two simulated pools of two hosts each, a job for two VMs
+(one on each host's local SR) to an SR that only a member of the target pool sees, so that the
+data handlers answer XAPI's 302 and xencr follows them; a full run, guest writes, a delta run,
+and proof that the newest restore points hold exactly the source snapshots' content, that a
+replica refuses to start, and that a clone of it boots on the host that sees its SR."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from xencr.cli.run import summary_lines
-from xencr.config import load_config
+from xencr.config import Config, load_config
 from xencr.replication import metadata as md
 from xencr.replication.jobs import connect, run_configured
+from xencr.replication.runner import RunReport
 from xencr.replication.target import restore_points
 from xencr.sim.harness import running_simulator
 from xencr.xapi.errors import XapiError
@@ -40,6 +43,16 @@ def _config(d: Path, urls: list[str], password: str, sr: str) -> Path:
     return cfg
 
 
+def _member_sr(s: XapiSession) -> str:
+    """The name of the local SR of the pool's member (a host other than the master)."""
+    master = s.api.pool.get_master(s.api.pool.get_all()[0])
+    for rec in s.api.SR.get_all_records().values():
+        hosts = {s.api.PBD.get_host(p) for p in rec["PBDs"]}
+        if not rec["shared"] and len(hosts) == 1 and master not in hosts and rec["content_type"] != "iso":
+            return str(rec["name_label"])
+    raise RuntimeError("the simulated pool has no member with a local SR")
+
+
 def _disk_hashes(s: XapiSession, vm: str) -> dict[str, str]:
     out = {}
     for vbd in s.api.VM.get_VBDs(vm):
@@ -58,14 +71,19 @@ def run(keep: str | None = None, say: Callable[[str], None] = print) -> bool:
         d.mkdir(parents=True, exist_ok=True)
         password = os.urandom(12).hex()
         with running_simulator(
-            d / "sim", pools=2, vms=2, disk_size=64 * MIB, sr_size=4096 * MIB, password=password
+            d / "sim", pools=2, vms=2, disk_size=64 * MIB, sr_size=4096 * MIB, password=password, hosts=2
         ) as sim:
             urls = sim.urls
-            say(f"simulator: pool site-a at {urls[0]}, pool site-b at {urls[1]}")
+            for name, hosts in zip(("site-a", "site-b"), sim.host_urls, strict=True):
+                say(f"simulator: pool {name}, master at {hosts[0]}, member at {hosts[1]}")
             with XapiSession(Endpoint(urls[1]), "root", password) as b:
-                sr = b.api.SR.get_name_label(b.api.pool.get_default_SR(b.api.pool.get_all()[0]))
+                sr = _member_sr(b)
             cfg = load_config(_config(d, urls, password, sr))
             say(f"config: {cfg.path} (job {JOB!r}: vm0, vm1 from site-a to site-b {sr!r})")
+            say(
+                "  vm0's disk is on site-a's master, vm1's on its member; site-b's SR is plugged on its"
+                " member only: the transfers are redirected (302) to the members, and xencr follows"
+            )
             progress = lambda line: say(f"  {line}")  # noqa: E731
             say("== run 1 (first run: full copies)")
             r1 = run_configured(cfg, JOB, progress=progress)
@@ -89,11 +107,7 @@ def run(keep: str | None = None, say: Callable[[str], None] = print) -> bool:
         return ok
 
 
-def _verify(cfg: object, report: object, say: Callable[[str], None]) -> bool:
-    from xencr.config import Config
-    from xencr.replication.runner import RunReport
-
-    assert isinstance(cfg, Config) and isinstance(report, RunReport)
+def _verify(cfg: Config, report: RunReport, say: Callable[[str], None]) -> bool:
     ok = True
     job_id = cfg.job(JOB).id
     with (
@@ -128,7 +142,9 @@ def _verify(cfg: object, report: object, say: Callable[[str], None]) -> bool:
         dst.api.VM.set_is_a_template(clone, False)
         dst.api.VM.start(clone, False, False)
         state = str(dst.api.VM.get_power_state(clone))
+        host = str(dst.api.host.get_name_label(dst.api.VM.get_resident_on(clone)))
         ok &= state == "Running"
-        say(f"clone {dst.api.VM.get_uuid(clone)} of the replica: {state}")
+        where = f"on {host}, the host that sees its SR"
+        say(f"clone {dst.api.VM.get_uuid(clone)} of the replica: {state} {where}")
         dst.api.VM.hard_shutdown(clone)
     return ok

@@ -15,7 +15,7 @@ from xencr.credentials import CredentialError
 from xencr.seed.manifest import SeedError
 from xencr.state import StateError
 from xencr.xapi.errors import PoolUnreachable, XapiError
-from xencr.xapi.transfer import TransferError
+from xencr.xapi.handlers import TransferError
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -16,8 +16,9 @@ from xencr.replication import ownership
 from xencr.replication.ownership import RestorePoint
 from xencr.replication.source import Disk, disks_of
 from xencr.replication.target import xo_restore_points
+from xencr.xapi.handlers import TransferError
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import TransferError, changed_blocks
+from xencr.xapi.transfer import changed_blocks
 
 
 class SeedPending(TransferError):

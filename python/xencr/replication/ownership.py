@@ -18,6 +18,8 @@ xencr destroys an object only when
     (`VM_metrics.start_time`), it has no VM snapshots, its disks are its own (their `xencr:self`)
     and attached to nothing else, and they were not written since the commit. Retention marks it
     `xencr:expiring` before the first destroy, so an expiry cut short is finished by the next run.
+    On the source, the same holds for this job's snapshots that the next deltas do not need: never
+    one whose disks another VM uses; their disks are marked expiring before the snapshot goes.
 
 Everything else that carries xencr's keys is **detached**: a replica started, unprotected, renamed,
 re-described, re-tagged or snapshotted by someone; a clone or copy of a replica or of its disks
@@ -527,9 +529,29 @@ def source_leftovers(s: XapiSession, vm: str, job_id: str) -> list[tuple[str, di
     return out
 
 
-def destroy_snapshot(s: XapiSession, snap: str) -> str | None:
+def source_orphan_disks(s: XapiSession, vm_uuid: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Disks of this job's source snapshots whose destroy was cut short (their snapshot VM gone,
+    marked expiring by `destroy_snapshot` before it), attached to nothing: finish it."""
+    out = []
+    for ref, rec in s.api.VDI.get_all_records().items():
+        oc = rec["other_config"]
+        if (
+            oc.get(md.JOB) == job_id
+            and oc.get(md.VM) == vm_uuid
+            and oc.get(md.ROLE) == "source-snapshot"
+            and md.EXPIRING in oc
+            and not rec["VBDs"]
+            and rec["managed"]
+        ):
+            out.append((str(ref), rec))
+    return out
+
+
+def destroy_snapshot(s: XapiSession, snap: str, job_id: str, vm_uuid: str) -> str | None:
     """A source snapshot of this job and its disks (VM.destroy keeps the disks), unless a disk is
-    attached to another VM: then nothing is destroyed and the reason is returned."""
+    attached to another VM: then nothing is destroyed and the reason is returned. The disks are
+    marked as this job's and expiring first, so a kill between the two destroys is finished by
+    the next run (`source_orphan_disks`), even for a snapshot a kill left untagged."""
     vdis = []
     for vbd in s.api.VM.get_VBDs(snap):
         b = s.api.VBD.get_record(vbd)
@@ -542,6 +564,14 @@ def destroy_snapshot(s: XapiSession, snap: str) -> str | None:
             name = s.api.VM.get_name_label(sorted(users)[0])
             return f"its disk {b['userdevice']} is attached to VM {name!r}"
         vdis.append(str(b["VDI"]))
+    marks = {
+        md.JOB: job_id,
+        md.VM: vm_uuid,
+        md.ROLE: "source-snapshot",
+        md.EXPIRING: md.precise(datetime.now(UTC)),
+    }
+    for vdi in vdis:
+        s.api.VDI.set_other_config(vdi, dict(s.api.VDI.get_other_config(vdi)) | marks)
     err = destroy(s, "VM", snap)
     if err is not None:
         return f"in use: XAPI refused to destroy it ({err.code})"

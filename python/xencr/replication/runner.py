@@ -31,15 +31,9 @@ from xencr.replication.decide import DiskPlan, SeedPending, plan_target
 from xencr.service import limits, locks
 from xencr.units import human_bytes, transfer_text
 from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.handlers import RedirectRefused, TransferCancelled, TransferError, TransferTimeout
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import (
-    TransferCancelled,
-    TransferError,
-    TransferTimeout,
-    copy_vdi,
-    export_digests,
-    read_back,
-)
+from xencr.xapi.transfer import copy_vdi, export_digests, read_back
 
 log = logging.getLogger("xencr.replication")
 
@@ -391,7 +385,7 @@ def _worth_retrying(err: BaseException) -> bool:
     """Data-path failures may pass on a second attempt; a refusal (a full SR, a bad request) won't."""
     if isinstance(err, XapiError):
         return err.code in ("VDI_IO_ERROR", "TASK_CANCELLED")
-    return not isinstance(err, (TransferTimeout, TransferCancelled, SeedPending))
+    return not isinstance(err, (TransferTimeout, TransferCancelled, SeedPending, RedirectRefused))
 
 
 def hold(point: str) -> None:

@@ -136,7 +136,7 @@ def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> tup
         seeded = rec["other_config"].get(md.SEED)
         if seeded and rec["other_config"].get(md.SNAPSHOT_TIME, "") >= newest_kept:
             continue
-        why = ownership.destroy_snapshot(s, snap)
+        why = ownership.destroy_snapshot(s, snap, job_id, rec["other_config"].get(md.VM, ""))
         if why is None:
             gone.append(rec["uuid"])
         else:
@@ -145,12 +145,18 @@ def prune_snapshots(s: XapiSession, vm: str, job_id: str, keep: set[str]) -> tup
 
 
 def drop_leftovers(s: XapiSession, vm: str, job_id: str) -> tuple[list[str], list[str]]:
-    """Destroy the snapshots this job's killed attempts left untagged (`ownership.source_leftovers`);
-    returns the lines for those destroyed and for those left alone (in use)."""
+    """Destroy what killed runs of this job left on the source: snapshots left untagged
+    (`ownership.source_leftovers`) and disks of snapshots whose destroy was cut short
+    (`ownership.source_orphan_disks`); returns the lines for those destroyed and for those left
+    alone (in use)."""
     gone: list[str] = []
     in_use: list[str] = []
+    vm_uuid = str(s.api.VM.get_uuid(vm))
+    for ref, rec in ownership.source_orphan_disks(s, vm_uuid, job_id):
+        if ownership.destroy(s, "VDI", ref) is None:
+            gone.append(f"source snapshot disk {rec['uuid']} whose destroy had been cut short")
     for snap, rec in ownership.source_leftovers(s, vm, job_id):
-        why = ownership.destroy_snapshot(s, snap)
+        why = ownership.destroy_snapshot(s, snap, job_id, vm_uuid)
         line = f"untagged source snapshot {rec['uuid']} of an interrupted attempt"
         (gone if why is None else in_use).append(line if why is None else f"{line}: {why} (left alone)")
     return gone, in_use

@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from xencr import _engine
+from xencr.xapi.handlers import (
+    DataHost,
+    RedirectRefused,
+    TransferError,
+    data_host,
+    follow,
+    query,
+    task_failure,
+    tcp,
+    wait_task,
+)
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import TransferError, _query, _task_failure, _tcp, _tls_spec, _wait
 
 
 @dataclass
@@ -41,20 +51,33 @@ def _report(path: Path, r: Mapping[str, Any], start: float) -> FileReport:
 
 class _HandlerCall:
     """One call of a pool's HTTP handler: its task and TCP connection. The task is cancelled
-    unless the call is marked ``done``, and destroyed either way."""
+    unless the call is marked ``done``, and destroyed either way. `redirected` moves the call to
+    the member a redirect names (once: XAPI redirects before binding the task, which stays)."""
 
-    def __init__(self, session: XapiSession, label: str, description: str) -> None:
+    def __init__(self, session: XapiSession, label: str, description: str, handler: str, vdi: str) -> None:
         self.session = session
         self.task = str(session.call("task.create", label, description))
         self.done = False
+        self.at: DataHost = data_host(session)
+        self.path = f"/{handler}?" + query(session, self.task, vdi=vdi, format="vhd")
+        self.what = f"{handler.split('_')[0]} of VDI {vdi}"
+        self.hops = 0
         try:
-            self.sock = _tcp(session)
+            self.sock = tcp(self.at)
         except BaseException:
             session.destroy_task(self.task)
             raise
 
-    def path(self, handler: str, vdi: str) -> str:
-        return f"/{handler}?" + _query(self.session, self.task, vdi=vdi, format="vhd")
+    def redirected(self, err: _engine.VhdError) -> None:
+        if self.hops:
+            raise RedirectRefused(
+                f"{self.session.endpoint.where}: the {self.what} was redirected a second time: refused"
+            )
+        self.hops += 1
+        self.at, self.path = follow(self.session, str(err.location), self.what)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.sock = tcp(self.at)
 
     def __enter__(self) -> _HandlerCall:
         return self
@@ -81,24 +104,30 @@ def download_vdi(
         raise FileExistsError(17, "a download never replaces a file", str(path))
     start = time.monotonic()
     try:
-        with _HandlerCall(session, "xencr seed export", f"export of {vdi}") as call:
-            try:
-                r = _engine.download(
-                    call.sock.fileno(),
-                    session.endpoint.host,
-                    call.path("export_raw_vdi", vdi),
-                    str(path),
-                    src_tls=_tls_spec(session),
-                    rate_limit=rate_limit,
-                    progress=progress,
-                )
-            except _engine.VhdError as err:
-                if err.kind == "http_status":
-                    raise _task_failure(session, call.task) or TransferError(
-                        f"export of {vdi}: {err}"
-                    ) from None
-                raise
-            _wait(session, call.task, None)
+        with _HandlerCall(session, "xencr seed export", f"export of {vdi}", "export_raw_vdi", vdi) as call:
+            while True:
+                try:
+                    r = _engine.download(
+                        call.sock.fileno(),
+                        call.at.host,
+                        call.path,
+                        str(path),
+                        src_tls=call.at.tls,
+                        rate_limit=rate_limit,
+                        progress=progress,
+                    )
+                    break
+                except _engine.VhdError as err:
+                    if err.kind == "redirect":
+                        path.unlink(missing_ok=True)
+                        call.redirected(err)
+                        continue
+                    if err.kind == "http_status":
+                        raise task_failure(session, call.task) or TransferError(
+                            f"export of {vdi}: {err}"
+                        ) from None
+                    raise
+            wait_task(session, call.task, None)
             call.done = True
             return _report(path, r, start)
     except BaseException:
@@ -118,29 +147,34 @@ def upload_vdi(
     """Stream the VHD file at ``path`` into ``vdi`` (an empty VDI of the disk's size). The file
     is validated as it goes: a damaged one fails the import, whose task the pool then fails."""
     start = time.monotonic()
-    with _HandlerCall(session, "xencr seed import", f"import into {vdi}") as call:
-        try:
-            r = _engine.upload(
-                str(path),
-                call.sock.fileno(),
-                session.endpoint.host,
-                call.path("import_raw_vdi", vdi),
-                dst_tls=_tls_spec(session),
-                rate_limit=rate_limit,
-                progress=progress,
-            )
-        except (_engine.VhdError, OSError) as err:
-            # The file is checked while it is sent: its damage is its own error; a pool's
-            # refusal is in the pool's task.
-            if isinstance(err, _engine.VhdError) and err.kind not in ("http_status", "io"):
-                raise
-            raise _task_failure(session, call.task, wait=2.0) or TransferError(
-                f"import into {vdi}: {err}"
-            ) from None
+    with _HandlerCall(session, "xencr seed import", f"import into {vdi}", "import_raw_vdi", vdi) as call:
+        while True:
+            try:
+                r = _engine.upload(
+                    str(path),
+                    call.sock.fileno(),
+                    call.at.host,
+                    call.path,
+                    dst_tls=call.at.tls,
+                    rate_limit=rate_limit,
+                    progress=progress,
+                )
+                break
+            except (_engine.VhdError, OSError) as err:
+                if isinstance(err, _engine.VhdError) and err.kind == "redirect":
+                    call.redirected(err)  # answered before the body: nothing was sent
+                    continue
+                # The file is checked while it is sent: its damage is its own error; a pool's
+                # refusal is in the pool's task.
+                if isinstance(err, _engine.VhdError) and err.kind not in ("http_status", "io"):
+                    raise
+                raise task_failure(session, call.task, wait=2.0) or TransferError(
+                    f"import into {vdi}: {err}"
+                ) from None
         if r.get("import_status", 200) != 200:
-            raise _task_failure(session, call.task) or TransferError(
+            raise task_failure(session, call.task) or TransferError(
                 f"import into {vdi}: HTTP {r.get('import_status')}"
             )
-        _wait(session, call.task, timeout)
+        wait_task(session, call.task, timeout)
         call.done = True
         return _report(path, r, start)

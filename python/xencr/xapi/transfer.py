@@ -21,29 +21,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
 from xencr import _engine
-from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.handlers import (
+    DataHost,
+    RedirectRefused,
+    TransferCancelled,
+    TransferError,
+    TransferTimeout,
+    Watchdog,
+    connect,
+    data_host,
+    follow,
+    query,
+    read_head,
+    send_request,
+    task_failure,
+    tcp,
+    wait_task,
+)
 from xencr.xapi.session import XapiSession
-from xencr.xapi.tls import check_pin, client_context
 
-# A peer silent for this long is declared dead (kernel-level timeouts: the engine reads and
-# writes the descriptors directly, so Python's socket timeouts do not apply).
-STALL_SECONDS = 300
 _MAX_HEAD = 64 * 1024 * 1024  # far beyond any BAT (2 TiB at 2 MiB blocks needs 4 MiB)
-
-
-class TransferError(Exception):
-    """A transfer failed; ``str()`` is one readable line."""
-
-
-class TransferTimeout(TransferError):
-    """The transfer ran past its deadline and was cut."""
-
-
-class TransferCancelled(TransferError):
-    """The transfer was cut because its run was cancelled (the daemon is shutting down)."""
 
 
 @dataclass
@@ -57,64 +56,6 @@ class TransferReport:
     digest_algorithm: str = _engine.DIGEST_ALGORITHM
     imported_vdi: str = ""
     block_size: int = 2 * 1024 * 1024
-
-
-def _tcp(session: XapiSession) -> socket.socket:
-    """A TCP connection to the pool, with kernel-level stall timeouts."""
-    e = session.endpoint
-    try:
-        raw = socket.create_connection((e.host, e.port), timeout=30)
-    except OSError as err:
-        raise PoolUnreachable(f"{e.url}: {err.strerror or err}") from None
-    raw.settimeout(None)
-    # Kernel timeouts, so that a stalled peer fails the engine's blocking read or write too.
-    tv = struct.pack("ll", STALL_SECONDS, 0)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return raw
-
-
-def _connect(session: XapiSession) -> socket.socket:
-    """A connection for a small HTTP exchange done in Python (TLS by Python's ssl)."""
-    e = session.endpoint
-    raw = _tcp(session)
-    if e.scheme != "https":
-        return raw
-    ctx = client_context(e.fingerprint, e.verify_tls)
-    s = ctx.wrap_socket(raw, server_hostname=e.host if ctx.check_hostname else None)
-    check_pin(s, e.fingerprint, e.url)
-    return s
-
-
-def _send_request(sock: socket.socket, method: str, path: str, host: str, length: int | None) -> None:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "User-Agent: xencr", "Connection: close"]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
-
-
-def _read_head(sock: socket.socket, where: str) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and whatever body bytes came along."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise TransferError(f"{where}: connection closed before the HTTP response")
-        buf += chunk
-        if len(buf) > 1 << 20:
-            raise TransferError(f"{where}: oversized HTTP response head")
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("iso-8859-1").split("\r\n")
-    try:
-        status = int(lines[0].split()[1])
-    except (IndexError, ValueError):
-        raise TransferError(f"{where}: bad HTTP status line {lines[0]!r}") from None
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return status, headers, rest
 
 
 def _read_stream_head(sock: socket.socket, have: bytes) -> tuple[bytes, int]:
@@ -132,8 +73,13 @@ def _read_stream_head(sock: socket.socket, have: bytes) -> tuple[bytes, int]:
             have += chunk
 
 
-def _query(session: XapiSession, task: str, **params: str) -> str:
-    return urlencode({"session_id": session.ref, "task_id": task, **params})
+class _Redirected(Exception):
+    """A handler answered with a redirect (kept private: `copy_vdi` follows it or refuses)."""
+
+    def __init__(self, side: str, location: str) -> None:
+        super().__init__(side)
+        self.side = side
+        self.location = location
 
 
 def copy_vdi(
@@ -153,7 +99,44 @@ def copy_vdi(
     ``deadline`` (a `time.monotonic()` value) the connections are cut and `TransferTimeout`
     raised; when ``cancel`` is set, likewise with `TransferCancelled`. Either way both pools'
     tasks are cancelled and destroyed. ``progress(total)`` may return an engine byte counter for
-    the stream (its length being known once the head has arrived)."""
+    the stream (its length being known once the head has arrived).
+
+    A side that answers with a redirect (a VDI on a member's local SR) is followed once to that
+    member (`handlers.follow`), with fresh tasks: the import's redirect comes before its body,
+    so nothing of the disk was sent yet."""
+    at = {"export": (data_host(src), ""), "import": (data_host(dst), "")}
+    followed: set[str] = set()
+    while True:
+        try:
+            return _copy_once(
+                src, src_vdi, dst, dst_vdi, at, base_vdi, rate_limit, timeout, deadline, cancel, progress
+            )
+        except _Redirected as r:
+            session = src if r.side == "export" else dst
+            what = f"{r.side} of VDI {src_vdi if r.side == 'export' else dst_vdi}"
+            if r.side in followed:
+                raise RedirectRefused(
+                    f"{session.endpoint.where}: the {what} was redirected a second time: refused"
+                ) from None
+            followed.add(r.side)
+            at[r.side] = follow(session, r.location, what)
+
+
+def _copy_once(
+    src: XapiSession,
+    src_vdi: str,
+    dst: XapiSession,
+    dst_vdi: str,
+    at: dict[str, tuple[DataHost, str]],
+    base_vdi: str | None,
+    rate_limit: int | None,
+    timeout: float | None,
+    deadline: float | None,
+    cancel: threading.Event | None,
+    progress: Callable[[int], _engine.Progress | None] | None,
+) -> TransferReport:
+    """One try of `copy_vdi` at the data hosts ``at`` (per side: where, and the path a redirect
+    gave, or "" for the usual one)."""
     if cancel is not None and cancel.is_set():
         raise TransferCancelled(f"transfer of {src_vdi} cancelled before it started")
     start = time.monotonic()
@@ -165,24 +148,26 @@ def copy_vdi(
         params = {"vdi": src_vdi, "format": "vhd"}
         if base_vdi:
             params["base"] = base_vdi
-        export_path = "/export_raw_vdi?" + _query(src, src_task, **params)
-        import_path = "/import_raw_vdi?" + _query(dst, dst_task, vdi=dst_vdi, format="vhd")
-        s, d = _tcp(src), _tcp(dst)
+        (src_at, export_path), (dst_at, import_path) = at["export"], at["import"]
+        # A redirect's path carries the first try's task: this try's own task replaces it.
+        export_path = "/export_raw_vdi?" + query(src, src_task, **params)
+        import_path = "/import_raw_vdi?" + query(dst, dst_task, vdi=dst_vdi, format="vhd")
+        s, d = tcp(src_at), tcp(dst_at)
         socks += [s, d]
-        watchdog = _Watchdog(socks, deadline, cancel)
+        watchdog = Watchdog(socks, deadline, cancel)
         # TLS (where a side is HTTPS), the HTTP exchange and the stream all in the engine, on
         # the TCP connections opened here, so that the watchdog can still cut them.
         counter = progress(0) if progress else None  # the engine learns the length: `.total`
         try:
             report = _engine.relay(
                 s.fileno(),
-                src.endpoint.host,
+                src_at.host,
                 export_path,
                 d.fileno(),
-                dst.endpoint.host,
+                dst_at.host,
                 import_path,
-                src_tls=_tls_spec(src),
-                dst_tls=_tls_spec(dst),
+                src_tls=src_at.tls,
+                dst_tls=dst_at.tls,
                 rate_limit=rate_limit,
                 progress=counter,
             )
@@ -191,20 +176,23 @@ def copy_vdi(
                 raise TransferCancelled(f"transfer of {src_vdi} cancelled") from None
             if watchdog.fired:
                 raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
-            if getattr(err, "kind", "") == "http_status":  # the pool said why in its task (xapi.md 4.1)
-                raise _task_failure(src, src_task) or TransferError(f"export of {src_vdi}: {err}") from None
+            kind, side = getattr(err, "kind", ""), getattr(err, "side", None)
+            if kind == "redirect" and side is not None:
+                raise _Redirected(side, str(getattr(err, "location", ""))) from None
+            if kind == "http_status":  # the pool said why in its task (xapi.md 4.1)
+                session, task, what = (
+                    (dst, dst_task, "import into") if side == "import" else (src, src_task, "export of")
+                )
+                vdi = dst_vdi if side == "import" else src_vdi
+                raise task_failure(session, task) or TransferError(f"{what} {vdi}: {err}") from None
             # Closing the import connection mid-body makes the pool fail its import task.
-            raise _task_failure(dst, dst_task, wait=2.0) or TransferError(
+            raise task_failure(dst, dst_task, wait=2.0) or TransferError(
                 f"transfer of {src_vdi}: {err}"
             ) from None
         finally:
             watchdog.cancel()
-        if report.get("import_status", 200) != 200:
-            raise _task_failure(dst, dst_task) or TransferError(
-                f"import into {dst_vdi}: HTTP {report.get('import_status')}"
-            )
-        imported = _wait(dst, dst_task, timeout, deadline, cancel)
-        _wait(src, src_task, timeout, deadline, cancel)
+        imported = wait_task(dst, dst_task, timeout, deadline, cancel)
+        wait_task(src, src_task, timeout, deadline, cancel)
         done = True
         return TransferReport(
             stream_length=int(report["bytes_in"]),
@@ -226,127 +214,87 @@ def copy_vdi(
             session.destroy_task(task)
 
 
-def _tls_spec(session: XapiSession) -> str | None:
-    """How the engine trusts this pool: plain HTTP, a pinned certificate, or the system CAs."""
-    e = session.endpoint
-    if e.scheme != "https":
-        return None
-    if e.fingerprint:
-        return e.fingerprint
-    if not e.verify_tls:
-        raise TransferError(f"{e.url}: unverified TLS is not used for disk transfers; pin the certificate")
-    return "verify"
+def _open_export(session: XapiSession, task: str, what: str, **params: str) -> tuple[socket.socket, bytes]:
+    """A GET of the export done in Python, past its 200 (following one redirect to a member):
+    the connection, and the body bytes that came with the head."""
+    at, path = data_host(session), "/export_raw_vdi?" + query(session, task, **params)
+    for hop in range(2):
+        sock = connect(at)
+        try:
+            send_request(sock, "GET", path, at.host, None)
+            status, headers, rest = read_head(sock, what)
+        except BaseException:
+            sock.close()
+            raise
+        if status == 200:
+            return sock, rest
+        sock.close()
+        location = headers.get("location")
+        if location is None or not 300 <= status < 400:
+            raise task_failure(session, task) or TransferError(f"{what}: HTTP {status}")
+        if hop:
+            raise RedirectRefused(
+                f"{session.endpoint.where}: the {what} was redirected a second time: refused"
+            )
+        at, path = follow(session, location, what)
+    raise AssertionError("unreachable")
 
 
-class _Watchdog:
-    """Shuts the transfer's sockets down at the deadline or when ``cancel`` is set: the engine's
-    blocking read or write then fails, and the transfer ends without waiting for the stall
-    timeout. ``fired`` says why (``"deadline"`` or ``"cancel"``), or is empty."""
-
-    POLL = 0.1  # how soon a set cancel event is noticed
-
-    def __init__(
-        self, socks: list[socket.socket], deadline: float | None, cancel: threading.Event | None
-    ) -> None:
-        self.fired = ""
-        self._socks = socks
-        self._deadline = deadline
-        self._cancel = cancel
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-        if deadline is not None or cancel is not None:
-            self._thread = threading.Thread(target=self._watch, name="xencr-watchdog", daemon=True)
-            self._thread.start()
-
-    def _watch(self) -> None:
-        while True:
-            if self._cancel is not None and self._cancel.is_set():
-                self._fire("cancel")
-                return
-            wait = self.POLL if self._cancel is not None else None
-            if self._deadline is not None:
-                left = self._deadline - time.monotonic()
-                if left <= 0:
-                    self._fire("deadline")
-                    return
-                wait = left if wait is None else min(wait, left)
-            if self._done.wait(wait):
-                return
-
-    def _fire(self, why: str) -> None:
-        self.fired = why
-        for sock in self._socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def cancel(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def _wait(
+def _relay_export(
     session: XapiSession,
     task: str,
-    timeout: float | None,
-    until: float | None = None,
+    what: str,
+    *,
+    deadline: float | None = None,
     cancel: threading.Event | None = None,
-) -> str:
-    """Wait for a handler's task (without destroying it: `copy_vdi` does that once), at most
-    ``timeout`` seconds, and not past ``until`` (the VM's deadline) nor once ``cancel`` is set."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.002  # a handler's task usually ends right after its body: poll fast, then back off
-    while True:
-        status = session.call("task.get_status", task)
-        if status == "success":
-            return str(session.call("task.get_result", task)).replace("<value>", "").replace("</value>", "")
-        if status in ("failure", "cancelled"):
-            info = session.call("task.get_error_info", task)
-            raise XapiError(str(info[0]) if info else "TASK_CANCELLED", info[1:] if info else [task])
-        if deadline is not None and time.monotonic() > deadline:
-            raise TransferError(f"task {task} did not finish in {timeout:.0f}s")
-        if until is not None and time.monotonic() > until:
-            raise TransferTimeout(f"task {task} still running at the deadline")
-        if cancel is not None and cancel.is_set():
-            raise TransferCancelled(f"task {task} abandoned: cancelled")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-def _task_failure(session: XapiSession, task: str, wait: float = 0.5) -> XapiError | None:
-    """The error a failed handler left in its task, if it left one in time."""
-    deadline = time.monotonic() + wait
-    while True:
+    **params: str,
+) -> dict[str, Any]:
+    """The export validated and digested by the engine, written nowhere (following one redirect
+    to a member: XAPI redirects before it binds the task, so the same task serves)."""
+    at, path = data_host(session), "/export_raw_vdi?" + query(session, task, **params)
+    for hop in range(2):
+        sock = tcp(at)
+        watchdog = Watchdog([sock], deadline, cancel)
         try:
-            status = session.call("task.get_status", task)
-            if status in ("failure", "cancelled"):
-                info = session.call("task.get_error_info", task)
-                return XapiError(str(info[0]), info[1:]) if info else None
-        except (XapiError, PoolUnreachable):
-            return None
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
+            return dict(_engine.relay(sock.fileno(), at.host, path, src_tls=at.tls))
+        except (_engine.VhdError, OSError) as err:
+            if watchdog.fired == "cancel":
+                raise TransferCancelled(f"{what} cancelled") from None
+            if watchdog.fired:
+                raise TransferTimeout(f"{what} cut at its deadline") from None
+            kind = getattr(err, "kind", "")
+            if kind == "redirect" and not hop:
+                at, path = follow(session, str(getattr(err, "location", "")), what)
+                continue
+            if kind == "redirect":
+                raise RedirectRefused(
+                    f"{session.endpoint.where}: the {what} was redirected a second time: refused"
+                ) from None
+            if kind == "http_status":
+                raise task_failure(session, task) or TransferError(f"{what}: {err}") from None
+            raise TransferError(f"{what}: {err}") from None
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(OSError):
+                sock.close()
+    raise AssertionError("unreachable")
 
 
 def changed_blocks(session: XapiSession, vdi: str, base_vdi: str) -> int:
     """How many blocks ``vdi`` holds that ``base_vdi`` does not, read from the head of a delta
     export alone (footer, header, BAT): the connection is closed before any data flows."""
     task = str(session.call("task.create", "xencr probe", f"changes of {vdi}"))
-    sock = _connect(session)
+    sock = None
     try:
-        query = _query(session, task, vdi=vdi, base=base_vdi, format="vhd")
-        _send_request(sock, "GET", "/export_raw_vdi?" + query, session.endpoint.host, None)
-        status, _, rest = _read_head(sock, "export")
-        if status != 200:
-            raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
+        sock, rest = _open_export(session, task, f"export of {vdi}", vdi=vdi, base=base_vdi, format="vhd")
         head, total = _read_stream_head(sock, rest)
         head_len, _ = _engine.probe_stream_length(head)
         # Whole blocks follow the head: bitmap + data, XAPI's block size being 2 MiB.
         return max(0, (total - head_len - 512) // (512 + 2 * 1024 * 1024))
     finally:
-        with contextlib.suppress(OSError):
-            sock.close()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
 
@@ -355,18 +303,9 @@ def read_digests(session: XapiSession, vdi: str) -> dict[str, Any]:
     """Re-read a VDI through a full export and digest every block it holds (the stream is only
     validated and digested by the engine; nothing is written anywhere)."""
     task = str(session.call("task.create", "xencr verify", f"re-read of {vdi}"))
-    sock = _tcp(session)
     try:
-        path = "/export_raw_vdi?" + _query(session, task, vdi=vdi, format="vhd")
-        try:
-            return dict(_engine.relay(sock.fileno(), session.endpoint.host, path, src_tls=_tls_spec(session)))
-        except _engine.VhdError as err:
-            if err.kind == "http_status":
-                raise _task_failure(session, task) or TransferError(f"export of {vdi}: {err}") from None
-            raise
+        return _relay_export(session, task, f"export of {vdi}", vdi=vdi, format="vhd")
     finally:
-        with contextlib.suppress(OSError):
-            sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
 
@@ -415,25 +354,12 @@ def export_digests(
     nothing is written anywhere. Past ``deadline`` or once ``cancel`` is set the export is cut
     (`TransferTimeout` / `TransferCancelled`)."""
     task = str(session.call("task.create", "xencr read-back", f"read-back of {vdi}"))
-    sock = _tcp(session)
-    watchdog = _Watchdog([sock], deadline, cancel)
+    params = {"vdi": vdi, "format": "vhd"} | ({"base": base} if base else {})
     try:
-        params = {"vdi": vdi, "format": "vhd"} | ({"base": base} if base else {})
-        path = "/export_raw_vdi?" + _query(session, task, **params)
-        try:
-            report = _engine.relay(sock.fileno(), session.endpoint.host, path, src_tls=_tls_spec(session))
-        except (_engine.VhdError, OSError) as err:
-            if watchdog.fired == "cancel":
-                raise TransferCancelled(f"read-back of {vdi} cancelled") from None
-            if watchdog.fired:
-                raise TransferTimeout(f"read-back of {vdi} cut at its deadline") from None
-            if getattr(err, "kind", "") == "http_status":
-                raise _task_failure(session, task) or TransferError(f"export of {vdi}: {err}") from None
-            raise TransferError(f"read-back of {vdi}: {err}") from None
+        report = _relay_export(
+            session, task, f"read-back of {vdi}", deadline=deadline, cancel=cancel, **params
+        )
     finally:
-        watchdog.cancel()
-        with contextlib.suppress(OSError):
-            sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
     return ReadBack(
@@ -504,13 +430,9 @@ def read_sample(
     to the last chosen allocated block and cut there; only the chosen blocks are digested (the
     engine digests a stream made of them alone)."""
     task = str(session.call("task.create", "xencr verify", f"sampled re-read of {vdi}"))
-    sock = _connect(session)
+    sock = None
     try:
-        query = _query(session, task, vdi=vdi, format="vhd")
-        _send_request(sock, "GET", "/export_raw_vdi?" + query, session.endpoint.host, None)
-        status, _, rest = _read_head(sock, "export")
-        if status != 200:
-            raise _task_failure(session, task) or TransferError(f"export of {vdi}: HTTP {status}")
+        sock, rest = _open_export(session, task, f"export of {vdi}", vdi=vdi, format="vhd")
         have, _ = _read_stream_head(sock, rest)
         # The header follows the footer: its BAT offset, entries and block size (VHD spec).
         table_offset: int = struct.unpack(">Q", have[528:536])[0]
@@ -576,8 +498,9 @@ def read_sample(
         digests = [(int(i), str(h)) for i, h in report["digests"]]
         return ReadBack(str(report["digest_algorithm"]), block_size, digests, read, entries), chosen
     finally:
-        with contextlib.suppress(OSError):
-            sock.close()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
         session.cancel_task(task)
         session.destroy_task(task)
 
