@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from xapitest import PASSWORD, Pools, password_file
+from xapitest import PASSWORD, Pools, disk_hashes, password_file
 
 from xencr.config import load_config
 from xencr.replication.jobs import run_configured
@@ -54,21 +54,13 @@ def _config(
     return cfg
 
 
-def _hashes(s: XapiSession, vm: str) -> list[str]:
-    return [
-        s.api.sim.hash(s.api.VDI.get_uuid(s.api.VBD.get_VDI(b)))
-        for b in s.api.VM.get_VBDs(vm)
-        if s.api.VBD.get_type(b) == "Disk"
-    ]
-
-
 def _check(pools: Pools, report: RunReport) -> str:
     s, t = pools.session(0), pools.session(1)
     vr = report.vms[0]
     assert report.outcome == "success", [x.error for x in vr.targets]
     tr = vr.targets[0]
     replica = t.api.VM.get_by_uuid(tr.restore_point)
-    assert _hashes(t, replica) == _hashes(s, s.api.VM.get_by_uuid(vr.snapshot))
+    assert disk_hashes(t, replica) == disk_hashes(s, s.api.VM.get_by_uuid(vr.snapshot))
     return tr.kind
 
 
@@ -107,7 +99,7 @@ def test_member_to_member_over_tls_with_pinned_masters(
     s, t = sessions
     vr = report.vms[0]
     replica = t.api.VM.get_by_uuid(vr.targets[0].restore_point)
-    assert _hashes(t, replica) == _hashes(s, s.api.VM.get_by_uuid(vr.snapshot))
+    assert disk_hashes(t, replica) == disk_hashes(s, s.api.VM.get_by_uuid(vr.snapshot))
 
 
 @contextmanager

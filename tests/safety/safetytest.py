@@ -45,14 +45,6 @@ def points(pools: Pools, cfg: Path, vm: str = "vm0") -> list[str]:
     return [p.uuid for p in restore_points(t, job.id, vm_uuid, sr_uuid)]
 
 
-def disk_hashes(s: XapiSession, vm: str) -> dict[str, str]:
-    out = {}
-    for vbd in s.api.VM.get_VBDs(vm):
-        if s.api.VBD.get_type(vbd) == "Disk":
-            out[s.api.VBD.get_userdevice(vbd)] = s.api.sim.hash(s.api.VDI.get_uuid(s.api.VBD.get_VDI(vbd)))
-    return out
-
-
 def disks(s: XapiSession, vm: str) -> list[str]:
     return [str(s.api.VBD.get_VDI(b)) for b in s.api.VM.get_VBDs(vm) if s.api.VBD.get_type(b) == "Disk"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from safetytest import (
     JOB,
-    disk_hashes,
     disks,
     new_vm_with_disk,
     points,
@@ -17,7 +16,7 @@ from safetytest import (
     write_config,
     xencr,
 )
-from xapitest import Pools
+from xapitest import Pools, disk_hashes
 
 from xencr.replication import metadata as md
 

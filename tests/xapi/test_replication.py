@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from xapitest import MIB, Pools
+from xapitest import MIB, Pools, disk_hashes
 
 from xencr.replication import metadata as md
 from xencr.replication.runner import JobSpec, Target, run_job
@@ -25,12 +25,7 @@ def _vm(s: XapiSession, name: str) -> str:
     return str(s.api.VM.get_by_name_label(name)[0])
 
 
-def _disk_hashes(s: XapiSession, vm: str) -> dict[str, str]:
-    out = {}
-    for vbd in s.api.VM.get_VBDs(vm):
-        if s.api.VBD.get_type(vbd) == "Disk":
-            out[s.api.VBD.get_userdevice(vbd)] = s.api.sim.hash(s.api.VDI.get_uuid(s.api.VBD.get_VDI(vbd)))
-    return out
+_disk_hashes = disk_hashes  # shared by the replication test modules
 
 
 def _snapshot_by_uuid(s: XapiSession, uuid: str) -> str:

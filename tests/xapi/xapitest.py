@@ -99,3 +99,14 @@ def change(pools: Pools, vm_name: str, blocks: int, seed: str) -> None:
     s = pools.session(0)
     for i in range(blocks):
         s.api.sim.write(disk_uuid(pools, vm_name), str(i * 2 * MIB + 512), "512", f"{seed}-{i}")
+
+
+def disk_hashes(s: XapiSession, vm: str) -> dict[str, str]:
+    """user device -> the simulator's sha256 of each disk of a VM or snapshot."""
+    out = {}
+    for vbd in s.api.VM.get_VBDs(vm):
+        if s.api.VBD.get_type(vbd) == "Disk":
+            out[str(s.api.VBD.get_userdevice(vbd))] = str(
+                s.api.sim.hash(s.api.VDI.get_uuid(s.api.VBD.get_VDI(vbd)))
+            )
+    return out
