@@ -43,7 +43,7 @@ def test_import_flip_on_a_full_is_retried(pools: Pools, tmp_path: Path) -> None:
     first = _first_block(pools, point["uuid"])
     [warning] = target["warnings"]
     assert re.fullmatch(
-        rf"retried after: target b/[0-9a-f-]+ disk 0: read back differs from what was sent: block {first}",
+        rf"retried after: target b/[^:]+ disk 0: read back differs from what was sent: block {first}",
         warning,
     ), warning
     # What was committed is what the source snapshot holds; the failed attempt left nothing.

@@ -60,6 +60,12 @@ def _sr(cfg: Path) -> str:
     return load_config(cfg).job(JOB).targets[0].sr
 
 
+def _sr_name(pools: Pools, cfg: Path) -> str:
+    """How runs name the target SR: as the pool names it (the job names it by UUID)."""
+    t = pools.session(1)
+    return str(t.api.SR.get_name_label(t.api.SR.get_by_uuid(_sr(cfg))))
+
+
 def test_overlapping_runs_in_threads_skip_the_busy_vm_and_cancel_leaves_nothing(
     pools: Pools, cfg: Path
 ) -> None:
@@ -133,7 +139,7 @@ def test_a_second_process_holds_the_vm_target(pools: Pools, cfg: Path, tmp_path:
         assert result.exit_code == 1, result.output
         refusals = [line for line in result.stderr.splitlines() if "refused" in line]
         pattern = (
-            rf"xencr: vm0 -> b/{_sr(cfg)}: refused: being replicated by job {JOB} "
+            rf"xencr: vm0 -> b/{re.escape(_sr_name(pools, cfg))}: refused: being replicated by job {JOB} "
             rf"\(pid {proc.pid}\) since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ"
         )
         assert len(refusals) == 1 and re.fullmatch(pattern, refusals[0]), refusals
@@ -172,7 +178,7 @@ def test_sigterm_stops_xencr_run_cleanly(pools: Pools, cfg: Path) -> None:
     finally:
         pools.session(0).api.sim.fault_clear()
     assert proc.returncode == 1, (out, err)
-    assert "xencr: stopping" in err and f"vm0 -> b/{_sr(cfg)}: interrupted: {CANCELLED}" in out
+    assert "xencr: stopping" in err and f"vm0 -> b/{_sr_name(pools, cfg)}: interrupted: {CANCELLED}" in out
     assert snapshot(pools) == before, "nothing half-sent on the target, no extra snapshot, no task"
     with StateDB(load_config(cfg).state_path) as db:
         run = db.runs(JOB)[-1]

@@ -6,6 +6,7 @@ import os
 import socket
 import ssl
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from xencr.credentials import password_source, split_url_credentials, warn
 from xencr.replication.jobs import connect
 from xencr.units import human_bytes
 from xencr.xapi.errors import PoolUnreachable
+from xencr.xapi.members import PoolHost
 from xencr.xapi.tls import display_fingerprint, fetch_fingerprint
 
 pool_app = typer.Typer(
@@ -202,6 +204,56 @@ def remove_command(
     typer.echo(f"removed pool {name!r} from {cfg.path}")
 
 
+@dataclass(frozen=True)
+class CertificateCheck:
+    """What a host presented on a TLS connection to its address, against the certificate the
+    pool names for it: ``status`` is ``ok``, ``mismatch``, ``not named`` (the pool could not
+    say) or ``not checked`` (plain HTTP, or the host did not answer: ``reason``)."""
+
+    presented: str | None
+    status: str
+    reason: str | None = None
+
+    def text(self, named: str | None) -> str:
+        shown = display_fingerprint(named) if named else "none named by the pool"
+        if self.status == "ok":
+            return f"certificate {shown}: presented"
+        if self.status == "mismatch":
+            assert self.presented is not None
+            return f"certificate {shown}: MISMATCH: presents {display_fingerprint(self.presented)}"
+        if self.status == "not named":
+            got = display_fingerprint(self.presented) if self.presented else "nothing"
+            return f"certificate {shown}: presents {got}"
+        return f"certificate {shown}: not checked ({self.reason})"
+
+
+def check_certificate(scheme: str, host: PoolHost) -> CertificateCheck:
+    """Open a TLS connection to the host's address and compare what it presents."""
+    if scheme != "https":
+        return CertificateCheck(None, "not checked", "plain HTTP")
+    try:
+        presented = fetch_fingerprint(host.url(scheme))
+    except PoolUnreachable as err:
+        return CertificateCheck(None, "not checked", str(err))
+    if host.fingerprint is None:
+        return CertificateCheck(presented, "not named")
+    return CertificateCheck(presented, "ok" if presented == host.fingerprint else "mismatch")
+
+
+def _host_json(host: PoolHost, check: CertificateCheck) -> dict[str, Any]:
+    return {
+        "name": host.name,
+        "uuid": host.uuid,
+        "address": host.address,
+        "enabled": host.enabled,
+        "role": "master" if host.master else "member",
+        "certificate": display_fingerprint(host.fingerprint) if host.fingerprint else None,
+        "presented": display_fingerprint(check.presented) if check.presented else None,
+        "certificate_check": check.status,
+        "certificate_error": check.reason,
+    }
+
+
 @pool_app.command("test")
 @reported
 def test_command(
@@ -209,34 +261,67 @@ def test_command(
     config: ConfigOption = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Log in to a pool and show what xencr sees: pool, master, API version, SRs and free space
-    (--json: free space in bytes).
+    """Log in to a pool and show what xencr sees: pool, master, API version; each host (address,
+    enabled, master or member) and the certificate it presents on a TLS connection to its
+    address, against the one the pool names for it (host.get_server_certificate); the SRs with
+    their free space and the hosts they are plugged on. How the login reached the pool (a member
+    that named the master, a recorded host) comes first. The hosts are recorded for later logins.
+    Exit code 1 when a host presents a certificate other than the one the pool names for it.
+    (--json: the same, free space in bytes.)
 
     Example:  xencr pool test site-a
     """
     cfg = load(config)
-    with connect(cfg.pool(name), interactive=sys.stdin.isatty()) as s:
+    with connect(cfg.pool(name), interactive=sys.stdin.isatty(), state_path=cfg.state_path) as s:
         pool = s.api.pool.get_all()[0]
         master = s.api.pool.get_master(pool)
         major, minor = s.api.host.get_API_version_major(master), s.api.host.get_API_version_minor(master)
+        hosts = s.pool_hosts().hosts
+        host_names = {ref: rec["name_label"] for ref, rec in s.api.host.get_all_records().items()}
+        plugged: dict[str, list[str]] = {}
+        for pbd in s.api.PBD.get_all_records().values():
+            if pbd["currently_attached"]:
+                plugged.setdefault(pbd["SR"], []).append(host_names.get(pbd["host"], pbd["host"]))
         info = {
             "pool": s.api.pool.get_name_label(pool),
             "master": s.api.host.get_name_label(master),
             "api_version": f"{major}.{minor}",
+            "url": s.endpoint.url,
+            "followed": s.followed,
+            "hosts": [],
             "srs": [
                 {
                     "name": r["name_label"],
                     "uuid": r["uuid"],
                     "type": r["type"],
                     "free": int(r["physical_size"]) - int(r["physical_utilisation"]),
+                    "hosts": sorted(plugged.get(ref, [])),
                 }
-                for r in s.api.SR.get_all_records().values()
+                for ref, r in s.api.SR.get_all_records().items()
                 if r["content_type"] != "iso" and int(r["physical_size"]) > 0
             ],
         }
+        scheme = s.endpoint.scheme
+    checks = [(h, check_certificate(scheme, h)) for h in hosts]
+    info["hosts"] = [_host_json(h, c) for h, c in checks]
+    mismatched = [h.name for h, c in checks if c.status == "mismatch"]
     if json_out:
         print_json(info)
-        return
-    typer.echo(f"{name}: pool {info['pool']!r}, master {info['master']!r}, XAPI {info['api_version']}: ok")
-    for sr in info["srs"]:
-        typer.echo(f"  SR {sr['name']} ({sr['type']}, {sr['uuid']}): {human_bytes(sr['free'])} free")
+    else:
+        typer.echo(
+            f"{name}: pool {info['pool']!r}, master {info['master']!r}, XAPI {info['api_version']}: ok"
+        )
+        for line in s.followed:
+            typer.echo(f"  note: {line}")
+        for h, c in checks:
+            role = "master" if h.master else "member"
+            typer.echo(f"  host {h.name} ({h.address}): {role}, {'enabled' if h.enabled else 'disabled'}")
+            typer.echo(f"    {c.text(h.fingerprint)}")
+        for sr in info["srs"]:
+            typer.echo(f"  SR {sr['name']} ({sr['type']}, {sr['uuid']}): {human_bytes(sr['free'])} free")
+            typer.echo(f"    plugged on {', '.join(sr['hosts']) or 'no host'}")
+    if mismatched:
+        raise CliError(
+            f"pool {name!r}: host {', '.join(mismatched)} presents a certificate other than the one "
+            "the pool names for it"
+        )

@@ -54,7 +54,7 @@ def _target_pools(cfg: Config) -> list[str]:
 def _find(cfg: Config, replica: str) -> tuple[XapiSession, dict[str, Any]]:
     """A replica by UUID or name on any target pool (the caller logs the session out)."""
     for pool in _target_pools(cfg):
-        s = connect(cfg.pool(pool), interactive=sys.stdin.isatty())
+        s = connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path)
         for rec in _replicas(s):
             if replica in (rec["uuid"], rec["name_label"]):
                 return s, rec
@@ -77,7 +77,7 @@ def list_command(
     job_id = cfg.job(job).id if job else None
     rows = []
     for pool in _target_pools(cfg):
-        with connect(cfg.pool(pool), interactive=sys.stdin.isatty()) as s:
+        with connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path) as s:
             replicas = [r for r in _replicas(s) if not job_id or r["other_config"].get(md.JOB) == job_id]
             verdicts = _detached(s, replicas)
             for rec in replicas:
@@ -239,7 +239,9 @@ def verify_command(
             job = next((j for j in cfg.jobs.values() if j.id == job_id), None)
             if job is None:
                 raise CliError(f"replica {rec['uuid']}: its job {job_id!r} is not in the configuration")
-            source = stack.enter_context(connect(cfg.pool(job.pool), interactive=sys.stdin.isatty()))
+            source = stack.enter_context(
+                connect(cfg.pool(job.pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path)
+            )
         checks = verify_replica(s, rec["ref"], maps, sample=chosen, source=source)
     if json_out:
         where = {"percent": chosen.percent, "seed": chosen.seed} if chosen else None

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from xencr.config import Config, ConfigError, JobConfig, PoolConfig, ScheduleConfig
@@ -30,14 +31,36 @@ from xencr.replication.select import is_candidate
 from xencr.schedule import rate_at
 from xencr.service.locks import lock_dir
 from xencr.state import StateDB
+from xencr.xapi import members
+from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import Endpoint, XapiSession
 
 log = logging.getLogger("xencr.replication")
 
 
-def connect(pool: PoolConfig, *, interactive: bool) -> XapiSession:
-    endpoint = Endpoint(pool.url, fingerprint=pool.fingerprint, verify_tls=pool.verify_tls, name=pool.name)
-    return XapiSession(endpoint, pool.username, resolve_password(pool, interactive=interactive))
+def connect(pool: PoolConfig, *, interactive: bool, state_path: Path | None = None) -> XapiSession:
+    """A session on a configured pool. With ``state_path`` (the configuration's state database),
+    the pool's hosts recorded beside it are where the login looks when the configured address is
+    down, and the hosts it finds are recorded there again (`members.py`)."""
+    record = members.hosts_path(state_path, pool.name) if state_path is not None else None
+    endpoint = Endpoint(
+        pool.url,
+        fingerprint=pool.fingerprint,
+        verify_tls=pool.verify_tls,
+        name=pool.name,
+        known=members.load(record) if record is not None else None,
+    )
+    session = XapiSession(endpoint, pool.username, resolve_password(pool, interactive=interactive))
+    if record is not None:
+        try:
+            members.save(record, session.pool_hosts())
+        except (XapiError, PoolUnreachable, OSError) as err:
+            # Only a hint for a later login is lost: the session itself is good.
+            log.warning("pool %r: its hosts not recorded in %s: %s", pool.name, record, err)
+        except BaseException:
+            session.logout()
+            raise
+    return session
 
 
 @dataclass
@@ -59,7 +82,9 @@ def connected(config: Config, job: JobConfig, *, interactive: bool) -> Iterator[
     try:
         for name in [job.pool, *(t.pool for t in job.targets)]:
             if name not in sessions:
-                sessions[name] = connect(config.pool(name), interactive=interactive)
+                sessions[name] = connect(
+                    config.pool(name), interactive=interactive, state_path=config.state_path
+                )
         yield Connected(config, job, sessions)
     finally:
         for s in sessions.values():
@@ -78,9 +103,11 @@ def targets_of(c: Connected) -> list[Target]:
     out = []
     for t in c.job.targets:
         ref, uuid = resolve_sr(c.sessions[t.pool], t.sr, t.pool)
+        sr_name = str(c.sessions[t.pool].api.SR.get_name_label(ref))
         limit = c.config.pool(t.pool).max_imports
         out.append(
-            Target(f"{t.pool}/{t.sr}", c.sessions[t.pool], ref, uuid, dict(t.network_map), t.pool, limit)
+            # People read names: the SR as the pool names it now, even when the job says its UUID.
+            Target(f"{t.pool}/{sr_name}", c.sessions[t.pool], ref, uuid, dict(t.network_map), t.pool, limit)
         )
     return out
 
@@ -173,6 +200,7 @@ def run_configured(
                         observer=recorder,
                     )
                     recorder.close(vms, report)
+                    _say_followed(report, c, targets)
                 except BaseException as err:
                     recorder.abandon(_error_line(err))
                     raise
@@ -188,6 +216,16 @@ def run_configured(
             raise
         _notify(config, job, db, report_payload(report))
     return report
+
+
+def _say_followed(report: RunReport, c: Connected, targets: list[Target]) -> None:
+    """How each pool was reached when not at its configured master (HOST_IS_SLAVE followed, a
+    recorded host used) goes with each target's warnings: the source's, and its own pool's."""
+    pool_of = {t.name: t.pool for t in targets}
+    for v in report.vms:
+        for t in v.targets:
+            pool = pool_of.get(t.target, c.job.pool)
+            t.warnings[:0] = c.source.followed + (c.sessions[pool].followed if pool != c.job.pool else [])
 
 
 def _error_line(err: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import xmlrpc.client
 from collections.abc import Sequence
 
 # Errors that describe a passing condition of the pool, not a mistake in the request: retried
@@ -58,3 +60,29 @@ class PoolUnreachable(Exception):
 
 class FingerprintMismatch(PoolUnreachable):
     """The pool's certificate is not the pinned one."""
+
+
+class PoolDown(PoolUnreachable):
+    """Nothing usable answered at an address: connection refused, reset or timed out, a name
+    that does not resolve, a 5xx from a proxy in front of it. Worth another try later, or
+    another host of the pool now (unlike a TLS failure or a 4xx, which say something answered)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+def describe(e: BaseException) -> str:
+    """A connection failure as the few words an error line ends with: ``connection refused``."""
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, socket.timeout | TimeoutError):
+        return "timed out"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve host ({e.strerror})"
+    if isinstance(e, xmlrpc.client.ProtocolError):
+        return f"HTTP {e.errcode} {e.errmsg} (is this a XAPI URL?)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower() if e.errno is not None else e.strerror
+    return str(e) or type(e).__name__

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -25,7 +24,7 @@ from urllib.parse import urlencode, urlsplit
 
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
-from xencr.xapi.tls import check_pin, client_context, fingerprint_of
+from xencr.xapi.tls import check_pin, client_context, pem_fingerprint
 
 # A peer silent for this long is declared dead (kernel-level timeouts: the engine reads and
 # writes the descriptors directly, so Python's socket timeouts do not apply).
@@ -107,8 +106,8 @@ def follow(session: XapiSession, location: str, what: str) -> tuple[DataHost, st
     tls = None
     if e.scheme == "https":
         if e.fingerprint:
-            pem = str(session.api.host.get_server_certificate(ref))
-            tls = "sha256:" + fingerprint_of(ssl.PEM_cert_to_DER_cert(pem))
+            # A chain may come: the host's own certificate is first.
+            tls = "sha256:" + pem_fingerprint(str(session.api.host.get_server_certificate(ref)))
         else:
             tls = data_host(session).tls
     path = target.path + (f"?{target.query}" if target.query else "")

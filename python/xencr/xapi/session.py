@@ -2,6 +2,16 @@
 SDK does that), retries with backoff for connection errors and transient XAPI errors (never for
 logic errors), async calls followed to completion, and typed errors.
 
+A pool of several hosts takes API calls on its master only: a login on another host answers
+``HOST_IS_SLAVE [master address]`` (`xapi_session.ml`), and the session follows it to the master
+(at most ``MAX_HOPS`` times, a loop refused). When nothing answers at the configured address, the
+hosts an earlier login recorded (``Endpoint.known``, `members.py`) are tried, each a member that
+names the master or the master itself. Each such host is trusted as the configured address is: the
+system CAs verify it the same way; a pool pinned by a certificate is trusted there only with the
+certificate the pool itself named for that host over a verified session (else the configured pin):
+verification is never turned off. What the session did is one line each in ``followed`` (and a
+warning on the ``xencr.xapi`` logger); ``endpoint`` is then where the session is.
+
 Every failure to reach or use the pool itself (login refused, connection refused, DNS, TLS, a
 certificate that is not the pinned one, an answer that is not XAPI's) is one line starting with
 the pool: ``pool 'dr' (https://10.0.0.2): authentication failed for user 'root'``. Errors XAPI
@@ -25,8 +35,22 @@ from urllib.parse import urlsplit
 
 import XenAPI
 
-from xencr.xapi.errors import AuthenticationFailed, FingerprintMismatch, PoolUnreachable, XapiError
-from xencr.xapi.tls import PinnedTransport, TimeoutSafeTransport, TimeoutTransport, client_context
+from xencr.xapi.errors import (
+    AuthenticationFailed,
+    FingerprintMismatch,
+    PoolDown,
+    PoolUnreachable,
+    XapiError,
+    describe,
+)
+from xencr.xapi.members import PoolHost, PoolHosts, host_url, same_place
+from xencr.xapi.tls import (
+    PinnedTransport,
+    TimeoutSafeTransport,
+    TimeoutTransport,
+    client_context,
+    pem_fingerprint,
+)
 
 log = logging.getLogger("xencr.xapi")
 
@@ -34,22 +58,32 @@ ORIGINATOR = "xencr"
 API_VERSION = "1.0"
 # Connection errors worth another try: the pool may be restarting its toolstack.
 _RETRYABLE_OS = (ConnectionError, socket.timeout, http.client.HTTPException)
+# HOST_IS_SLAVE answers followed in one login: the master named by a member is the master, so a
+# second hop only happens when it moved meanwhile.
+MAX_HOPS = 3
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """Where a pool answers, without credentials; ``name`` is the pool's name in the
-    configuration (``""`` for a bare URL)."""
+    configuration (``""`` for a bare URL); ``known``: its hosts as an earlier login recorded them
+    (where to look when the configured address is down)."""
 
     url: str
     fingerprint: str | None = None
     verify_tls: bool = True
     name: str = ""
+    known: PoolHosts | None = None
 
     @property
     def where(self) -> str:
         """How errors name the pool: ``pool 'dr' (https://10.0.0.2)``, or the URL alone."""
         return f"pool {self.name!r} ({self.url})" if self.name else self.url
+
+    @property
+    def prefix(self) -> str:
+        """How lines about the pool as a whole start: ``pool 'dr': `` (nothing for a bare URL)."""
+        return f"pool {self.name!r}: " if self.name else ""
 
     @property
     def scheme(self) -> str:
@@ -70,6 +104,10 @@ class XapiSession:
 
     with XapiSession(endpoint, "root", password) as s:
         vms = s.api.VM.get_all_records()
+
+    ``configured`` is the endpoint given, ``endpoint`` the master the login reached (the same
+    unless it followed HOST_IS_SLAVE or went through a recorded host: the data handlers are
+    called there), ``followed`` one line per such step.
     """
 
     def __init__(
@@ -82,30 +120,179 @@ class XapiSession:
         retries: int = 4,
         backoff: float = 0.5,
     ) -> None:
+        self.configured = endpoint
         self.endpoint = endpoint
         self.username = username
         self.retries = retries
         self.backoff = backoff
+        self.followed: list[str] = []
+        self._timeout = timeout
         # The SDK's proxy keeps one HTTP connection: calls from several threads take turns.
         self._lock = threading.Lock()
-        self._sdk = XenAPI.Session(endpoint.url, transport=self._transport(timeout))
+        self._sdk: Any = None
+        self._login(password)
+        for line in self.followed:
+            log.warning("%s", line)
+
+    # -- login --------------------------------------------------------------------------------
+
+    def _login(self, password: str) -> None:
+        """Log in at the configured address, following HOST_IS_SLAVE; when nothing answers there,
+        through the recorded hosts (the last master first), all of them tried before waiting."""
+        c = self.configured
+        others = sorted(
+            (h for h in (c.known.hosts if c.known else ()) if not same_place(h.url(c.scheme), c.url)),
+            key=lambda h: not h.master,
+        )
+        if not others:
+            self._follow(c, password, self.retries, c.where)
+            return
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                self._follow(c, password, 0, c.where)
+                return
+            except PoolDown as err:
+                down = err
+            failures: list[PoolUnreachable] = []
+            for host in others:
+                try:
+                    self._through(host, down, password)
+                    return
+                except PoolUnreachable as err:
+                    failures.append(err)
+            reason = "; ".join([down.reason, *map(str, failures)])
+            if not all(isinstance(f, PoolDown) for f in failures):
+                raise PoolUnreachable(f"{down.where}: {reason}")
+            if attempt == self.retries:
+                raise PoolDown(down.where, reason)
+            log.warning("%s: %s, retrying in %.1fs", down.where, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _through(self, host: PoolHost, down: PoolDown, password: str) -> None:
+        """Log in through a recorded host, which must still be a host of the same pool."""
+        c = self.configured
+        assert c.known is not None
+        url = host.url(c.scheme)
+        mark = len(self.followed)
+        self._follow(self._at(url), password, 0, f"recorded member {url}", "recorded member ")
+        pool = self.call_once("pool.get_all")[0]
+        uuid = str(self.call_once("pool.get_uuid", pool))
+        if uuid != c.known.pool_uuid:
+            # An address handed to another pool since: its data is not this pool's.
+            self.logout()
+            del self.followed[mark:]
+            self.endpoint = c
+            raise PoolUnreachable(
+                f"recorded member {url}: now a host of pool {uuid}, not of this pool ({c.known.pool_uuid})"
+            )
+        # "pool 'a': https://A unreachable (...)", or the master A named: "https://A is not the
+        # master; the master it names, https://B: connection refused"
+        what = f"{c.prefix}{c.url} unreachable ({down.reason})" if down.where == c.where else str(down)
+        self.followed.insert(mark, f"{what}; reached the pool through recorded member {url}")
+
+    def _follow(self, first: Endpoint, password: str, retries: int, where: str, hop: str = "") -> None:
+        """Log in at ``first``; when it answers HOST_IS_SLAVE, at the master it names (at most
+        ``MAX_HOPS`` times). ``where`` names ``first`` in errors; ``hop`` starts the name of a host
+        it led to (``pool 'a': https://A is not the master; the master it names, https://B``)."""
+        at, path, lines = first, [first.url], []
+        hop = hop or self.configured.prefix
+        while True:
+            try:
+                self._sdk = self._login_at(at, password, retries, where)
+            except FingerprintMismatch as err:
+                if at is first or at.fingerprint != self.configured.fingerprint:
+                    raise
+                name = self.configured.name or "NAME"
+                raise FingerprintMismatch(
+                    f"{err}: no certificate recorded for that host by a verified session; check it, "
+                    f"then pin it with `xencr pool add {name} {at.url} --replace`"
+                ) from None
+            except XapiError as err:
+                if err.code != "HOST_IS_SLAVE" or not err.params:
+                    raise
+                url = host_url(at.scheme, err.params[0])
+                chain = " -> ".join([*path, url])
+                if any(same_place(url, seen) for seen in path):
+                    raise PoolUnreachable(f"{self.configured.prefix}HOST_IS_SLAVE loop: {chain}") from None
+                if len(path) > MAX_HOPS:
+                    raise PoolUnreachable(
+                        f"{self.configured.prefix}no master after {MAX_HOPS} HOST_IS_SLAVE answers: {chain}"
+                    ) from None
+                lines.append(f"{self.configured.prefix}{at.url} is not the master; followed to {url}")
+                where = f"{hop}{at.url} is not the master; the master it names, {url}"
+                at = self._at(url)
+                path.append(url)
+                continue
+            self.endpoint = at
+            self.followed += lines
+            return
+
+    def _at(self, url: str) -> Endpoint:
+        """The pool at another of its hosts, trusted as the configured address is. Pinned: the
+        certificate the pool named for that host (recorded over a verified session), else the
+        configured pin (hosts sharing one certificate); system CAs or none: the same there."""
+        c = self.configured
+        pin = None
+        if c.fingerprint and urlsplit(url).scheme == "https":
+            pin = (c.known.fingerprint_at(url) if c.known else None) or c.fingerprint
+        return Endpoint(url, pin, c.verify_tls, c.name)
+
+    def _login_at(self, at: Endpoint, password: str, retries: int, where: str) -> Any:
+        """An SDK session logged in at ``at`` (one address: HOST_IS_SLAVE is raised)."""
+        sdk = XenAPI.Session(at.url, transport=self._transport(at))
         try:
             self._retrying(
                 "session.login_with_password",
-                lambda: self._sdk.xenapi.login_with_password(username, password, API_VERSION, ORIGINATOR),
+                lambda: sdk.xenapi.login_with_password(self.username, password, API_VERSION, ORIGINATOR),
+                retries=retries,
+                where=where,
             )
         except XapiError as err:
+            sdk("close")()  # its connection: a member answered, the next hop opens another
             if err.code == "SESSION_AUTHENTICATION_FAILED":
-                raise AuthenticationFailed(endpoint.where, username, err.params) from None
+                raise AuthenticationFailed(where, self.username, err.params) from None
             raise
+        return sdk
 
-    def _transport(self, timeout: float) -> xmlrpc.client.Transport:
-        e = self.endpoint
+    def _transport(self, e: Endpoint) -> xmlrpc.client.Transport:
         if e.scheme == "https":
             if e.fingerprint:
-                return PinnedTransport(e.fingerprint, timeout)
-            return TimeoutSafeTransport(timeout, client_context(None, e.verify_tls))
-        return TimeoutTransport(timeout)
+                return PinnedTransport(e.fingerprint, self._timeout)
+            return TimeoutSafeTransport(self._timeout, client_context(None, e.verify_tls))
+        return TimeoutTransport(self._timeout)
+
+    def pool_hosts(self) -> PoolHosts:
+        """The pool's hosts now, master first, each with the certificate the pool names for it.
+        ``verified``: this session verified its peer (a pinned certificate or the system CAs)."""
+        pool = self.call("pool.get_all")[0]
+        master = self.call("pool.get_master", pool)
+        hosts = [
+            PoolHost(
+                uuid=str(rec["uuid"]),
+                name=str(rec["name_label"]),
+                address=str(rec["address"]),
+                master=ref == master,
+                enabled=bool(rec["enabled"]),
+                fingerprint=self.certificate_of(str(ref)),
+            )
+            for ref, rec in self.call("host.get_all_records").items()
+        ]
+        hosts.sort(key=lambda h: (not h.master, h.name))
+        e = self.endpoint
+        verified = e.scheme == "https" and (e.fingerprint is not None or e.verify_tls)
+        return PoolHosts(str(self.call("pool.get_uuid", pool)), tuple(hosts), verified)
+
+    def certificate_of(self, host: str) -> str | None:
+        """The sha256 fingerprint of the certificate the pool names for ``host``
+        (``host.get_server_certificate``), or None when it cannot say (the host is offline)."""
+        try:
+            # Once: HOST_OFFLINE is "transient", but an offline host will not come back in seconds.
+            return pem_fingerprint(str(self.call_once("host.get_server_certificate", host)))
+        except (XapiError, ValueError) as err:
+            log.debug("host.get_server_certificate %s: %s", host, err)
+            return None
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -133,8 +320,10 @@ class XapiSession:
             fn = getattr(fn, part)
         return self._retrying(method, lambda: fn(*args), retries=0)
 
-    def _retrying(self, method: str, thunk: Callable[[], Any], *, retries: int | None = None) -> Any:
-        where = self.endpoint.where
+    def _retrying(
+        self, method: str, thunk: Callable[[], Any], *, retries: int | None = None, where: str | None = None
+    ) -> Any:
+        where = where or self.endpoint.where
         delay = self.backoff
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
@@ -155,12 +344,16 @@ class XapiSession:
             except (OSError, xmlrpc.client.ProtocolError, *_RETRYABLE_OS) as e:
                 # A 5xx may come from a proxy in front of a restarting pool; a 4xx will not pass.
                 client_error = isinstance(e, xmlrpc.client.ProtocolError) and e.errcode < 500
-                if last or client_error:
-                    raise PoolUnreachable(f"{where}: {_describe(e)}") from None
-                log.warning("%s: %s: %s, retrying in %.1fs", where, method, _describe(e), delay)
+                if client_error:
+                    raise PoolUnreachable(f"{where}: {describe(e)}") from None
+                if last:
+                    raise PoolDown(where, describe(e)) from None
+                log.warning("%s: %s: %s, retrying in %.1fs", where, method, describe(e), delay)
             except xmlrpc.client.Fault as e:
                 # The SDK raises Faults when the answer is not XAPI's (no Status), on a login
-                # timeout, and after 3 re-logins that gave no valid session.
+                # timeout (504), and after 3 re-logins that gave no valid session.
+                if e.faultCode == 504:
+                    raise PoolDown(where, e.faultString) from None
                 raise PoolUnreachable(f"{where}: {e.faultString}") from None
             except (xml.parsers.expat.ExpatError, xmlrpc.client.ResponseError):
                 raise PoolUnreachable(f"{where}: the answer is not XML-RPC (is this a XAPI URL?)") from None
@@ -237,20 +430,6 @@ class _Api:
 
     def __call__(self, *args: Any) -> Any:
         return self._session.call(self._prefix, *args)
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, socket.timeout | TimeoutError):
-        return "timed out"
-    if isinstance(e, socket.gaierror):
-        return f"cannot resolve host ({e.strerror})"
-    if isinstance(e, xmlrpc.client.ProtocolError):
-        return f"HTTP {e.errcode} {e.errmsg} (is this a XAPI URL?)"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror.lower() if e.errno is not None else e.strerror
-    return str(e) or type(e).__name__
 
 
 def _strip_value(result: str) -> str:

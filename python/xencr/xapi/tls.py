@@ -3,18 +3,32 @@ sha256 fingerprint (self-signed pool certificates)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
+import re
 import socket
 import ssl
 import xmlrpc.client
 from urllib.parse import urlsplit
 
-from xencr.xapi.errors import FingerprintMismatch, PoolUnreachable
+from xencr.xapi.errors import FingerprintMismatch, PoolDown, PoolUnreachable, describe
 
 
 def fingerprint_of(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
+
+
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----\s*(.*?)\s*-----END CERTIFICATE-----", re.S)
+
+
+def pem_fingerprint(pem: str) -> str:
+    """The fingerprint of the first certificate of a PEM text (``host.get_server_certificate``
+    may give a chain: the host's own certificate comes first); ValueError when there is none."""
+    m = _PEM_CERT.search(pem)
+    if m is None:
+        raise ValueError("no PEM certificate")
+    return fingerprint_of(base64.b64decode("".join(m.group(1).split()), validate=True))
 
 
 def display_fingerprint(fp: str) -> str:
@@ -52,8 +66,10 @@ def fetch_fingerprint(url: str, timeout: float = 10.0) -> str:
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw, ctx.wrap_socket(raw) as s:
             return fingerprint_of(s.getpeercert(binary_form=True) or b"")
+    except ssl.SSLError as err:
+        raise PoolUnreachable(f"{host}:{port}: TLS: {err.reason or err}") from None
     except OSError as err:
-        raise PoolUnreachable(f"{host}:{port}: {err}") from None
+        raise PoolDown(f"{host}:{port}", describe(err)) from None
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
