@@ -28,11 +28,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 
-if ! .venv/bin/python -c 'import xencr._engine, maturin' >/dev/null 2>&1; then
+# (Re)install when the venv lacks the engine or pyproject.toml changed since the last install
+# (a new dependency reaches an existing venv too).
+deps_stamp=".venv/.xencr-deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$deps_stamp" ] || ! .venv/bin/python -c 'import xencr._engine, maturin' >/dev/null 2>&1; then
   say "installing xencr and its test dependencies (maturin builds the Rust extension)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q maturin
   .venv/bin/pip install -q -e '.[test]'
+  rm -f .venv/.xencr-deps-*
+  touch "$deps_stamp"
 fi
 # Rebuild the extension when the Rust sources changed (cargo makes this a no-op otherwise).
 say "building the engine (maturin develop --release)"
