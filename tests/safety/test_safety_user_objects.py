@@ -112,3 +112,26 @@ def test_replica_clone_is_a_plain_vm_that_survives_runs(pools: Pools, tmp_path: 
     run(cfg, pools, "c4", "vm1")
     assert disk_hashes(t, clone) == hashes
     assert len(points(pools, cfg, "vm1")) == 2
+
+
+def test_a_destroy_xapi_refuses_is_in_use_not_cleaned(pools: Pools, tmp_path: Path) -> None:
+    """Retention's destroy refused by XAPI (the object is in use): no retry, reported detached,
+    not counted as expired, and the replica and its disks stay, also through later runs."""
+    cfg = write_config(tmp_path, pools, retention=1, vm="vm1")
+    t = pools.session(1)
+    run(cfg, pools, "refused-1", "vm1")
+    [oldest] = points(pools, cfg, "vm1")
+    vm = t.api.VM.get_by_uuid(oldest)
+    vdis = [t.api.VDI.get_uuid(v) for v in disks(t, vm)]
+    t.api.sim.fault_fail_next_call("VM.destroy", ["OPERATION_NOT_ALLOWED", "in use by a test"])
+    report = run(cfg, pools, "refused-2", "vm1")
+    tr = report.vms[0].targets[0]
+    assert tr.expired == [], "a refused destroy is not an expiry"
+    assert any(oldest in d and "OPERATION_NOT_ALLOWED" in d for d in tr.detached), tr.detached
+    for seed in ("refused-3", "refused-4"):
+        run(cfg, pools, seed, "vm1")
+    assert t.api.VM.get_uuid(vm) == oldest
+    for uuid in vdis:
+        oc = t.api.VDI.get_other_config(t.api.VDI.get_by_uuid(uuid))
+        assert md.DETACHED in oc and md.EXPIRING not in oc, oc
+    assert oldest not in points(pools, cfg, "vm1") and len(points(pools, cfg, "vm1")) == 1

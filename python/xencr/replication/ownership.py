@@ -485,6 +485,9 @@ def expire(t: XapiSession, rp: RestorePoint) -> Detached | None:
         t.call(f"{cls}.set_other_config", ref, oc | {md.EXPIRING: stamp})
     err = destroy(t, "VM", rp.ref)
     if err is not None:
+        # In use after all: its disks are no longer on their way out either.
+        for vdi in vdis:
+            _mark_detached(t, "VDI", vdi, f"a disk of replica {rp.uuid}, in use")
         return _refused(t, "VM", rp.ref, rp.record, err)
     for vdi in vdis:
         err = destroy(t, "VDI", vdi)
