@@ -248,12 +248,20 @@ def fault_fill_sr(state: StateOpt, sr_uuid: str, nbytes: int = -1, pool: PoolOpt
 
 
 @fault_app.command("unreachable")
-def fault_unreachable(state: StateOpt, on: bool = True, pool: PoolOpt = 0) -> None:
+def fault_unreachable(
+    state: StateOpt,
+    on: bool = True,
+    pool: PoolOpt = 0,
+    after: Annotated[int, typer.Option(help="Answer N more requests first (-1: at once).")] = -1,
+) -> None:
     """Make the pool's host unreachable (connections dropped) or reachable again (--no-on).
 
-    Example: xencr sim fault unreachable --state /tmp/sim --pool 1
+    Example: xencr sim fault unreachable --state /tmp/sim --pool 1 --after 20
     """
-    _pool_call(state, pool, "sim.fault_unreachable", on)
+    if on and after >= 0:
+        _pool_call(state, pool, "sim.fault_unreachable_after", str(after))
+    else:
+        _pool_call(state, pool, "sim.fault_unreachable", on)
 
 
 @fault_app.command("host-down")

@@ -28,6 +28,7 @@ class Faults:
         self.transfer = TransferFaults()
         self.sr_fill: dict[str, int] = {}  # SR uuid -> bytes of simulated foreign data
         self.unreachable = False
+        self.unreachable_after: int | None = None  # requests still answered before unreachable
         self.down_hosts: set[str] = set()  # names of hosts whose listener is stopped
 
     def fail_next_call(self, method: str, description: list[str]) -> None:
@@ -80,8 +81,31 @@ class Faults:
         self.log.warning("fault armed: SR %s holds %d bytes of foreign data", sr_uuid, nbytes)
 
     def set_unreachable(self, flag: bool) -> None:
-        self.unreachable = flag
+        with self.lock:
+            self.unreachable = flag
+            self.unreachable_after = None
         self.log.warning("fault armed: host %s", "unreachable" if flag else "reachable again")
+
+    def set_unreachable_after(self, n: int) -> None:
+        with self.lock:
+            self.unreachable_after = max(0, n)
+        self.log.warning("fault armed: pool unreachable after %d more requests", n)
+
+    def dropping(self) -> bool:
+        """Whether to drop this request (an API call or a data transfer, not ``sim.*``): the pool
+        is unreachable, or becomes so now that its countdown has run out."""
+        with self.lock:
+            if self.unreachable:
+                return True
+            if self.unreachable_after is None:
+                return False
+            if self.unreachable_after > 0:
+                self.unreachable_after -= 1
+                return False
+            self.unreachable_after = None
+            self.unreachable = True
+        self.log.warning("fault fired: pool unreachable")
+        return True
 
     def set_host_down(self, name: str, down: bool) -> None:
         with self.lock:
@@ -95,6 +119,7 @@ class Faults:
             self.call_failures.clear()
             self.transfer = TransferFaults()
             self.sr_fill.clear()
+            self.unreachable_after = None
         self.unreachable = False
         self.log.warning("faults cleared")
 
@@ -107,5 +132,6 @@ class Faults:
                 "rate": self.transfer.rate or 0,
                 "sr_fill": dict(self.sr_fill),
                 "unreachable": self.unreachable,
+                "unreachable_after": -1 if self.unreachable_after is None else self.unreachable_after,
                 "down_hosts": sorted(self.down_hosts),
             }

@@ -9,10 +9,13 @@ import hmac
 import logging
 import time
 import uuid as uuidlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from xencr.sim import knobs
 from xencr.sim.activity import GuestActivity
+from xencr.sim.boot import GuestBoots
 from xencr.sim.db import Database
 from xencr.sim.dispatch import TaskRunner
 from xencr.sim.errors import XapiError
@@ -35,6 +38,16 @@ class Listener(Protocol):
     def come_up(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class StartRecord:
+    """One domain start, in the order the pool started them (``sim.start_log``)."""
+
+    vm: str  # VM UUID
+    time: float  # wall clock, sub-second (VM_metrics.start_time has whole seconds only)
+    host: str  # host UUID
+    domid: int
+
+
 class PoolState:
     def __init__(self, root: Path, index: int, password: str, *, auth_delay: float = 5.0) -> None:
         self.index = index
@@ -50,7 +63,6 @@ class PoolState:
             "VM": [vm_checks.compute_allowed_operations],
             "VDI": [vdi_api.compute_allowed_operations],
         }
-        self.delay_scale = 1.0  # multiplies VM.start_delay sleeps (tests may shorten them)
         self.password = password
         self.auth_delay = auth_delay
         self.faults = Faults(self.log)
@@ -64,6 +76,9 @@ class PoolState:
             self.db.save()
         self.storage.committed()
         self.guests = GuestActivity(self)
+        self.boots = GuestBoots(self)
+        self.starts: list[StartRecord] = []  # since this process began serving the pool
+        self.bridge_counter = 0  # xapi_network.ml's counter: per xapi process, from 0
         self.address = "127.0.0.1"
         self.port = 0
         self.control_token = ""
@@ -71,6 +86,19 @@ class PoolState:
         self.tls = False  # data handlers cannot hand a TLS socket's fd to the engine
         self.listeners: dict[str, Listener] = {}  # host ref -> its listener, while served
         self.down_hosts: set[str] = set()
+
+    @property
+    def delay_scale(self) -> float:
+        """Multiplies every simulated delay (``pool.other_config["sim_delay_scale"]``, default 1)."""
+        with self.db.lock:
+            return knobs.delay_scale(self.db)
+
+    def record_start(self, vm: str, host: str) -> None:
+        """Note a domain start (caller holds the database lock)."""
+        row = self.db.get("VM", vm)
+        self.starts.append(
+            StartRecord(row["uuid"], time.time(), self.db.get("host", host)["uuid"], int(row["domid"]))
+        )
 
     @property
     def pool_ref(self) -> str:

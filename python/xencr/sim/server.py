@@ -111,7 +111,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.host_ref in self.server.pool.down_hosts:
             self.close_connection = True  # accepted just before the host went down
             return True
-        if self.server.pool.faults.unreachable:
+        if self.server.pool.faults.dropping():
             self.server.pool.log.warning(
                 "fault: host unreachable, dropping %s %s", self.command, urlsplit(self.path).path
             )
@@ -365,10 +365,12 @@ class Simulator:
             listener.start()
         for pool in self.pools:
             pool.guests.start()
+            pool.boots.resume()
 
     def stop(self) -> None:
         for pool in self.pools:
             pool.guests.close()
+            pool.boots.close()
             pool.gc.close()  # let a running merge finish and record itself before the process ends
         for listener in self.listeners.values():
             listener.stop()

@@ -76,24 +76,16 @@ def start(ctx: Ctx, app: str, paused: bool) -> None:
     )
 
 
-def _locked(fn: Callable[[Ctx, str], None]) -> Callable[[Ctx, str], None]:
-    def run(c: Ctx, vm: str) -> None:
-        with c.db.lock:
-            fn(c, vm)
-
-    return run
-
-
 @handler("VM_appliance.clean_shutdown", locked=False)
 def clean_shutdown(ctx: Ctx, app: str) -> None:
-    _run_groups(ctx, app, "clean_shutdown", True, "Halted", _locked(vm_api.clean_shutdown))
+    _run_groups(ctx, app, "clean_shutdown", True, "Halted", vm_api.clean_shutdown)
 
 
 @handler("VM_appliance.hard_shutdown", locked=False)
 def hard_shutdown(ctx: Ctx, app: str) -> None:
-    _run_groups(ctx, app, "hard_shutdown", True, "Halted", _locked(vm_api.hard_shutdown))
+    _run_groups(ctx, app, "hard_shutdown", True, "Halted", vm_api.hard_shutdown)
 
 
 @handler("VM_appliance.shutdown", locked=False)
 def shutdown(ctx: Ctx, app: str) -> None:
-    _run_groups(ctx, app, "shutdown", True, "Halted", _locked(vm_api.shutdown))
+    _run_groups(ctx, app, "shutdown", True, "Halted", vm_api.shutdown)

@@ -1,9 +1,11 @@
 """VM_metrics and VM_guest_metrics rows (``xapi_vm.ml`` create, ``xapi_vm_helpers.ml``
 ``copy_metrics``/``delete_guest_metrics``/``destroy``, ``xapi_guest_agent.ml``).
 
-Every VM has a VM_metrics row from creation; ``VM.start`` deletes stale guest metrics and the
-simulated guest agent then reports fresh ones (tools detected, an IP per VIF), unless the VM's
-``other_config["sim_guest_tools"]`` is ``"false"`` (a guest without tools, for health-gate tests).
+Every VM has a VM_metrics row from creation; ``VM.start`` deletes stale guest metrics
+(:func:`on_start`); when the guest has booted (:mod:`xencr.sim.boot` decides when, or never) its
+agent reports fresh ones (tools detected, an IP per VIF) and its scripts run (:func:`guest_up`),
+unless the VM's ``other_config["sim_guest_tools"]`` is ``"false"`` (a guest without tools: it
+boots, but reports nothing and runs no script).
 """
 
 from __future__ import annotations
@@ -65,8 +67,27 @@ def delete_guest_metrics(db: Database, vm: str) -> None:
         db.delete("VM_guest_metrics", gm)
 
 
-def on_start(db: Database, vm: str, pool_index: int) -> None:
-    """Metrics of a domain that just started, and the guest agent's first report."""
+GUEST_UP = "_guest_up"  # hidden VM field: the current domain's guest has booted
+
+
+def guest_is_up(db: Database, vm: str) -> bool:
+    row = db.get("VM", vm)
+    # rows saved before the field existed: a guest that reported metrics had booted
+    return bool(row.get(GUEST_UP, row["guest_metrics"] != NULL_REF))
+
+
+def has_pv_drivers(db: Database, vm: str) -> bool:
+    """The guest's PV drivers are up (what xenopsd sees as HVM_PARAM_CALLBACK_IRQ set)."""
+    gm = db.get("VM", vm)["guest_metrics"]
+    return bool(
+        gm != NULL_REF
+        and db.exists("VM_guest_metrics", gm)
+        and db.get("VM_guest_metrics", gm)["PV_drivers_detected"]
+    )
+
+
+def on_start(db: Database, vm: str) -> None:
+    """Metrics of a domain that just started: its guest has not booted yet."""
     row = db.get("VM", vm)
     if row["metrics"] == NULL_REF or not db.exists("VM_metrics", row["metrics"]):
         create_vm_metrics(db, vm)
@@ -80,6 +101,13 @@ def on_start(db: Database, vm: str, pool_index: int) -> None:
         state=[],
     )
     delete_guest_metrics(db, vm)
+    db.update("VM", vm, **{GUEST_UP: False})
+
+
+def guest_up(db: Database, vm: str, pool_index: int) -> None:
+    """The guest has booted: its agent's first report, then its scripts."""
+    db.update("VM", vm, **{GUEST_UP: True})
+    row = db.get("VM", vm)
     if row["other_config"].get(GUEST_TOOLS_KEY, "true") == "false":
         return
     networks: dict[str, str] = {}

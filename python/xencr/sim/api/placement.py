@@ -4,7 +4,10 @@ enabled, sees every SR holding the VM's disks through an attached PBD, and has t
 ``assert_can_boot_here`` checks in xapi's order and raises xapi's errors: ``HOST_NOT_LIVE []``,
 ``HOST_DISABLED [host]``, ``VM_REQUIRES_SR [vm, sr]`` (the first SR not seen),
 ``HOST_NOT_ENOUGH_FREE_MEMORY [needed, available]``. ``VM.start`` takes the first host that
-passes, ``NO_HOSTS_AVAILABLE []`` when none does. Callers hold the database lock.
+passes; when none does, the first that passes without the memory check, whose check then fails
+``HOST_NOT_ENOUGH_FREE_MEMORY`` (``choose_host_for_vm_no_wlb``, ``reserve_memory_for_vm``);
+``NO_HOSTS_AVAILABLE []`` when none passes even so. ``host_metrics.memory_free`` follows the
+domains that run. Callers hold the database lock.
 """
 
 from __future__ import annotations
@@ -62,6 +65,22 @@ def free_memory(db: Database, host: str) -> int:
     return total - int(db.get("host", host)["memory_overhead"]) - used
 
 
+def refresh_memory_free(db: Database, host: str) -> None:
+    """``host_metrics.memory_free``: total less what the resident domains occupy (dynamic maximum and
+    overhead); xapi refreshes it from the host's reports, the simulator when a domain starts or stops."""
+    metrics = db.get("host", host)["metrics"]
+    if not db.exists("host_metrics", metrics):
+        return
+    used = sum(
+        int(db.get("VM", v)["memory_dynamic_max"]) + int(db.get("VM", v)["memory_overhead"])
+        for v in db.reverse("host", "resident_VMs", host)
+    )
+    total = int(db.get("host_metrics", metrics)["memory_total"])
+    db.update(
+        "host_metrics", metrics, memory_free=total - int(db.get("host", host)["memory_overhead"]) - used
+    )
+
+
 def _live(db: Database, host: str) -> bool:
     metrics = db.get("host", host)["metrics"]
     return bool(db.exists("host_metrics", metrics) and db.get("host_metrics", metrics)["live"])
@@ -107,9 +126,17 @@ def possible_hosts(ctx: Ctx, vm: str) -> list[str]:
 def choose_host(ctx: Ctx, vm: str) -> str:
     """The host ``VM.start`` runs ``vm`` on (``choose_host_for_vm_no_wlb``)."""
     hosts = possible_hosts(ctx, vm)
-    if not hosts:
-        raise XapiError("NO_HOSTS_AVAILABLE")
-    return hosts[0]
+    if hosts:
+        return hosts[0]
+    # "No hosts guaranteed to satisfy VM constraints. Trying again ignoring memory checks"
+    for host in candidate_order(ctx, vm):
+        try:
+            assert_can_boot_here(ctx.db, vm, host, memory=False)
+        except XapiError:
+            continue
+        assert_can_boot_here(ctx.db, vm, host)  # reserve_memory_for_vm: HOST_NOT_ENOUGH_FREE_MEMORY
+        return host
+    raise XapiError("NO_HOSTS_AVAILABLE")
 
 
 @handler("VM.assert_can_boot_here")

@@ -126,6 +126,21 @@ def _unreachable(pool: PoolState, flag: bool) -> str:
     return ""
 
 
+@sim_call("sim.fault_unreachable_after")
+def _unreachable_after(pool: PoolState, n: Any) -> str:
+    """The pool answers ``n`` more requests (API calls and transfers), then drops them all."""
+    pool.faults.set_unreachable_after(int(n))
+    return ""
+
+
+@sim_call("sim.start_log")
+def _start_log(pool: PoolState) -> list[dict[str, Any]]:
+    """Every domain start since the pool was served, in order, with a sub-second wall-clock time
+    (``VM_metrics.start_time`` is a whole-second DateTime, ``date.ml`` ``to_rfc3339``)."""
+    with pool.db.lock:
+        return [{"vm": r.vm, "time": r.time, "host": r.host, "domid": r.domid} for r in pool.starts]
+
+
 def host_of(pool: PoolState, which: str) -> str:
     """A host named by ref, UUID or index in host order."""
     with pool.db.lock:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from xencr.sim import knobs
 from xencr.sim.api import metrics, placement
 from xencr.sim.api import vdi as vdi_api
 from xencr.sim.api.ctor import ctor_fields
@@ -148,6 +149,7 @@ def _set_power(ctx: Ctx, vm: str, state: str, host: str | None = None) -> None:
     db = ctx.db
     running = state in ("Running", "Paused")
     fields: dict[str, Any] = {"power_state": state}
+    was_on = db.get("VM", vm)["resident_on"]
     if running:
         current = db.get("VM", vm)["resident_on"]
         where = host or (current if db.exists("host", current) else ctx.pool.master_ref)
@@ -162,6 +164,9 @@ def _set_power(ctx: Ctx, vm: str, state: str, host: str | None = None) -> None:
         db.update("VBD", vbd, currently_attached=attached)
     for vif in db.reverse("VM", "VIFs", vm):
         db.update("VIF", vif, currently_attached=running)
+    for h in {was_on, db.get("VM", vm)["resident_on"]}:
+        if db.exists("host", h):
+            placement.refresh_memory_free(db, h)
 
 
 def _next_domid(ctx: Ctx) -> int:
@@ -179,7 +184,10 @@ def _start(ctx: Ctx, vm: str, paused: bool, op: str, host: str | None = None) ->
             else:
                 placement.assert_can_boot_here(ctx.db, vm, host)
             _set_power(ctx, vm, "Paused" if paused else "Running", host)
-            metrics.on_start(ctx.db, vm, ctx.pool.index)
+            metrics.on_start(ctx.db, vm)
+            ctx.pool.record_start(vm, host)
+            if not paused:
+                ctx.pool.boots.boot(vm)
         # xapi_vm.ml start: sleeps start_delay seconds after the domain runs, before returning.
         time.sleep(float(row["start_delay"]) * ctx.pool.delay_scale)
 
@@ -202,19 +210,124 @@ def _transition(ctx: Ctx, vm: str, op: str, state: str) -> None:
     _set_power(ctx, vm, state)
 
 
-@handler("VM.clean_shutdown")
+# xapi_globs.ml domain_shutdown_total_timeout; xenops_server.ml domain_shutdown_ack_timeout
+SHUTDOWN_TOTAL_TIMEOUT = 1200.0
+SHUTDOWN_ACK_TIMEOUT = 60.0
+
+
+def ocaml_float(x: float) -> str:
+    """OCaml's ``string_of_float`` (``%.12g``, a trailing dot for integral values)."""
+    text = f"{x:.12g}"
+    return text + "." if text.lstrip("-").isdigit() else text
+
+
+def _wait(ctx: Ctx, vm: str, domid: int, seconds: float) -> bool:
+    """Sleep ``seconds`` unless the task is cancelled (``TASK_CANCELLED``); False when the
+    domain went away meanwhile (a hard shutdown ran alongside)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ctx.check_cancelled()
+        with ctx.db.lock:
+            if not ctx.db.exists("VM", vm) or int(ctx.db.get("VM", vm)["domid"]) != domid:
+                return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.05))
+
+
+def _guest_shutdown(ctx: Ctx, vm: str, domid: int, timeout: float) -> None:
+    """xenops_server.ml ``VM_shutdown_domain``: request the shutdown and wait at most
+    ``min(ack timeout, timeout)`` for the guest's acknowledgement (``VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT
+    [vm]``), then the rest of ``timeout`` for the domain to halt (``VM_SHUTDOWN_TIMEOUT [vm,
+    timeout]``). An HVM domain without PV drivers is not expected to acknowledge: it is shut down
+    at once by the hypervisor (domain.ml ``shutdown_wait_for_ack``); PV/PVH guests always are."""
+    db = ctx.db
+    with db.lock:
+        scale = knobs.delay_scale(db)
+        row = db.get("VM", vm)
+        pv_kernel = row["domain_type"] in ("pv", "pvh", "pv_in_pvh")
+        expecting_ack = pv_kernel or metrics.has_pv_drivers(db, vm)
+        answers = metrics.guest_is_up(db, vm) and row["power_state"] == "Running"
+        behaviour = knobs.guest_shutdown(db, vm)
+        clean_delay = knobs.scaled(db, vm, knobs.CLEAN_SHUTDOWN_DELAY)
+        hard_delay = knobs.scaled(db, vm, knobs.HARD_SHUTDOWN_DELAY)
+    if not expecting_ack:
+        _wait(ctx, vm, domid, hard_delay)
+        return
+    if not answers or behaviour == "ignore":
+        if _wait(ctx, vm, domid, min(SHUTDOWN_ACK_TIMEOUT, timeout) * scale):
+            raise XapiError("VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT", vm)
+        return
+    if behaviour == "hang" or clean_delay > timeout * scale:
+        if _wait(ctx, vm, domid, timeout * scale):
+            raise XapiError("VM_SHUTDOWN_TIMEOUT", vm, ocaml_float(timeout))
+        return
+    _wait(ctx, vm, domid, clean_delay)
+
+
+def _halt(ctx: Ctx, vm: str, domid: int) -> None:
+    with ctx.db.lock:
+        row = ctx.db.get("VM", vm)
+        if row["power_state"] in ("Running", "Paused") and int(row["domid"]) == domid:
+            _set_power(ctx, vm, "Halted")
+
+
+def _shutdown_delay(ctx: Ctx, row: dict[str, Any]) -> None:
+    # xapi_vm_helpers.ml shutdown_delay: VM.shutdown_delay seconds slept once the VM is down
+    time.sleep(float(row["shutdown_delay"]) * ctx.pool.delay_scale)
+
+
+def _clean_shutdown(ctx: Ctx, vm: str, op: str, timeout: float) -> None:
+    with vm_operation(ctx, vm, op) as row:
+        with ctx.db.lock:
+            ctx.db.update("VM", vm, ha_always_run=False)
+            domid = int(row["domid"])
+        _guest_shutdown(ctx, vm, domid, timeout)
+        _halt(ctx, vm, domid)
+        _shutdown_delay(ctx, row)
+
+
+def _hard_shutdown(ctx: Ctx, vm: str, op: str) -> None:
+    with vm_operation(ctx, vm, op) as row:
+        with ctx.db.lock:
+            ctx.db.update("VM", vm, ha_always_run=False)
+            if row["power_state"] == "Suspended":  # xapi_vm.ml: the suspend image goes, no delay
+                _set_power(ctx, vm, "Halted")
+                return
+            domid = int(row["domid"])
+            delay = knobs.scaled(ctx.db, vm, knobs.HARD_SHUTDOWN_DELAY)
+        _wait(ctx, vm, domid, delay)
+        _halt(ctx, vm, domid)
+        _shutdown_delay(ctx, row)
+
+
+@handler("VM.clean_shutdown", locked=False)
 def clean_shutdown(ctx: Ctx, vm: str) -> None:
-    _transition(ctx, vm, "clean_shutdown", "Halted")
+    _clean_shutdown(ctx, vm, "clean_shutdown", SHUTDOWN_TOTAL_TIMEOUT)
 
 
-@handler("VM.hard_shutdown")
+@handler("VM.hard_shutdown", locked=False)
 def hard_shutdown(ctx: Ctx, vm: str) -> None:
-    _transition(ctx, vm, "hard_shutdown", "Halted")
+    _hard_shutdown(ctx, vm, "hard_shutdown")
 
 
-@handler("VM.shutdown")
+@handler("VM.shutdown", locked=False)
 def shutdown(ctx: Ctx, vm: str) -> None:
-    _transition(ctx, vm, "shutdown", "Halted")
+    """xapi_vm.ml shutdown: a clean shutdown (timeout = ``shutdown_delay`` when positive), and a
+    hard one when it fails. A suspended VM only loses its suspend image."""
+    with ctx.db.lock:
+        row = _vm(ctx, vm)
+        if row["power_state"] == "Suspended":
+            assert_operation(vm, row, "shutdown")
+            _set_power(ctx, vm, "Halted")
+            return
+        timeout = float(row["shutdown_delay"]) if int(row["shutdown_delay"]) > 0 else SHUTDOWN_TOTAL_TIMEOUT
+    try:
+        _clean_shutdown(ctx, vm, "shutdown", timeout)
+    except XapiError as err:
+        ctx.pool.log.warning("VM.shutdown: clean shutdown of %s failed (%s); hard shutdown", vm, err.code)
+        _hard_shutdown(ctx, vm, "shutdown")
 
 
 @handler("VM.suspend")
@@ -237,7 +350,11 @@ def pause(ctx: Ctx, vm: str) -> None:
 
 @handler("VM.unpause")
 def unpause(ctx: Ctx, vm: str) -> None:
-    _transition(ctx, vm, "unpause", "Running")
+    row = _vm(ctx, vm)
+    assert_operation(vm, row, "unpause")
+    ctx.db.update("VM", vm, power_state="Running")  # the same domain goes on
+    if not metrics.guest_is_up(ctx.db, vm):
+        ctx.pool.boots.boot(vm)  # a domain started paused boots its guest now
 
 
 @handler("VM.clean_reboot")
