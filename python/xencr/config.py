@@ -394,6 +394,7 @@ class JobConfig:
     email_to: list[str] = field(default_factory=list)
     rpo: int | None = None  # seconds; the job's RPO, whatever its schedules say
     verify_import: bool = True  # read each disk back from the target before the commit
+    health_check: HealthCheckConfig | None = None  # boot a clone of each new restore point
 
     @property
     def selectors(self) -> list[VmSelector]:
@@ -450,6 +451,81 @@ class DaemonConfig:
     grace: int = 60  # seconds between SIGTERM and cancelling what still runs
 
 
+GateKind = Literal["power_state", "guest_tools", "xenstore"]
+GATE_KINDS: tuple[GateKind, ...] = ("power_state", "guest_tools", "xenstore")
+
+
+@dataclass(frozen=True)
+class HealthGate:
+    """What a failover waits for before the next group starts: the VM running (``power_state``),
+    its guest metrics present with PV drivers up (``guest_tools``), or a xenstore ``key`` the
+    guest writes (``xenstore``), each for at most ``timeout`` seconds."""
+
+    kind: GateKind
+    timeout: int
+    key: str | None = None  # only for "xenstore"
+
+    def describe(self) -> str:
+        what = f"xenstore key {self.key!r}" if self.kind == "xenstore" else self.kind
+        return f"{what} within {format_duration(self.timeout)}"
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """A job's health check (SPEC 8): after each successful run, a clone of every new restore
+    point boots without network until ``gate`` passes or times out, then goes. ``sr`` (name or
+    UUID, on each target's pool): clone onto it (a full copy) instead of beside the replica."""
+
+    gate: HealthGate
+    sr: str | None = None
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    """VMs that start together (selectors as a job's ``vms``), the wait after them, their gate."""
+
+    vms: list[str]
+    start_delay: int = 0  # seconds after the group's VMs started (and passed the gate)
+    gate: HealthGate | None = None
+
+    @property
+    def selectors(self) -> list[VmSelector]:
+        return [VmSelector.parse(v) for v in self.vms]
+
+
+@dataclass(frozen=True)
+class PlanHook:
+    """A command run after one VM starts (its argv, never through a shell); its exit code is
+    part of the VM's gate."""
+
+    vm: str  # a selector matching exactly the VMs the hook is for
+    command: list[str]
+    timeout: int = 600
+
+    @property
+    def selector(self) -> VmSelector:
+        return VmSelector.parse(self.vm)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """A failover runbook: the VMs it recovers (every VM of ``jobs`` and each VM ``vms``
+    selects among the configured jobs' replicas), their start groups (none: from the order and
+    start delay each replica carries), the network map on the DR side, and the hooks."""
+
+    name: str
+    jobs: list[str]
+    vms: list[str]
+    groups: list[PlanGroup] = field(default_factory=list)
+    gate: HealthGate | None = None  # for groups without their own, and groups from carried order
+    network_map: dict[str, str] = field(default_factory=dict)
+    hooks: list[PlanHook] = field(default_factory=list)
+
+    @property
+    def selectors(self) -> list[VmSelector]:
+        return [VmSelector.parse(v) for v in self.vms]
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -458,6 +534,14 @@ class Config:
     state_path: Path
     smtp: SmtpConfig | None = None
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    plans: dict[str, PlanConfig] = field(default_factory=dict)
+
+    def plan(self, name: str) -> PlanConfig:
+        """A failover plan by name; a :class:`ConfigError` naming the known plans otherwise."""
+        if name in self.plans:
+            return self.plans[name]
+        known = ", ".join(self.plans) or "none"
+        raise ConfigError(f"no plan {name!r} (plans: {known})", path=self.path)
 
     def job(self, ref: str) -> JobConfig:
         """A job by name or id; a :class:`ConfigError` naming the known jobs otherwise."""
@@ -823,9 +907,28 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig], smtp: SmtpC
         email_to=[a.strip() for a in email_to],
         rpo=t.converted("rpo", parse_duration),
         verify_import=t.get("verify_import", bool, True),
+        health_check=_read_health_check(t.sub("health_check")) if "health_check" in t.data else None,
     )
     t.finish()
     return job
+
+
+def _read_health_check(t: _Table) -> HealthCheckConfig:
+    """``health_check = { gate = ..., key = ..., timeout = ..., sr = ... }``: the gate reads as a
+    plan's (`_read_gate`), its kind under ``gate`` (default ``guest_tools``)."""
+    kind = t.get("gate", str, "guest_tools")
+    if kind not in GATE_KINDS:
+        raise t.error("gate", f"must be one of {', '.join(GATE_KINDS)}, not {kind!r}")
+    key = t.text("key", None)
+    if kind == "xenstore" and key is None:
+        raise t.error(None, "a xenstore gate needs the 'key' the guest writes")
+    if kind != "xenstore" and key is not None:
+        raise t.error("key", f"only a xenstore gate has a key, not a {kind} gate")
+    timeout = t.converted("timeout", parse_duration)
+    sr = t.text("sr", None)
+    t.finish()
+    gate = HealthGate(kind=kind, timeout=300 if timeout is None else timeout, key=key)
+    return HealthCheckConfig(gate=gate, sr=sr.strip() if sr is not None else None)
 
 
 def _read_smtp(path: Path, t: _Table) -> SmtpConfig:
@@ -888,6 +991,96 @@ def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
     )
 
 
+def _read_gate(t: _Table) -> HealthGate:
+    kind = t.get("kind", str)
+    if kind not in GATE_KINDS:
+        raise t.error("kind", f"must be one of {', '.join(GATE_KINDS)}, not {kind!r}")
+    key = t.text("key", None)
+    if kind == "xenstore" and key is None:
+        raise t.error(None, "a xenstore gate needs the 'key' the guest writes")
+    if kind != "xenstore" and key is not None:
+        raise t.error("key", f"only a xenstore gate has a key, not a {kind} gate")
+    timeout = t.converted("timeout", parse_duration)
+    t.finish()
+    return HealthGate(kind=kind, timeout=300 if timeout is None else timeout, key=key)
+
+
+def _read_group(t: _Table) -> PlanGroup:
+    vms = _selectors(t, "vms", _MISSING)
+    if not vms:
+        raise t.error("vms", "selects no VM (give UUIDs, name globs like 'db-*', or 'tag:NAME')")
+    delay = t.converted("start_delay", parse_duration, minimum=0)
+    gate = _read_gate(t.sub("gate")) if "gate" in t.data else None
+    t.finish()
+    return PlanGroup(vms=vms, start_delay=delay or 0, gate=gate)
+
+
+def _read_hook(t: _Table) -> PlanHook:
+    vm = t.text("vm")
+    try:
+        VmSelector.parse(vm)
+    except ValueError as err:
+        raise t.error("vm", str(err)) from None
+    if isinstance(t.data.get("command"), str):
+        t.taken.add("command")
+        raise t.error("command", "must be an array of arguments (argv), not a string: no shell runs it")
+    command = t.strings("command")
+    if not command or not command[0].strip():
+        raise t.error("command", "must name the program to run first")
+    timeout = t.converted("timeout", parse_duration)
+    t.finish()
+    return PlanHook(vm=vm, command=command, timeout=600 if timeout is None else timeout)
+
+
+def _read_plan(t: _Table, jobs: Mapping[str, JobConfig]) -> PlanConfig:
+    name = t.text("name")
+    plan_jobs = t.strings("jobs", [])
+    for i, j in enumerate(plan_jobs):
+        if j not in jobs:
+            raise t.error(f"jobs[{i}]", f"unknown job '{j}'")
+    vms = _selectors(t, "vms", [])
+    if not plan_jobs and not vms:
+        raise t.error(None, "covers no VM: give 'jobs', 'vms' or both")
+    gate = _read_gate(t.sub("gate")) if "gate" in t.data else None
+    groups = [_read_group(gt) for gt in t.tables("groups")]
+    nm = t.sub("network_map", {})
+    network_map = {k: nm.get(k, str) for k in nm.data}
+    for k, v in network_map.items():
+        if not v.strip():
+            raise nm.error(k, "must not be empty")
+    nm.finish()
+    hooks = [_read_hook(ht) for ht in t.tables("hooks")]
+    t.finish()
+    return PlanConfig(
+        name=name, jobs=plan_jobs, vms=vms, groups=groups, gate=gate, network_map=network_map, hooks=hooks
+    )
+
+
+def _read_plans(top: _Table, jobs: Mapping[str, JobConfig]) -> dict[str, PlanConfig]:
+    """The ``[[plan]]`` tables. A VM belongs to one plan at most: the same job, or the same VM
+    named literally (UUID or plain name), in two plans is refused here; overlaps only the pools
+    can reveal (a glob, a tag) are problems of the failover preview."""
+    plans: dict[str, PlanConfig] = {}
+    job_owner: dict[str, str] = {}
+    vm_owner: dict[str, str] = {}
+    for pt in top.tables("plan"):
+        plan = _read_plan(pt, jobs)
+        if plan.name in plans:
+            raise pt.error("name", f"plan '{plan.name}' is defined twice")
+        for k, j in enumerate(plan.jobs):
+            if job_owner.get(j, plan.name) != plan.name:
+                raise pt.error(f"jobs[{k}]", f"job '{j}' is already in plan '{job_owner[j]}'")
+            job_owner[j] = plan.name
+        for k, s in enumerate(plan.selectors):
+            literal = s.kind == "uuid" or (s.kind == "glob" and not any(c in s.value for c in "*?["))
+            if literal and vm_owner.get(s.value, plan.name) != plan.name:
+                raise pt.error(f"vms[{k}]", f"VM '{s}' is already in plan '{vm_owner[s.value]}'")
+            if literal:
+                vm_owner[s.value] = plan.name
+        plans[plan.name] = plan
+    return plans
+
+
 def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = None) -> Config:
     """Check and build a :class:`Config` from TOML text; ``path`` names it in errors and anchors
     relative paths."""
@@ -912,8 +1105,11 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
         if job.id in owners:
             raise jobs_t.error(job.name, f"same id as job '{owners[job.id]}'")
         owners[job.id] = job.name
+    plans = _read_plans(top, jobs)
     top.finish()
-    return Config(path=path, pools=pools, jobs=jobs, state_path=state_path, smtp=smtp, daemon=daemon)
+    return Config(
+        path=path, pools=pools, jobs=jobs, state_path=state_path, smtp=smtp, daemon=daemon, plans=plans
+    )
 
 
 def load_config(path: Path | None = None, *, warn: Callable[[str], None] | None = None) -> Config:
@@ -1009,6 +1205,11 @@ report_when = "failure"         # send the run report: "never", "failure" (a VM 
 #                               # interrupted), "breach" (that, or an RPO breach), "always"
 # webhook = "https://hooks.example.com/xencr"  # POST the report as JSON here
 # email_to = ["ops@example.com"]               # mail a summary (needs [smtp])
+# After each successful run, boot a clone of every new restore point with no network, wait for
+# the gate, destroy the clone; a failed check is reported (not a failed run). gate: "power_state",
+# "guest_tools" (default) or "xenstore" with the key a guest script answers; timeout default 5m;
+# sr: clone onto this SR (a full copy) instead of a fast clone beside the replica.
+# health_check = { gate = "xenstore", key = "vm-data/xencr-health-check", timeout = "5m", sr = "HC" }
 
 # One or more targets: an SR (UUID or name) on some pool. Several targets share one snapshot.
 [[jobs.web.targets]]
@@ -1049,6 +1250,38 @@ sr = "3c6f1a5e-8d2b-4f7a-b1c9-5e0d4a2b7f68"
 
 [[jobs.db.schedules]]
 cron = "@hourly"
+
+# ---------------------------------------------------------------------------------------------
+# Failover plans (runbooks), versioned with the jobs. `xencr plan --failover site-b` prints what
+# a failover would do, changing nothing. The VMs are found from their replicas alone, so a plan
+# works with the primary site lost. A VM belongs to one plan at most.
+
+[[plan]]
+name = "site-b"
+jobs = ["web", "db"]            # every VM these jobs replicate
+# vms = ["mail-1", "tag:critical"]  # and/or VMs (UUID, name glob, tag) of any job's replicas
+# The network of a replica's VIF (or the source network the job mapped to it) -> the network the
+# failed-over VM uses; unmapped VIFs stay on the replica's network.
+network_map = { "DR network" = "DR production" }
+gate = { kind = "power_state", timeout = "2m" }  # each group's gate unless it has its own
+# Groups start in this order; the VMs of a group start together. Without groups: ascending by
+# each VM's start order, the longest start delay of a group after it (as a vApp starts); VMs
+# in no group start after the groups, the same way.
+[[plan.groups]]
+vms = ["tag:database"]
+start_delay = "30s"             # wait after this group, before the next
+# "power_state" (running), "guest_tools" (PV drivers up), or "xenstore" (the guest writes key)
+gate = { kind = "xenstore", key = "data/ready", timeout = "5m" }
+
+[[plan.groups]]
+vms = ["web-*"]
+
+# A command run after the VM starts, as an argument list (never through a shell), with the VM's
+# new UUID, name and IPs in its environment; its exit code is part of the gate.
+[[plan.hooks]]
+vm = "web-1"
+command = ["/usr/local/bin/dr-reip", "--site", "b"]
+timeout = "5m"
 """
 
 

@@ -106,6 +106,48 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX map_refs_by_digest ON map_refs (digest)",
     ),
+    (
+        # Failovers (`dr.failover`): one row per plan and source VM, written before anything is
+        # done to it, so a failover run again after a kill continues and never starts a VM twice.
+        """CREATE TABLE failovers (
+            plan TEXT NOT NULL,
+            vm_uuid TEXT NOT NULL,
+            vm_name TEXT NOT NULL,
+            job TEXT NOT NULL,
+            pool TEXT NOT NULL,
+            restore_point TEXT NOT NULL,
+            grp INTEGER NOT NULL,
+            start_delay INTEGER NOT NULL,
+            clone INTEGER NOT NULL,
+            token TEXT NOT NULL,
+            vm TEXT,
+            state TEXT NOT NULL,
+            started_at TEXT,
+            detail TEXT,
+            recorded_at TEXT NOT NULL,
+            PRIMARY KEY (plan, vm_uuid)
+        )""",
+    ),
+    (
+        # The health check of the task's new restore point (`health.HealthResult.line`): NULL
+        # when none ran, else "passed: ..." or "failed: ...".
+        "ALTER TABLE tasks ADD COLUMN health_check TEXT",
+    ),
+    (
+        # Planned failovers (`dr.planned`): the step a plan's planned failover reached, and the
+        # source VMs it shut down (so an abort, even a later attempt's, says how to restart them).
+        # Its own table: a `failovers` row needs the restore point, known only after the last
+        # delta, and makes `xencr failover PLAN` continue it.
+        """CREATE TABLE planned_failovers (
+            plan TEXT PRIMARY KEY,
+            step TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            halted TEXT NOT NULL,
+            detail TEXT,
+            started_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A map no restore point uses yet may belong to an attempt still running (put before its commit,
@@ -176,10 +218,56 @@ class TaskRow:
     detached: int = 0  # objects this task found detached (schema 3)
     target: str = ""  # pool/SR name when recorded (schema 3; empty before)
     maps: dict[str, str] = field(default_factory=dict)  # disk -> its block map's digest (schema 3)
+    health_check: str | None = None  # "passed: ..." / "failed: ...", None: not checked (schema 5)
 
     @property
     def duration(self) -> timedelta | None:
         return self.finished_at - self.started_at if self.finished_at is not None else None
+
+
+FAILOVER_STATES = frozenset({"chosen", "prepared", "started", "passed", "failed"})
+
+
+@dataclass(frozen=True)
+class FailoverRow:
+    """One VM of a plan's failover: where it is recovered from (the restore point, a replica VM
+    UUID on ``pool``), its start group, and how far it got: ``chosen`` (recorded, nothing done),
+    ``prepared`` (unprotected or cloned, networks mapped; ``vm`` is the VM to start), ``started``
+    (``VM.start`` returned), ``passed``/``failed`` (its gate and hooks)."""
+
+    plan: str
+    vm_uuid: str  # the source VM
+    vm_name: str
+    job: str
+    pool: str
+    restore_point: str
+    group: int
+    start_delay: int  # the group's wait after it
+    clone: bool
+    token: str  # in the clone's name, so a clone a kill left unrecorded is found again
+    vm: str | None = None  # the UUID of the VM started (the replica itself, or its clone)
+    state: str = "chosen"
+    started_at: datetime | None = None
+    detail: str | None = None
+
+
+PLANNED_STEPS = ("final-delta", "shutdown", "last-delta", "failover", "done")
+PLANNED_OUTCOMES = frozenset({"running", "aborted", "done"})
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    """A plan's planned failover: the step it reached (``PLANNED_STEPS``, in order), whether it
+    is ``running``, ``aborted`` (``detail`` says why) or ``done``, and the source VMs (UUIDs) it
+    shut down."""
+
+    plan: str
+    step: str
+    outcome: str = "running"
+    halted: tuple[str, ...] = ()
+    detail: str | None = None
+    started_at: datetime | None = None  # set when recorded
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -413,6 +501,7 @@ class StateDB:
         cleaned: int = 0,
         detached: int = 0,
         maps: Mapping[str, str] | None = None,
+        health_check: str | None = None,
     ) -> None:
         """Record a task's end. ``maps`` (disk -> block map digest) of a task that made
         ``restore_point`` also say that the restore point uses those maps (`release_maps`)."""
@@ -423,7 +512,8 @@ class StateDB:
         with self._write() as db:
             cur = db.execute(
                 "UPDATE tasks SET outcome = ?, finished_at = ?, transfer = ?, bytes_sent = ?, error = ?,"
-                " restore_point = ?, snapshot_time = ?, cleaned = ?, detached = ? WHERE id = ?",
+                " restore_point = ?, snapshot_time = ?, cleaned = ?, detached = ?, health_check = ?"
+                " WHERE id = ?",
                 (
                     outcome,
                     _to_text(self._clock()),
@@ -434,6 +524,7 @@ class StateDB:
                     None if snapshot_time is None else _to_text(snapshot_time),
                     cleaned,
                     detached,
+                    health_check,
                     task_id,
                 ),
             )
@@ -493,6 +584,22 @@ class StateDB:
             args.append(outcome)
         rows = self._tasks(sql + " ORDER BY id DESC LIMIT 1", args)
         return rows[0] if rows else None
+
+    def health_checks(self, job: str) -> tuple[list[TaskRow], int]:
+        """The newest checked task of each (VM, target SR) among the runs of ``job`` (name or id),
+        in id order, and how many of the job's checks ever failed."""
+        runs = "SELECT id FROM runs WHERE job_id = ? OR job_name = ?"
+        newest = self._tasks(
+            f"WHERE id IN (SELECT MAX(id) FROM tasks WHERE health_check IS NOT NULL AND run_id IN ({runs})"
+            " GROUP BY vm_uuid, target_sr) ORDER BY id",
+            [job, job],
+        )
+        with self._lock:
+            failed = self._read(
+                f"SELECT COUNT(*) AS n FROM tasks WHERE health_check LIKE 'failed:%' AND run_id IN ({runs})",
+                [job, job],
+            )
+        return newest, int(failed[0]["n"])
 
     def newest_tasks(self, job: str, *, outcome: str | None = None) -> list[TaskRow]:
         """The newest task of each (VM, target SR) among the runs of ``job`` (name or id), of any
@@ -633,6 +740,113 @@ class StateDB:
             for r in self._read("SELECT * FROM schedule_fires ORDER BY job_id, schedule_id")
         }
 
+    # -- failovers
+
+    def record_failover(self, rows: Iterable[FailoverRow]) -> None:
+        """Record a failover's VMs before anything is done to them (one transaction)."""
+        with self._write() as db:
+            for r in rows:
+                db.execute(
+                    "INSERT INTO failovers (plan, vm_uuid, vm_name, job, pool, restore_point, grp,"
+                    " start_delay, clone, token, vm, state, started_at, detail, recorded_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        r.plan,
+                        r.vm_uuid,
+                        r.vm_name,
+                        r.job,
+                        r.pool,
+                        r.restore_point,
+                        r.group,
+                        r.start_delay,
+                        int(r.clone),
+                        r.token,
+                        r.vm,
+                        r.state,
+                        None if r.started_at is None else _to_text(r.started_at),
+                        r.detail,
+                        _to_text(self._clock()),
+                    ),
+                )
+
+    def failover_rows(self, plan: str) -> list[FailoverRow]:
+        """The recorded VMs of a plan's failover, in start order (group, then name)."""
+        rows = self._read("SELECT * FROM failovers WHERE plan = ? ORDER BY grp, vm_name, vm_uuid", (plan,))
+        return [
+            FailoverRow(
+                plan=r["plan"],
+                vm_uuid=r["vm_uuid"],
+                vm_name=r["vm_name"],
+                job=r["job"],
+                pool=r["pool"],
+                restore_point=r["restore_point"],
+                group=r["grp"],
+                start_delay=r["start_delay"],
+                clone=bool(r["clone"]),
+                token=r["token"],
+                vm=r["vm"],
+                state=r["state"],
+                started_at=_from_text(r["started_at"]),
+                detail=r["detail"],
+            )
+            for r in rows
+        ]
+
+    def update_failover(
+        self,
+        plan: str,
+        vm_uuid: str,
+        state: str,
+        *,
+        vm: str | None = None,
+        started_at: datetime | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Move one VM of a failover on; ``vm``, ``started_at`` and ``detail`` are kept when None."""
+        if state not in FAILOVER_STATES:
+            raise ValueError(f"unknown failover state {state!r}")
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE failovers SET state = ?, vm = COALESCE(?, vm),"
+                " started_at = COALESCE(?, started_at), detail = COALESCE(?, detail)"
+                " WHERE plan = ? AND vm_uuid = ?",
+                (state, vm, None if started_at is None else _to_text(started_at), detail, plan, vm_uuid),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"no failover of VM {vm_uuid} in plan {plan!r}")
+
+    # -- planned failovers
+
+    def record_planned(self, row: PlannedRow) -> None:
+        """Record where a plan's planned failover is (replacing what was recorded); ``started_at``
+        is kept from the recorded row of a running attempt, else now."""
+        if row.step not in PLANNED_STEPS or row.outcome not in PLANNED_OUTCOMES:
+            raise ValueError(f"unknown planned failover step {row.step!r} / outcome {row.outcome!r}")
+        now = _to_text(self._clock())
+        started = now if row.started_at is None else _to_text(row.started_at)
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO planned_failovers"
+                " (plan, step, outcome, halted, detail, started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row.plan, row.step, row.outcome, " ".join(row.halted), row.detail, started, now),
+            )
+
+    def planned(self, plan: str) -> PlannedRow | None:
+        """The recorded planned failover of a plan (None: never run)."""
+        rows = self._read("SELECT * FROM planned_failovers WHERE plan = ?", (plan,))
+        if not rows:
+            return None
+        r = rows[0]
+        return PlannedRow(
+            plan=r["plan"],
+            step=r["step"],
+            outcome=r["outcome"],
+            halted=tuple(r["halted"].split()),
+            detail=r["detail"],
+            started_at=_from_text(r["started_at"]),
+            updated_at=_from_text(r["updated_at"]),
+        )
+
     # -- recovery
 
     def mark_interrupted(self, *, force: bool = False) -> int:
@@ -711,4 +925,5 @@ def _task_row(r: sqlite3.Row, reasons: dict[str, str], maps: dict[str, str]) -> 
         detached=r["detached"],
         target=r["target"],
         maps=maps,
+        health_check=r["health_check"],
     )

@@ -72,6 +72,7 @@ def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
                 "snapshot_time": when(t.snapshot_time),
                 "cleaned": t.cleaned,
                 "detached": t.detached,
+                "health_check": t.health_check,  # "passed: ..." / "failed: ...", None: not checked
                 # disk -> its block map's digest: the content `xencr verify` checks the disk against
                 "maps": dict(t.maps),
             }
@@ -116,6 +117,8 @@ def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
             lines.append(f"    cleaned up {t.cleaned} leftover(s) of earlier runs")
         if t.detached:
             lines.append(f"    {t.detached} detached object(s) left alone (xencr replica list)")
+        if t.health_check:
+            lines.append(f"    health check {t.health_check}")
         if t.error:
             # The outcome column already says "skipped"; the reason follows without repeating it.
             error = t.error.removeprefix("skipped: ") if t.outcome == "skipped" else t.error

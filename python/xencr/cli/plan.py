@@ -13,7 +13,10 @@ from typing import Annotated, Any
 import typer
 
 from xencr.cli.common import ConfigOption, load, print_json, reported, warn
-from xencr.cli.errors import describe
+from xencr.cli.errors import CliError, describe
+from xencr.dr import choose
+from xencr.dr.connect import dr_sessions
+from xencr.dr.preview import Mode, failover_preview, render, to_json
 from xencr.replication.jobs import Connected, connected, resolve_sr
 from xencr.replication.preview import StatusRow, plan, status, status_from_history
 from xencr.state import StateDB
@@ -37,20 +40,44 @@ def _age(seconds: int | None) -> str:
 
 @reported
 def plan_command(
-    job: Annotated[str, typer.Argument(help="Job name or id.")],
+    job: Annotated[str | None, typer.Argument(help="Job name or id.")] = None,
     vm: Annotated[
         list[str] | None, typer.Option("--vm", help="Only this VM (name or UUID); repeatable.")
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Plan as `xencr run --full` would.")] = False,
+    failover: Annotated[
+        str | None,
+        typer.Option("--failover", metavar="PLAN", help="Preview the failover of this [[plan]] instead."),
+    ] = None,
+    test: Annotated[bool, typer.Option("--test", help="With --failover: preview a test failover.")] = False,
+    planned: Annotated[
+        bool, typer.Option("--planned", help="With --failover: preview a planned failover.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Print, without changing anything, full or delta per disk and why, estimated size, the
     target SR's free space after the run, and anything that would fail (sizes in binary units;
-    --json gives exact bytes).
+    --json gives exact bytes). With --failover PLAN: per VM the restore point a failover would
+    use (newest across all targets), its group, where each VIF lands, the memory needed, and
+    every problem; the source pools are not contacted. Exit 1 when something would fail.
 
     Example:  xencr plan web-servers
+    Example:  xencr plan --failover site-b --test
     """
+    if failover is not None or test or planned:
+        if failover is None:
+            raise CliError("--test and --planned preview a failover: give --failover PLAN")
+        if job is not None or vm or full:
+            raise CliError("--failover PLAN previews a plan: give no JOB, --vm or --full with it")
+        if test and planned:
+            raise CliError("--test and --planned exclude each other")
+        _failover_preview(
+            config, failover, "test" if test else "planned" if planned else "failover", json_out
+        )
+        return
+    if job is None:
+        raise CliError("give a JOB to plan, or --failover PLAN")
     cfg = load(config)
     with connected(cfg, cfg.job(job), interactive=sys.stdin.isatty()) as c:
         rows = plan(c, vm or None, full=full)
@@ -70,6 +97,22 @@ def plan_command(
             for p in r.problems:
                 typer.echo(f"  PROBLEM: {p}")
     if any(r.problems for r in rows):
+        raise typer.Exit(1)
+
+
+def _failover_preview(config: Path | None, name: str, mode: Mode, json_out: bool) -> None:
+    """`plan --failover`: only the target pools of the configured jobs are asked."""
+    cfg = load(config)
+    plan_cfg = cfg.plan(name)
+    pools = [p.pool for p in choose.places(cfg)]
+    with dr_sessions(cfg, pools, interactive=sys.stdin.isatty()) as dr:
+        p = failover_preview(cfg, plan_cfg, dr.sessions, dr.unreachable, mode=mode)
+    if json_out:
+        print_json(to_json(p))
+    else:
+        for line in render(p):
+            typer.echo(line)
+    if p.problems:
         raise typer.Exit(1)
 
 
@@ -103,6 +146,8 @@ def status_line(job: str, r: StatusRow, now: datetime) -> str:
     )
     if r.detached:
         line += f", {r.detached} detached object(s) left alone (xencr replica list)"
+    if r.health_check is not None:
+        line += f", health check {r.health_check}"
     if r.source == "history":
         line += " [from history]"
     if r.breach:
@@ -131,7 +176,16 @@ def status_json(job: str, r: StatusRow) -> dict[str, Any]:
         "next_run": iso(r.next_run),
         "source": r.source,
         "detached": r.detached,
+        "health_check": _health_json(r.health_check),
     }
+
+
+def _health_json(line: str | None) -> dict[str, Any] | None:
+    """The recorded line ("passed: ..." / "failed: ...") as JSON."""
+    if line is None:
+        return None
+    verdict, _, detail = line.partition(": ")
+    return {"passed": verdict == "passed", "detail": detail}
 
 
 def target_names(c: Connected) -> dict[str, str]:

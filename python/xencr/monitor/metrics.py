@@ -101,6 +101,12 @@ def _declare_all(e: _Exposition) -> None:
         "gauge",
         "When the job's newest run started (Unix time).",
     )
+    e.declare(
+        "xencr_health_check_passed",
+        "gauge",
+        "1 when the newest health check of the VM's restore points on the target passed, else 0.",
+    )
+    e.declare("xencr_health_check_failures_total", "counter", "Health checks of the job that failed.")
 
 
 def _job_names(config: Config, totals: Iterable[JobTotals]) -> dict[str, str]:
@@ -134,6 +140,14 @@ def render(db: StateDB | None, config: Config, now: datetime) -> str:
                 if p.last_success is not None:
                     e.add("xencr_last_success_timestamp_seconds", labels, p.last_success.timestamp())
                 e.add("xencr_detached_objects", labels, p.detached)
+        for job in config.jobs.values():
+            checked, failures = db.health_checks(job.id)
+            for task in checked:
+                labels = {"job": job.name, "vm": task.vm_name, "target": task.target or task.target_sr}
+                passed = (task.health_check or "").startswith("passed")
+                e.add("xencr_health_check_passed", labels, int(passed))
+            if job.health_check is not None or checked:
+                e.add("xencr_health_check_failures_total", {"job": job.name}, failures)
 
     by_id = {t.job_id: t for t in totals}
     runs = _run_counts(db.runs() if db is not None else [])

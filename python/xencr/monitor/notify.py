@@ -24,7 +24,7 @@ import httpx
 from xencr import __version__
 from xencr.config import Config, JobConfig, SmtpConfig
 from xencr.monitor.rpo import Breach
-from xencr.monitor.summary import failed, subject, summary
+from xencr.monitor.summary import failed, health_check_failed, subject, summary
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def report_reason(when: str, payload: Mapping[str, Any], breaches: Sequence[Brea
         return "every run is reported"
     if when in ("failure", "breach") and failed(payload):
         return "a VM or target failed or was interrupted"
+    if when in ("failure", "breach") and health_check_failed(payload):
+        return "a health check failed"
     if when == "breach" and breaches:
         return "an RPO is breached"
     return None

@@ -29,6 +29,15 @@ def failed(payload: Mapping[str, Any]) -> bool:
     return False
 
 
+def health_check_failed(payload: Mapping[str, Any]) -> bool:
+    """Whether a new restore point failed its health check (the run itself may have succeeded)."""
+    for vm in payload.get("vms") or []:
+        for t in vm.get("targets") or []:
+            if (t.get("health_check") or {}).get("passed") is False:
+                return True
+    return False
+
+
 def counts(payload: Mapping[str, Any]) -> dict[str, int]:
     """VMs by outcome."""
     out: dict[str, int] = {}
@@ -83,6 +92,10 @@ def summary(payload: Mapping[str, Any], breaches: Sequence[Breach], why: str) ->
                     lines.append(f"     disk {d.get('userdevice')}: full ({d.get('reason')})")
             for w in t.get("warnings") or []:
                 lines.append(f"     warning: {w}")
+            if t.get("health_check"):
+                hc = t["health_check"]
+                verdict = "passed" if hc.get("passed") else "FAILED"
+                lines.append(f"     health check {verdict}: {hc.get('detail')} ({hc.get('seconds')}s)")
             if t.get("cleaned"):
                 lines.append(f"     cleaned up {len(t['cleaned'])} leftover(s) of earlier runs")
             for d in t.get("detached") or []:

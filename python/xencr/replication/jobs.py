@@ -147,6 +147,7 @@ def spec_of(job: JobConfig, schedule_id: str | None, *, now: datetime | None = N
         rate_limit=rate_of(sched, now) if sched else None,
         vm_timeout=float(job.vm_timeout) if job.vm_timeout else None,
         verify_import=job.verify_import,
+        health_check=job.health_check,
     )
 
 
@@ -269,6 +270,7 @@ class _Recorder:
             cleaned=len(tr.cleaned),
             detached=len(tr.detached),
             maps={d.userdevice: d.map_digest for d in tr.disks if d.map_digest},
+            health_check=tr.health_check.line() if tr.health_check is not None else None,
         )
         if tr.expired:
             # Retention destroyed these restore points: their maps go unless another uses them.
@@ -369,6 +371,15 @@ def report_payload(report: RunReport) -> dict[str, Any]:
                         "expired": t.expired,
                         "warnings": t.warnings,
                         "detached": t.detached,
+                        "health_check": (
+                            None
+                            if t.health_check is None
+                            else {
+                                "passed": t.health_check.passed,
+                                "detail": t.health_check.detail,
+                                "seconds": round(t.health_check.seconds, 3),
+                            }
+                        ),
                         "disks": [disk(d) for d in t.disks],
                     }
                     for t in v.targets

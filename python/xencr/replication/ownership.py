@@ -21,7 +21,16 @@ xencr destroys an object only when
     On the source, the same holds for this job's snapshots that the next deltas do not need: never
     one whose disks another VM uses; their disks are marked expiring before the snapshot goes.
 
-Everything else that carries xencr's keys is **detached**: a replica started, unprotected, renamed,
+(c) **it is a disposable object a health check or a test failover made for itself** and nothing
+    else uses: a clone of a restore point named, in the very call that creates it, with the check's
+    or test's attempt (`health_check_name`, `dr_test_name`), then marked with its role; its disks
+    (the clone's own, attached to no other VM); a test's isolated network. These may be shut down
+    first, since they are the check's or test's own; the check or test destroys them when it ends,
+    and the next run (health checks) or the next test or `xencr failover --cleanup` (tests)
+    destroys what a kill left (`remove_health_checks`, `dr_test_objects`).
+
+Everything else that carries xencr's keys is **detached** (a replica a failover recovered says
+"failed over by plan X"): a replica started, unprotected, renamed,
 re-described, re-tagged or snapshotted by someone; a clone or copy of a replica or of its disks
 (`VM.clone`, `VM.copy`, `VDI.clone`, `VDI.copy`, in any tool); a replica disk attached to another VM.
 A detached object leaves the job's restore-point set (never counted by retention, never a base),
@@ -348,6 +357,8 @@ def _point_problem(p: _Pool, ref: str, rec: dict[str, Any], copy: str | None) ->
     oc = rec["other_config"]
     if copy is not None:
         return f"a copy of {copy}"
+    if oc.get(FAILED_OVER):  # "<time> <plan>", written by a failover before it unprotects it
+        return f"failed over by plan {oc[FAILED_OVER].partition(' ')[2]}"
     if p.started(rec):
         return "started"
     if not all(op in rec["blocked_operations"] for op in md.PROTECTED_OPS):
@@ -392,12 +403,19 @@ class Cleaned:
 
     removed: list[str] = field(default_factory=list)
     detached: list[Detached] = field(default_factory=list)
+    # Why the VM is not replicated here for now: its newest replica was failed over (it runs from
+    # it on this target) and no restore point is newer. None: replicate as usual.
+    failed_over: str | None = None
 
 
 def clean(t: XapiSession, s: Survey) -> Cleaned:
     """Write the survey's marks, destroy the never-committed attempts' objects and finish cut-short
     expiries. A destroy XAPI refuses leaves the object detached (in use), reported, not retried."""
     out = Cleaned(detached=list(s.detached))
+    taken = s.newest_detached
+    newest = s.points[-1].snapshot_time if s.points else ""
+    if taken is not None and taken[1].startswith("failed over") and taken[0] > newest:
+        out.failed_over = taken[1]
     for (cls, ref), oc in s.marks.items():
         try:
             t.call(f"{cls}.set_other_config", ref, oc)
@@ -517,6 +535,95 @@ def tidy(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> Cleaned:
     return clean(t, survey(t, job_id, vm_uuid, sr_uuid))
 
 
+# ----------------------------------------------------------------------------- health checks
+
+# A health check (`health`) boots a clone of a new restore point, then destroys it. The clone is
+# named by the call that creates it (`health_check_name`), so it carries the check's attempt from
+# its first moment; right after, it and its disks are marked (`xencr:role`, `xencr:attempt`,
+# `xencr:self`). Its other `xencr:` keys (job, source VM, SR) are the restore point's, copied.
+HEALTH_CHECK_ROLE = "health-check"
+HEALTH_CHECK_DISK_ROLE = "health-check-disk"
+_HEALTH_CHECK_NAME = re.compile(r"^\[xencr health-check\] .* #([0-9a-f]{8}-[0-9a-f]{12})$")
+
+
+def health_check_name(vm_name: str, attempt: str) -> str:
+    return f"[xencr health-check] {vm_name} #{attempt}"
+
+
+def remove_health_checks(
+    t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str, *, attempt: str | None = None
+) -> list[str]:
+    """Destroy this job's health-check clones of the VM's restore points on the SR (only
+    ``attempt``'s, when given: a check ending), shut down first if running (a clone is the check's
+    own, booted by it), then their disks; also disks whose clone is already gone (a kill between
+    the two destroys). A clone is recognised by its keys and name, and is either marked with the
+    name's attempt and its own `xencr:self`, or not marked yet (a kill right after the clone: it
+    still carries the restore point's keys). A disk another VM uses is left alone. Lines for what
+    went; a refusal is logged and looked at again by the next run."""
+
+    def ours(oc: dict[str, str]) -> bool:
+        return oc.get(md.JOB) == job_id and oc.get(md.VM) == vm_uuid and oc.get(md.SR) == sr_uuid
+
+    def wanted(found: str | None) -> bool:
+        return found is not None and found.startswith(job_id[:8]) and attempt in (None, found)
+
+    p = _Pool(t)
+    out: list[str] = []
+    gone_vms: set[str] = set()
+    for ref, rec in p.vms.items():
+        oc = rec["other_config"]
+        named = (m := _HEALTH_CHECK_NAME.match(rec["name_label"])) and m.group(1)
+        if rec["is_a_snapshot"] or rec["is_control_domain"] or not ours(oc) or not wanted(named or None):
+            continue
+        marked = (
+            oc.get(md.ROLE) == HEALTH_CHECK_ROLE and oc.get(md.ATTEMPT) == named and _is_copy(rec) is None
+        )
+        unmarked = oc.get(md.ROLE) == "replica" and _is_copy(rec) is not None
+        if not (marked or unmarked) or rec["snapshots"]:
+            continue
+        disks = [v for v in p.disks_of(ref).values() if p.users.get(v, set()) <= {ref}]
+        for vdi in disks:
+            # Findable if the kill falls between the VM's destroy and its disks'.
+            doc = p.vdis[vdi]["other_config"]
+            marks = {md.JOB: job_id, md.VM: vm_uuid, md.SR: sr_uuid, md.ROLE: HEALTH_CHECK_DISK_ROLE}
+            marks |= {md.ATTEMPT: str(named), md.SELF: p.vdis[vdi]["uuid"]}
+            t.api.VDI.set_other_config(vdi, dict(doc) | marks)
+        if rec["power_state"] != "Halted":
+            try:
+                t.call_once("VM.hard_shutdown", ref)
+            except XapiError as refused:
+                log.warning("health-check clone %s not shut down: %s", rec["uuid"], refused)
+        kept = destroy(t, "VM", ref)
+        if kept is not None:
+            log.warning("health-check clone %s not destroyed: %s", rec["uuid"], kept)
+            continue
+        gone_vms.add(ref)
+        out.append(f"health-check clone {rec['uuid']} ({rec['name_label']})")
+        settle(t, disks)
+        for vdi in disks:
+            if destroy(t, "VDI", vdi) is None:
+                out.append(f"disk {p.vdis[vdi]['uuid']} of health-check clone {rec['uuid']}")
+                p.vdis.pop(vdi)
+            else:
+                log.warning(
+                    "disk %s of health-check clone %s not destroyed", p.vdis[vdi]["uuid"], rec["uuid"]
+                )
+    for ref, rec in p.vdis.items():
+        oc = rec["other_config"]
+        if (
+            rec["managed"]
+            and not rec["is_a_snapshot"]
+            and ours(oc)
+            and oc.get(md.ROLE) == HEALTH_CHECK_DISK_ROLE
+            and wanted(oc.get(md.ATTEMPT))
+            and _is_copy(rec) is None
+            and p.users.get(ref, set()) <= gone_vms
+            and destroy(t, "VDI", ref) is None
+        ):
+            out.append(f"disk {rec['uuid']} of an interrupted health check")
+    return out
+
+
 # ------------------------------------------------------------------------------- source side
 
 
@@ -583,3 +690,67 @@ def destroy_snapshot(s: XapiSession, snap: str, job_id: str, vm_uuid: str) -> st
         if err is not None:
             log.warning("snapshot disk %s not destroyed: %s", vdi, err)
     return None
+
+
+# ------------------------------------------------------------------------ DR test objects
+
+FAILED_OVER = "xencr:failed_over"  # on a replica a failover recovered: "<time> <plan>"
+DR_TEST = "dr-test"  # `xencr:role` of a test failover's clones, their disks and its network
+_DR_TEST_NAME = re.compile(r"^.* \[xencr test ([0-9a-f]{8}-[0-9a-f]{12})\]$")
+
+
+def dr_test_name(name: str, attempt: str) -> str:
+    """The name a test failover gives its clone in the `VM.clone` call: the attempt is on the
+    object from its creation, before any key can be written on it."""
+    return f"{name} [xencr test {attempt}]"
+
+
+@dataclass
+class DrTestObjects:
+    """What test failovers left on a pool (ref, record): clones, their disks, isolated networks."""
+
+    vms: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    vdis: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    networks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def dr_test_objects(t: XapiSession, keep: str | None = None) -> DrTestObjects:
+    """(c) **The objects a test failover created**, which it destroys when done and which any later
+    test or `xencr failover --cleanup` destroys when a test was cut short (all but attempt ``keep``):
+
+    - a VM (never a snapshot) whose `xencr:role` is `dr-test` with a `xencr:attempt`, or whose name
+      carries a test attempt (`dr_test_name`, given in the `VM.clone` call);
+    - a disk of such a VM that no other VM uses and that is the clone's own: marked `dr-test`, or
+      still carrying a replica disk's keys with another object's `xencr:self` (a clone's disk not
+      yet re-marked). A replica's own disk is never one;
+    - a network whose `xencr:role` is `dr-test` with a `xencr:attempt` (given to `network.create`).
+    Such VMs may be shut down first: nothing but the test uses them."""
+    out = DrTestObjects()
+    p = _Pool(t)
+
+    def attempt_of(rec: dict[str, Any]) -> str | None:
+        oc = rec["other_config"]
+        if oc.get(md.ROLE) == DR_TEST and oc.get(md.ATTEMPT):
+            return str(oc[md.ATTEMPT])
+        m = _DR_TEST_NAME.match(rec["name_label"])
+        return m.group(1) if m else None
+
+    test_vms = {
+        ref
+        for ref, rec in p.vms.items()
+        if not rec["is_a_snapshot"] and not rec["is_control_domain"] and attempt_of(rec) not in (None, keep)
+    }
+    out.vms = [(ref, p.vms[ref]) for ref in sorted(test_vms)]
+    for ref in sorted(test_vms):
+        for vdi in p.disks_of(ref).values():
+            rec = p.vdis.get(vdi)
+            if rec is None or p.users.get(vdi, set()) - test_vms:
+                continue
+            oc = rec["other_config"]
+            if oc.get(md.ROLE) == DR_TEST or _is_copy(rec) is not None:
+                out.vdis.append((vdi, rec))
+    for ref, rec in t.api.network.get_all_records().items():
+        oc = rec["other_config"]
+        if oc.get(md.ROLE) == DR_TEST and oc.get(md.ATTEMPT) not in (None, keep):
+            out.networks.append((str(ref), rec))
+    return out

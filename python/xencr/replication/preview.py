@@ -117,6 +117,7 @@ class StatusRow:
     next_run: datetime | None = None  # None: the job is disabled or has no schedule
     source: str = "pool"  # "pool": restore points as the target holds them; "history": as recorded
     detached: int = 0  # objects of the job on the target that xencr leaves alone (`ownership`)
+    health_check: str | None = None  # the newest health check: "passed: ..." / "failed: ..."
 
     @property
     def breach(self) -> bool:
@@ -144,6 +145,12 @@ def _last(db: StateDB | None, vm_uuid: str, sr_uuid: str) -> TaskRow | None:
     return db.last_task(vm_uuid, sr_uuid) if db is not None else None
 
 
+def _health_checks(db: StateDB | None, job_id: str) -> dict[tuple[str, str], str | None]:
+    """(VM UUID, SR UUID) -> the newest health check recorded."""
+    checked = db.health_checks(job_id)[0] if db is not None else []
+    return {(t.vm_uuid, t.target_sr): t.health_check for t in checked}
+
+
 def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> list[StatusRow]:
     """Per selected VM and target: the newest restore point on the target (asked of the pool),
     the last task recorded in ``db`` (``None``: no history yet), and the next run."""
@@ -152,6 +159,7 @@ def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> lis
     upcoming = next_run(c.job, db.fires() if db is not None else {}, now)
     rows = []
     targets = targets_of(c)
+    checks = _health_checks(db, c.job.id)
     for _vm, rec in selected_vms(c):
         for t in targets:
             found = ownership.survey(t.session, c.job.id, rec["uuid"], t.sr_uuid)
@@ -174,6 +182,7 @@ def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> lis
                     last_finished=last.finished_at if last else None,
                     next_run=upcoming,
                     detached=len(found.detached),
+                    health_check=checks.get((rec["uuid"], t.sr_uuid)),
                 )
             )
     return rows
@@ -188,6 +197,7 @@ def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None
     # History knows SR UUIDs; a target the job names by UUID can still be shown as pool/SR.
     named = {t.sr.lower(): f"{t.pool}/{t.sr}" for t in job.targets}
     rows = []
+    checks = _health_checks(db, job.id)
     for p in protection(db, job):
         ok = good.get((p.vm_uuid, p.target_sr))
         rows.append(
@@ -206,6 +216,7 @@ def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None
                 next_run=upcoming,
                 source="history",
                 detached=p.detached,
+                health_check=checks.get((p.vm_uuid, p.target_sr)),
             )
         )
     return rows

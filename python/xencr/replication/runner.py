@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 from xencr import _engine
 from xencr._engine import VhdError
+from xencr.config import HealthCheckConfig
+from xencr.replication import health, ownership
 from xencr.replication import metadata as md
-from xencr.replication import ownership
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
 from xencr.replication.blockmap import KEY as MAP_KEY
@@ -60,6 +61,8 @@ class JobSpec:
     verify_import: bool = True
     # Where each restore point disk's block map is kept (the state database); None: no maps.
     maps: MapStore | None = field(default=None, compare=False)
+    # Boot a clone of each new restore point (`health`); None: no check.
+    health_check: HealthCheckConfig | None = None
 
 
 CANCELLED = "cancelled: shutting down"
@@ -109,6 +112,7 @@ class TargetResult:
     detached: list[str] = field(default_factory=list)
     error: str | None = None
     holder: str | None = None  # skipped: who holds the VM/target ("job web (pid 12) since ...")
+    health_check: health.HealthResult | None = None  # of the new restore point, when checked
 
     @property
     def kind(self) -> str:
@@ -275,7 +279,26 @@ def _replicate_locked(
         obs.started(result, t)
     # The per-VM timeout covers every target and attempt; transfers are cut when it passes.
     deadline = time.monotonic() + job.vm_timeout if job.vm_timeout else None
-    tidied = {t.name: ownership.tidy(t.session, job.id, rec["uuid"], t.sr_uuid) for t in targets}
+    tidied = {}
+    for t in targets:
+        # A health check killed midway left its clone: removed before the survey, which would
+        # take a clone not marked yet for a user's copy of a restore point.
+        gone = ownership.remove_health_checks(t.session, job.id, rec["uuid"], t.sr_uuid)
+        tidied[t.name] = ownership.tidy(t.session, job.id, rec["uuid"], t.sr_uuid)
+        tidied[t.name].removed[:0] = gone
+    # A target where the VM was failed over runs it from its replica: replicating it again there
+    # would only send a full copy of a stale source beside it. Skipped until failback (or the
+    # administrator removes the mark); its base snapshot on the source is kept for the failback.
+    for t in [t for t in targets if tidied[t.name].failed_over]:
+        why = f"skipped: {tidied[t.name].failed_over}: the VM runs from its replica on this target"
+        tr = _tidied(TargetResult(t.name, t.sr_uuid, outcome="skipped", error=why), tidied[t.name])
+        result.targets.append(tr)
+        obs.finished(result, tr)
+        progress(f"{rec['name_label']} -> {t.name}: {why}")
+        some_skipped = True
+    targets = [t for t in targets if not tidied[t.name].failed_over]
+    if not targets:
+        return
     if not some_skipped:
         # A busy target may be another run of this job, whose snapshot may not be tagged yet.
         gone, in_use = srcmod.drop_leftovers(src, vm, job.id)
@@ -320,6 +343,7 @@ def _replicate_locked(
         tr = _tidied(TargetResult(t.name, t.sr_uuid), tidied[t.name])
         result.targets.append(tr)
         _attempts(shared, t, tr)
+        _check_health(shared, t, tr)
         obs.finished(result, tr)
     # Keep, per target, the snapshot of its newest restore point (the next delta's base).
     uuids = {r["uuid"]: s for s, r in srcmod.job_snapshots(src, vm, job.id)}
@@ -376,6 +400,18 @@ def _attempts(run: _VmRun, t: Target, tr: TargetResult) -> None:
             if not retry:
                 return
             tr.warnings.append(f"retried after: {tr.error}")
+
+
+def _check_health(run: _VmRun, t: Target, tr: TargetResult) -> None:
+    """The job's health check of the restore point just committed; its outcome is the check's,
+    never the target's."""
+    job, name = run.job, run.rec["name_label"]
+    if job.health_check is None or tr.outcome != "success" or tr.restore_point is None or _cancelled(job):
+        return
+    tr.health_check = health.check(
+        t.session, tr.restore_point, name, job.id, job.health_check, cancel=job.cancel
+    )
+    run.progress(f"{name} -> {t.name}: health check {tr.health_check.line()}")
 
 
 RETRYABLE = (XapiError, PoolUnreachable, TransferError, OSError, VhdError)
