@@ -916,18 +916,9 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig], smtp: SmtpC
 def _read_health_check(t: _Table) -> HealthCheckConfig:
     """``health_check = { gate = ..., key = ..., timeout = ..., sr = ... }``: the gate reads as a
     plan's (`_read_gate`), its kind under ``gate`` (default ``guest_tools``)."""
-    kind = t.get("gate", str, "guest_tools")
-    if kind not in GATE_KINDS:
-        raise t.error("gate", f"must be one of {', '.join(GATE_KINDS)}, not {kind!r}")
-    key = t.text("key", None)
-    if kind == "xenstore" and key is None:
-        raise t.error(None, "a xenstore gate needs the 'key' the guest writes")
-    if kind != "xenstore" and key is not None:
-        raise t.error("key", f"only a xenstore gate has a key, not a {kind} gate")
-    timeout = t.converted("timeout", parse_duration)
+    gate = _gate_of(t, "gate", t.get("gate", str, "guest_tools"))
     sr = t.text("sr", None)
     t.finish()
-    gate = HealthGate(kind=kind, timeout=300 if timeout is None else timeout, key=key)
     return HealthCheckConfig(gate=gate, sr=sr.strip() if sr is not None else None)
 
 
@@ -992,16 +983,21 @@ def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
 
 
 def _read_gate(t: _Table) -> HealthGate:
-    kind = t.get("kind", str)
+    gate = _gate_of(t, "kind", t.get("kind", str))
+    t.finish()
+    return gate
+
+
+def _gate_of(t: _Table, kind_key: str, kind: str) -> HealthGate:
+    """A gate from a table's ``kind`` (read from ``kind_key``), ``key`` and ``timeout`` (5m)."""
     if kind not in GATE_KINDS:
-        raise t.error("kind", f"must be one of {', '.join(GATE_KINDS)}, not {kind!r}")
+        raise t.error(kind_key, f"must be one of {', '.join(GATE_KINDS)}, not {kind!r}")
     key = t.text("key", None)
     if kind == "xenstore" and key is None:
         raise t.error(None, "a xenstore gate needs the 'key' the guest writes")
     if kind != "xenstore" and key is not None:
         raise t.error("key", f"only a xenstore gate has a key, not a {kind} gate")
     timeout = t.converted("timeout", parse_duration)
-    t.finish()
     return HealthGate(kind=kind, timeout=300 if timeout is None else timeout, key=key)
 
 
