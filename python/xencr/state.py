@@ -148,6 +148,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at TEXT NOT NULL
         )""",
     ),
+    (
+        # Failbacks (`dr.failback`): the step each failed-over VM's failback reached and the
+        # objects it made (recorded before the next step), so a rerun continues.
+        """CREATE TABLE failbacks (
+            plan TEXT NOT NULL,
+            vm_uuid TEXT NOT NULL,
+            step TEXT NOT NULL,
+            attempt TEXT NOT NULL,
+            d1 TEXT,
+            d2 TEXT,
+            disks TEXT NOT NULL,
+            old_disks TEXT NOT NULL,
+            snapshot TEXT,
+            detail TEXT,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (plan, vm_uuid)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A map no restore point uses yet may belong to an attempt still running (put before its commit,
@@ -249,6 +267,31 @@ class FailoverRow:
     state: str = "chosen"
     started_at: datetime | None = None
     detail: str | None = None
+
+
+FAILBACK_STEPS = ("copied", "switched", "attached", "snapshot", "linked", "done")
+
+
+@dataclass(frozen=True)
+class FailbackRow:
+    """One VM's failback: the last step done (``FAILBACK_STEPS``, in order; "" for none), its
+    attempt id, the DR VM's snapshots (``d1``, ``d2``), the primary's new disks ("<userdevice>=<VDI
+    UUID>"), the user's former disks it detached (VDI UUIDs), the job's new source snapshot, and
+    why a disk went in full."""
+
+    plan: str
+    vm_uuid: str  # the source (primary) VM
+    attempt: str
+    step: str = ""
+    d1: str | None = None
+    d2: str | None = None
+    disks: tuple[str, ...] = ()
+    old_disks: tuple[str, ...] = ()
+    snapshot: str | None = None
+    detail: str | None = None
+
+    def reached(self, step: str) -> bool:
+        return self.step != "" and FAILBACK_STEPS.index(self.step) >= FAILBACK_STEPS.index(step)
 
 
 PLANNED_STEPS = ("final-delta", "shutdown", "last-delta", "failover", "done")
@@ -814,6 +857,55 @@ class StateDB:
             )
             if cur.rowcount != 1:
                 raise KeyError(f"no failover of VM {vm_uuid} in plan {plan!r}")
+
+    def forget_failover(self, plan: str, vm_uuid: str) -> None:
+        """Drop a VM's failover row (it failed back): a later failover of the plan chooses anew."""
+        with self._write() as db:
+            db.execute("DELETE FROM failovers WHERE plan = ? AND vm_uuid = ?", (plan, vm_uuid))
+
+    # -- failbacks
+
+    def record_failback(self, row: FailbackRow) -> None:
+        """Record (replace) where one VM's failback is."""
+        if row.step not in ("", *FAILBACK_STEPS):
+            raise ValueError(f"unknown failback step {row.step!r}")
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO failbacks (plan, vm_uuid, step, attempt, d1, d2, disks,"
+                " old_disks, snapshot, detail, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.plan,
+                    row.vm_uuid,
+                    row.step,
+                    row.attempt,
+                    row.d1,
+                    row.d2,
+                    " ".join(row.disks),
+                    " ".join(row.old_disks),
+                    row.snapshot,
+                    row.detail,
+                    _to_text(self._clock()),
+                ),
+            )
+
+    def failbacks(self, plan: str) -> dict[str, FailbackRow]:
+        """Source VM UUID -> its recorded failback, for a plan."""
+        rows = self._read("SELECT * FROM failbacks WHERE plan = ?", (plan,))
+        return {
+            r["vm_uuid"]: FailbackRow(
+                plan=r["plan"],
+                vm_uuid=r["vm_uuid"],
+                attempt=r["attempt"],
+                step=r["step"],
+                d1=r["d1"],
+                d2=r["d2"],
+                disks=tuple(r["disks"].split()),
+                old_disks=tuple(r["old_disks"].split()),
+                snapshot=r["snapshot"],
+                detail=r["detail"],
+            )
+            for r in rows
+        }
 
     # -- planned failovers
 

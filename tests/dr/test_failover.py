@@ -256,11 +256,77 @@ def test_bad_input_is_one_line_and_changes_nothing(pools: Pools, tmp_path: Path)
     code, out, err = _failover(cfg, "bad")
     assert err.startswith("xencr: error: plan bad: VM vm0: VIF 0 on ") and "'No such network'" in err, err
     assert _records(b) == before
+    # Not enough memory on the DR pool for a VM the plan starts: refused before anything changes.
+    cfg_mem = write_config(tmp_path / "mem", pools, '[[plan]]\nname = "mem"\nvms = ["vm1"]\n')
+    s = pools.session(0)
+    rp = _replica(b, "jb", s.api.VM.get_uuid(s.api.VM.get_by_name_label("vm1")[0]))
+    rec = b.api.VM.get_record(rp)
+    big = str(200 * 1024**3)
+    b.api.VM.set_memory_limits(rp, rec["memory_static_min"], big, big, big)
+    try:
+        mem_before = _records(b)
+        code, out, err = _failover(cfg_mem, "mem")
+        assert _records(b) == mem_before
+    finally:
+        limits = ("memory_static_min", "memory_static_max", "memory_dynamic_min", "memory_dynamic_max")
+        b.api.VM.set_memory_limits(rp, *(rec[k] for k in limits))
+    assert code == 1 and len(err.splitlines()) == 1, (out, err)
+    assert "not enough memory on pool b: VM vm1 needs 200.0 GiB" in err, err
+    assert err.endswith("nothing changed"), err
     with StateDB(load_config(cfg).state_path) as db:
         assert db.failover_rows("bad") == [] and db.failover_rows("none") == []
+    with StateDB(load_config(cfg_mem).state_path) as db:
+        assert db.failover_rows("mem") == []
     r = cli.invoke(app, ["failover", "bad", "--config", str(cfg)], input="")
     assert r.exit_code == 1
     assert (
         r.stderr.strip()
         == "xencr: error: failover of plan bad changes VMs: give --yes to run it without a terminal"
     )
+
+
+def test_a_hook_gets_the_started_vm(pools: Pools, tmp_path: Path) -> None:
+    """A hook runs after its VM started and passed the gate, as an argument list, with the new
+    VM's UUID, name and IPs in its environment (a failing one: the next test)."""
+    out = tmp_path / "hook.txt"
+    script = (
+        "import os, sys; open(sys.argv[1], 'w').write("
+        "' '.join(os.environ[k] for k in ('XENCR_PLAN', 'XENCR_VM_UUID', 'XENCR_VM_NAME', 'XENCR_VM_IPS')))"
+    )
+    plan = (
+        '[[plan]]\nname = "hooked"\nvms = ["vm1"]\ngate = { kind = "guest_tools", timeout = "10s" }\n'
+        f'[[plan.hooks]]\nvm = "vm1"\ncommand = [{json.dumps(sys.executable)}, "-c", '
+        f"{json.dumps(script)}, {json.dumps(str(out))}]\n"
+    )
+    cfg = write_config(tmp_path, pools, plan)
+    _run(cfg, "jb")
+    code, lines, err = _failover(cfg, "hooked")
+    assert code == 0, (lines, err)
+    with StateDB(load_config(cfg).state_path) as db:
+        (row,) = db.failover_rows("hooked")
+    b = pools.session(1)
+    vm = b.api.VM.get_by_uuid(row.vm)
+    networks = b.api.VM_guest_metrics.get_networks(b.api.VM.get_guest_metrics(vm))
+    ips = [str(v) for k, v in sorted(networks.items()) if "/ip" in k]
+    assert out.read_text() == f"hooked {row.vm} vm1 {' '.join(ips)}"
+    assert ips, "the guest reported its addresses before the hook ran"
+    b.api.VM.hard_shutdown(vm)
+
+
+def test_a_failing_hook_fails_its_group(pools: Pools, tmp_path: Path) -> None:
+    script = "import sys; open(sys.argv[1], 'w')"  # a directory: the hook fails
+    failing = (
+        '[[plan]]\nname = "failing"\nvms = ["vm1"]\n'
+        f'[[plan.hooks]]\nvm = "vm1"\ncommand = [{json.dumps(sys.executable)}, "-c", '
+        f"{json.dumps(script)}, {json.dumps(str(tmp_path))}]\n"
+    )
+    cfg2 = write_config(tmp_path / "two", pools, failing)
+    _run(cfg2, "jb")
+    code, lines, err = _failover(cfg2, "failing")
+    assert code == 1, (lines, err)
+    assert err == (
+        "xencr: error: plan failing stopped at group 1: vm1 failed its gate; not started: none"
+        " (fix it, then run the same command again to continue)"
+    )
+    said = [x for x in lines if "hook" in x]
+    assert len(said) == 1 and "exited 1" in said[0] and "IsADirectoryError" in said[0], lines

@@ -9,7 +9,7 @@ import typer
 from xencr import __version__
 from xencr.cli.daemon import daemon_command
 from xencr.cli.errors import reported, settings
-from xencr.cli.failover import failover_command
+from xencr.cli.failover import failback_command, failover_command
 from xencr.cli.history import history_command
 from xencr.cli.init import init_command
 from xencr.cli.jobs import job_app
@@ -35,6 +35,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(job_app, name="job")
 app.command("plan")(plan_command)
 app.command("failover")(failover_command)
+app.command("failback")(failback_command)
 app.command("run")(run_command)
 app.command("daemon")(daemon_command)
 app.add_typer(service_app, name="service")

@@ -14,6 +14,7 @@ from xencr.cli.errors import CliError
 from xencr.cli.run import stopping_cleanly
 from xencr.dr import choose
 from xencr.dr.connect import dr_sessions
+from xencr.dr.failback import FailbackAbort, failback
 from xencr.dr.failover import FailoverError, FailoverReport, failover
 from xencr.dr.planned import SHUTDOWN_TIMEOUT, PlannedAbort, planned_failover, pools_of
 from xencr.dr.testrun import cleanup, rehearse
@@ -272,3 +273,67 @@ def _planned(
             }
         )
     _finish(name, r.failover, json_out)
+
+
+def failback_command(
+    plan: Annotated[str, typer.Argument(help="The [[plan]] whose failed-over VMs come back.")],
+    vm: Annotated[
+        list[str] | None, typer.Option("--vm", help="Only this failed-over VM (name or UUID).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    json_out: JsonFlag = False,
+    config: ConfigOption = None,
+) -> None:
+    """Bring failed-over VMs back to their original VMs on the primary pool (both sites up).
+
+    Sends only what changed on the DR side, shuts the DR VM down cleanly, gives the original
+    (halted) VM the new disks, keeps its former disks renamed, starts it, and makes the DR VM a
+    restore point again: the job's next run is a delta. Run it again after an interruption.
+    Example:  xencr failback site-b --yes
+    """
+    _failback(plan, vm or [], yes, json_out, config)
+
+
+@reported
+def _failback(name: str, vms: list[str], yes: bool, json_out: bool, config: Path | None) -> None:
+    cfg = load(config)
+    plan = cfg.plan(name)
+    _confirm(f"failback of plan {name} (the DR VMs are shut down, the original VMs' disks replaced)", yes)
+    say = (lambda _: None) if json_out else typer.echo
+    with StateDB(cfg.state_path) as db, dr_sessions(cfg, pools_of(cfg), interactive=sys.stdin.isatty()) as dr:
+        try:
+            r = failback(cfg, plan, db, dr, vms=vms, say=say)
+        except (FailoverError, FailbackAbort) as err:
+            raise CliError(str(err)) from None
+    if json_out:
+        print_json(
+            {
+                "plan": r.plan,
+                "vms": [
+                    {
+                        "uuid": v.vm_uuid,
+                        "name": v.name,
+                        "step": v.step,
+                        "disks": [
+                            {
+                                "step": c.step,
+                                "userdevice": c.userdevice,
+                                "kind": c.kind,
+                                "blocks": c.blocks,
+                                "vdi": c.vdi,
+                            }
+                            for c in v.copies
+                        ],
+                        "former_disks": v.old_disks,
+                    }
+                    for v in r.vms
+                ],
+            }
+        )
+    elif r.nothing_to_do:
+        typer.echo(f"plan {name}: no failed-over VM to fail back; nothing done")
+    else:
+        for v in r.vms:
+            for line in v.old_disks:
+                typer.echo(f"{v.name}: former disk kept, detached: {line}")
+        typer.echo(f"plan {name}: {len(r.vms)} VM(s) failed back")
