@@ -147,11 +147,24 @@ def _new_disk(x: _Sides, attempt: str, d: Disk, base: tuple[Disk, str] | str) ->
     one of the same size. Its keys: ours only (a clone inherits S's disk's job keys)."""
     s = x.primary
     name = f"{d.name} (failback {attempt})"
-    for rec in s.api.VDI.get_all_records().values():
-        if rec["name_label"] == name and rec["other_config"].get(md.ATTEMPT) == attempt:
+    cut_short = None  # a clone a kill left before its keys: it carries the attempt as a marker
+    for ref, rec in s.api.VDI.get_all_records().items():
+        oc = rec["other_config"]
+        if rec["name_label"] == name and oc.get(md.ATTEMPT) == attempt:
             return str(rec["uuid"])
+        if oc.get(md.CLONING) == attempt and not rec["is_a_snapshot"] and rec["managed"]:
+            cut_short = str(ref)
     if isinstance(base, tuple):
-        vdi = str(s.api.VDI.clone(base[0].vdi, {}))
+        # As the runner's disks (target.create_disk): the base carries the attempt while it is
+        # cloned, so the clone has it from the call that makes it, and a rerun finds it.
+        src = base[0].vdi
+        base_oc = {k: v for k, v in s.api.VDI.get_other_config(src).items() if k != md.CLONING}
+        if cut_short is None:
+            s.api.VDI.set_other_config(src, base_oc | {md.CLONING: attempt})
+            vdi = str(s.api.VDI.clone(src, {}))
+        else:
+            vdi = cut_short
+        s.api.VDI.set_other_config(src, base_oc)
     else:
         vbds = [b for b in s.api.VM.get_VBDs(x.source_vm) if s.api.VBD.get_userdevice(b) == d.userdevice]
         sr = str(s.api.VDI.get_SR(s.api.VBD.get_VDI(vbds[0]))) if vbds else ""
@@ -163,7 +176,8 @@ def _new_disk(x: _Sides, attempt: str, d: Disk, base: tuple[Disk, str] | str) ->
             "type": "user",
             "sharable": False,
             "read_only": False,
-            "other_config": {},
+            # Found again by a rerun from the call that creates it.
+            "other_config": {md.ROLE: FAILBACK_DISK, md.ATTEMPT: attempt},
             "name_label": name,
             "name_description": "",
         }
