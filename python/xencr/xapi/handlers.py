@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from xencr.xapi.errors import PoolUnreachable, XapiError
+from xencr.xapi.members import host_url, same_place
 from xencr.xapi.session import XapiSession
 from xencr.xapi.tls import check_pin, client_context, pem_fingerprint
 
@@ -79,30 +80,24 @@ def data_host(session: XapiSession) -> DataHost:
     return DataHost(e.host, e.port, tls, e.where)
 
 
-def _host_port(address: str, scheme: str) -> tuple[str, int]:
-    """A host record's address (a bare IP for XAPI, which serves on 443; ``ip:port`` in the
-    simulator's multi-host pools) as (host, port)."""
-    default = 443 if scheme == "https" else 80
-    parts = urlsplit(f"//{address}")
-    return (parts.hostname or address, parts.port or default)
-
-
 def follow(session: XapiSession, location: str, what: str) -> tuple[DataHost, str]:
     """The member a redirect names, and the request path to send it (the location's path and
     query, unchanged). Refused unless it is a host of this pool reached the same way."""
     e = session.endpoint
     target = urlsplit(location)
     shown = f"{target.scheme}://{target.netloc}"  # the query holds the session: never shown
-    key = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
-    hosts = {
-        _host_port(str(h["address"]), e.scheme): (ref, h)
+    # A host record's address: a bare IP for XAPI (IPv6 unbracketed), `ip:port` in the simulator.
+    found = [
+        (ref, h)
         for ref, h in session.api.host.get_all_records().items()
-    }
-    if target.scheme != e.scheme or key not in hosts:
+        if same_place(host_url(e.scheme, str(h["address"])), location)
+    ]
+    if target.scheme != e.scheme or not found:
         raise RedirectRefused(
             f"{e.where}: the {what} was redirected to {shown}, not a host of this pool: refused"
         )
-    ref, rec = hosts[key]
+    ref, rec = found[0]
+    port = target.port or (443 if target.scheme == "https" else 80)
     tls = None
     if e.scheme == "https":
         if e.fingerprint:
@@ -111,7 +106,7 @@ def follow(session: XapiSession, location: str, what: str) -> tuple[DataHost, st
         else:
             tls = data_host(session).tls
     path = target.path + (f"?{target.query}" if target.query else "")
-    return DataHost(key[0], key[1], tls, f"{e.where} host {rec['name_label']} ({shown})"), path
+    return DataHost(target.hostname or "", port, tls, f"{e.where} host {rec['name_label']} ({shown})"), path
 
 
 def tcp(at: DataHost) -> socket.socket:
