@@ -18,6 +18,7 @@ from xencr.config import Config
 from xencr.replication import metadata as md
 from xencr.replication import ownership
 from xencr.replication.jobs import connect
+from xencr.replication.target import make_plain
 from xencr.replication.verify import Sample, verify_replica
 from xencr.state import StateDB
 from xencr.units import human_bytes
@@ -142,14 +143,8 @@ def clone_command(
     with s:
         label = name or f"{rec['name_label']} (clone)"
         clone = s.call_async("VM.clone", rec["ref"], label)
-        # The clone is a plain VM: neither it nor its disks may pass for a replica (xencr's or
-        # Xen Orchestra's keys); it carries no blocked operations.
-        s.api.VM.set_other_config(clone, md.strip_ours(dict(s.api.VM.get_other_config(clone))))
-        for vbd in s.api.VM.get_VBDs(clone):
-            vdi = s.api.VBD.get_VDI(vbd)
-            if s.api.VBD.get_type(vbd) == "Disk" and vdi != "OpaqueRef:NULL":
-                s.api.VDI.set_other_config(vdi, md.strip_ours(dict(s.api.VDI.get_other_config(vdi))))
-        s.api.VM.set_is_a_template(clone, False)
+        # A plain VM (it carries no blocked operations: VM.clone does not copy them).
+        make_plain(s, clone)
         typer.echo(f"cloned {rec['uuid']} into VM {label!r} {s.api.VM.get_uuid(clone)}")
 
 

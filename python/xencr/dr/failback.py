@@ -32,7 +32,7 @@ from xencr.dr.failover import FailoverError
 from xencr.replication import metadata as md
 from xencr.replication import ownership
 from xencr.replication.source import Disk, disks_of, job_snapshots, take_snapshot
-from xencr.replication.target import attach
+from xencr.replication.target import attach, make_plain
 from xencr.seed.link import SeedRefused, apply, pair, xencr_steps
 from xencr.state import FailbackRow, FailoverRow, StateDB
 from xencr.xapi.errors import PoolUnreachable, XapiError
@@ -330,9 +330,7 @@ class _Failback:
         name = f"{self.x.row.vm_name} (failback {self.fb.attempt})"
         found = [str(v) for v in t.api.VM.get_by_name_label(name)]
         vm = found[0] if found else str(t.call_async("VM.clone", self.x.dr_vm, name))
-        t.api.VM.set_other_config(vm, md.strip_ours(dict(t.api.VM.get_other_config(vm))))
-        for d in disks_of(t, vm, with_nobak=True):
-            t.api.VDI.set_other_config(d.vdi, md.strip_ours(dict(t.api.VDI.get_other_config(d.vdi))))
+        make_plain(t, vm)
         p = pair(self.x.primary, self.fb.snapshot or "", t, str(t.api.VM.get_uuid(vm)))
         apply(xencr_steps(self.x.primary, t, p, self.x.job.id, _schedule(self.x.job)), lambda _: None)
         self._record(step="linked")

@@ -24,6 +24,7 @@ from xencr.dr.preview import FailoverPreview, Mode, failover_preview, landings
 from xencr.dr.start import StartGroup, StartReport, StartVm, VmResult, group_gate, start_groups
 from xencr.replication import metadata as md
 from xencr.replication.ownership import FAILED_OVER
+from xencr.replication.target import make_plain
 from xencr.state import FailoverRow, StateDB
 from xencr.xapi.session import XapiSession
 
@@ -129,11 +130,8 @@ def clone_name(row: FailoverRow) -> str:
 
 def plain_vm(t: XapiSession, vm: str) -> None:
     """A clone of a replica made an ordinary VM: neither it nor its disks pass for a replica
-    (xencr's and Xen Orchestra's keys gone, as `xencr replica clone` does), startable."""
-    t.api.VM.set_other_config(vm, md.strip_ours(dict(t.api.VM.get_other_config(vm))))
-    for vdi in disks(t, vm):
-        t.api.VDI.set_other_config(vdi, md.strip_ours(dict(t.api.VDI.get_other_config(vdi))))
-    t.api.VM.set_is_a_template(vm, False)
+    (`target.make_plain`, as `xencr replica clone` does), startable."""
+    make_plain(t, vm)
     unprotect(t, vm)
 
 

@@ -172,6 +172,18 @@ def create_disk(
     return vdi
 
 
+def make_plain(t: XapiSession, vm: str) -> None:
+    """A clone of a replica made an ordinary VM: neither it nor its disks pass for a replica or a
+    Xen Orchestra backup (their keys removed, `md.strip_ours`), and it is not a template. What
+    `xencr replica clone`, a failover's clones and a failback's linked clone all need."""
+    t.api.VM.set_other_config(vm, md.strip_ours(dict(t.api.VM.get_other_config(vm))))
+    for vbd in t.api.VM.get_VBDs(vm):
+        vdi = t.api.VBD.get_VDI(vbd)
+        if t.api.VBD.get_type(vbd) == "Disk" and vdi != NULL:
+            t.api.VDI.set_other_config(vdi, md.strip_ours(dict(t.api.VDI.get_other_config(vdi))))
+    t.api.VM.set_is_a_template(vm, False)
+
+
 def _set_self(t: XapiSession, cls: str, ref: str) -> None:
     """Name an object its own: a copy of it made by anyone keeps this value, not its own UUID."""
     oc = dict(t.call(f"{cls}.get_other_config", ref))
