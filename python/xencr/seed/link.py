@@ -119,7 +119,10 @@ def pair(src: XapiSession, snapshot_uuid: str, tgt: XapiSession, target_vm_uuid:
     if len(srs) != 1:
         raise SeedRefused(f"the target VM's disks are on {len(srs)} SRs; a replica lives on one")
     pairs = [(sdisks[dev], tdisks[dev]) for dev in sorted(sdisks, key=_order)]
-    return Pairing(snap, srec, vm_rec, target, trec, srs.pop(), pairs, snapshot_time(srec))
+    # A job's own snapshot carries its moment to the microsecond, as every restore point of the
+    # job does (XAPI's snapshot_time has whole seconds: a link would sort before a newer one).
+    ours = md.parse_stamp(srec["other_config"].get(md.SNAPSHOT_TIME, ""))
+    return Pairing(snap, srec, vm_rec, target, trec, srs.pop(), pairs, ours or snapshot_time(srec))
 
 
 def _order(dev: str) -> int:
