@@ -36,6 +36,7 @@ from xencr.config import load_config
 from xencr.replication.jobs import run_configured
 from xencr.replication.runner import SAME_JOB_BUSY
 from xencr.schedule import FakeClock
+from xencr.service import locks
 from xencr.service.daemon import Daemon
 from xencr.sim.harness import RunningSimulator, running_simulator
 from xencr.state import StateDB
@@ -107,7 +108,12 @@ def test_best_effort_skips_the_vm_in_flight_and_runs_the_idle_one(
                     return False
                 tasks = {x.vm_name: x for x in db.tasks(runs[1].id)}
             vm1 = tasks.get("vm1")
-            return vm1 is not None and vm1.finished_at is not None and bool(incomplete(t))
+            if vm1 is None or vm1.finished_at is None:
+                return False
+            # Its task is recorded finished just before the run lets go of its lock: wait for both,
+            # or the next tick may find vm1 still held (and skip it, rightly).
+            free = locks.read_holder(locks.lock_dir(state), vm1.vm_uuid, vm1.target_sr, wait=0) is None
+            return free and bool(incomplete(t))
 
         wait_for(vm1_done_vm0_in_flight, "vm0 in flight while vm1 is done")
         d.tick(timedelta(minutes=10))  # tick 3: vm0 still busy -> skipped, vm1 runs

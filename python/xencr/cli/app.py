@@ -8,6 +8,7 @@ import typer
 
 from xencr import __version__
 from xencr.cli.daemon import daemon_command
+from xencr.cli.dr import dr_app
 from xencr.cli.errors import reported, settings
 from xencr.cli.failover import failback_command, failover_command
 from xencr.cli.history import history_command
@@ -36,6 +37,7 @@ app.add_typer(job_app, name="job")
 app.command("plan")(plan_command)
 app.command("failover")(failover_command)
 app.command("failback")(failback_command)
+app.add_typer(dr_app, name="dr")
 app.command("run")(run_command)
 app.command("daemon")(daemon_command)
 app.add_typer(service_app, name="service")

@@ -148,6 +148,7 @@ def start_groups(
     for i, group in enumerate(groups):
         fresh = False  # whether this call started anything in the group (else no delay owed)
         pending: list[tuple[StartVm, str, float]] = []
+        launched: list[tuple[StartVm, str, float, str]] = []
         for vm in group.vms:
             done = progress.done(vm)
             if done is not None:
@@ -168,9 +169,19 @@ def start_groups(
                     continue
                 gates.prepare(t, ref, group.gate)
                 began = time.monotonic()
-                t.call_async("VM.start", ref, False, False)
+                # The VMs of a group start together, as `VM_appliance.start` does (xapi.md 5.4):
+                # every task first, then the waits (a `VM.start` also sleeps its start_delay).
+                task = str(t.call("Async.VM.start", ref, False, False))
                 progress.started(vm, datetime.now(UTC))
                 fresh = True
+                launched.append((vm, ref, began, task))
+            except (XapiError, PoolUnreachable) as err:
+                r = VmResult(vm.vm_uuid, vm.name, vm.vm, False, f"not started: {err}", False)
+                progress.finished(vm, r)
+                out.results.append(r)
+        for vm, ref, began, task in launched:
+            try:
+                session(vm.pool).wait_task(task)
                 say(f"group {group.number}: started {vm.name}")
                 pending.append((vm, ref, began))
             except (XapiError, PoolUnreachable) as err:

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from xencr.config import Config
+from xencr.dr.native.metadata import MetadataSr
 from xencr.monitor.rpo import protection
 from xencr.state import RUN_OUTCOMES, JobTotals, RunRow, StateDB
 
@@ -34,7 +35,7 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-class _Exposition:
+class Exposition:
     """Metric families in the order first declared, each with HELP, TYPE and its samples."""
 
     def __init__(self) -> None:
@@ -54,7 +55,7 @@ class _Exposition:
         return "\n".join(lines) + "\n"
 
 
-def _declare_all(e: _Exposition) -> None:
+def _declare_all(e: Exposition) -> None:
     e.declare(
         "xencr_restore_point_age_seconds",
         "gauge",
@@ -120,7 +121,7 @@ def _job_names(config: Config, totals: Iterable[JobTotals]) -> dict[str, str]:
 def render(db: StateDB | None, config: Config, now: datetime) -> str:
     """The exposition of everything ``db`` records (``None``: no database yet) for ``config``'s
     jobs at ``now``."""
-    e = _Exposition()
+    e = Exposition()
     _declare_all(e)
     totals = db.job_totals() if db is not None else []
     names = _job_names(config, totals)
@@ -197,3 +198,29 @@ def write_textfile(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def render_metadata(rows: Iterable[MetadataSr], unreachable: Iterable[str]) -> str:
+    """Pool metadata replication (`xencr dr metadata status --textfile`): per pool the SRs its
+    metadata goes to, and per SR whether its metadata VDI is being written; pools that did not
+    answer as ``xencr_dr_metadata_pool_up 0``."""
+    e = Exposition()
+    e.declare("xencr_dr_metadata_pool_up", "gauge", "1 when the pool answered the metadata check.")
+    e.declare("xencr_dr_metadata_srs", "gauge", "SRs the pool replicates its metadata to.")
+    e.declare("xencr_dr_metadata_written", "gauge", "1 when the SR's metadata VDI is being written.")
+    by_pool: dict[str, list[MetadataSr]] = {}
+    for r in rows:
+        by_pool.setdefault(r.pool, []).append(r)
+    for pool in sorted(by_pool):
+        e.add("xencr_dr_metadata_pool_up", {"pool": pool}, 1)
+        e.add("xencr_dr_metadata_srs", {"pool": pool}, sum(r.replicating for r in by_pool[pool]))
+        for r in by_pool[pool]:
+            if r.replicating:
+                e.add(
+                    "xencr_dr_metadata_written",
+                    {"pool": pool, "sr": r.sr_name, "sr_uuid": r.sr_uuid},
+                    int(r.written),
+                )
+    for pool in sorted(set(unreachable) - set(by_pool)):
+        e.add("xencr_dr_metadata_pool_up", {"pool": pool}, 0)
+    return e.text()

@@ -27,7 +27,12 @@ xencr destroys an object only when
     (the clone's own, attached to no other VM); a test's isolated network. These may be shut down
     first, since they are the check's or test's own; the check or test destroys them when it ends,
     and the next run (health checks) or the next test or `xencr failover --cleanup` (tests)
-    destroys what a kill left (`remove_health_checks`, `dr_test_objects`).
+    destroys what a kill left (`remove_health_checks`, `dr_test_objects`). A native DR test
+    (`xencr dr recover --test`) recovers VMs with their own UUIDs, which carry no key: what it may
+    destroy is what its recorded attempt proves it made, and only in test mode: a VM, vApp or
+    SR whose UUID the attempt recorded as absent from the pool before it changed anything, that
+    it set out to recover (VMs, vApps) or that its DR task introduced (SRs, forgotten, never
+    their disks), and its isolated network (`native_test_objects`).
 
 Everything else that carries xencr's keys is **detached** (a replica a failover recovered says
 "failed over by plan X"): a replica started, unprotected, renamed,
@@ -752,5 +757,60 @@ def dr_test_objects(t: XapiSession, keep: str | None = None) -> DrTestObjects:
     for ref, rec in t.api.network.get_all_records().items():
         oc = rec["other_config"]
         if oc.get(md.ROLE) == DR_TEST and oc.get(md.ATTEMPT) not in (None, keep):
+            out.networks.append((str(ref), rec))
+    return out
+
+
+@dataclass
+class NativeTestObjects:
+    """What a native DR test made in the recovery pool (refs with their records)."""
+
+    vms: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # with their VM snapshots
+    apps: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    srs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    networks: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+def native_test_objects(
+    t: XapiSession,
+    *,
+    attempt: str,
+    vms_before: set[str],
+    apps_before: set[str],
+    srs_before: set[str],
+    selected: set[str],
+    introduced: set[str],
+) -> NativeTestObjects:
+    """(c) for a native DR test: the VMs and vApps it recovered (UUID in ``selected`` and absent
+    before), with the VM snapshots recovered along with the VMs, the SRs its DR
+    tasks introduced (absent before), its network (`xencr:role` dr-test, this attempt), and the
+    networks the import made for the recovered VMs (their `import_task`)."""
+    out = NativeTestObjects()
+    vms = t.api.VM.get_all_records()
+    ours = {
+        ref
+        for ref, rec in vms.items()
+        if rec["uuid"] in selected and rec["uuid"] not in vms_before and not rec["is_a_snapshot"]
+    }
+    for ref, rec in vms.items():
+        if ref in ours or (
+            rec["is_a_snapshot"] and rec["snapshot_of"] in ours and rec["uuid"] not in vms_before
+        ):
+            out.vms.append((str(ref), rec))
+    for ref, rec in t.api.VM_appliance.get_all_records().items():
+        if rec["uuid"] not in apps_before and rec["uuid"] in selected:
+            out.apps.append((str(ref), rec))
+    for ref, rec in t.api.SR.get_all_records().items():
+        if rec["uuid"] in introduced and rec["uuid"] not in srs_before:
+            out.srs.append((str(ref), rec))
+    # A network the import made for a recovered VM (none matched by name or bridge) carries the
+    # VM's own `import_task` (import.ml): it is the recovery's too, once no other VM uses it.
+    imports = {vms[r]["other_config"].get("import_task") for r in ours} - {None}
+    vifs = t.api.VIF.get_all_records()
+    for ref, rec in t.api.network.get_all_records().items():
+        oc = rec["other_config"]
+        users = {vifs[v]["VM"] for v in rec["VIFs"] if v in vifs}
+        tests = oc.get(md.ROLE) == DR_TEST and oc.get(md.ATTEMPT) == attempt
+        if tests or (oc.get("import_task") in imports and users <= ours):
             out.networks.append((str(ref), rec))
     return out

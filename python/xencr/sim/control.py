@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from xencr.sim.api import dr
 from xencr.sim.api.sim import SIM_CALLS
+from xencr.sim.array import Array
 from xencr.sim.errors import XapiError
 from xencr.sim.layout import init_state, pool_count, read_password
 from xencr.sim.pool_state import PoolState
@@ -62,7 +64,15 @@ def running_server(root: Path) -> dict[str, Any] | None:
 
 
 def load_pools(root: Path, password: str, *, auth_delay: float) -> list[PoolState]:
-    return [PoolState(root, i, password, auth_delay=auth_delay) for i in range(pool_count(root))]
+    """Every pool of ``root``, sharing one storage array, each resumed as xapi starts (its DR redo
+    logs and foreign metadata VDI cache rebuilt)."""
+    pools = [PoolState(root, i, password, auth_delay=auth_delay) for i in range(pool_count(root))]
+    array = Array(root, pools)
+    for pool in pools:
+        pool.array = array
+    for pool in pools:
+        dr.resume(pool)
+    return pools
 
 
 def serve(

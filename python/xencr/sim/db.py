@@ -37,8 +37,9 @@ class Deletion:
 
 
 def write_json(path: Path, doc: Any) -> None:
-    """Atomically replace ``path`` with ``doc`` (tmp file, fsync, rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Atomically replace ``path`` with ``doc`` (tmp file, fsync, rename). The tmp name is the
+    writer's own: two pools attached to one LUN may rewrite its ``sr.json`` at the same time."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         json.dump(doc, f, separators=(",", ":"))
         f.flush()

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from xencr.sim import knobs
 from xencr.sim.activity import GuestActivity
+from xencr.sim.array import Array, replicate
 from xencr.sim.boot import GuestBoots
 from xencr.sim.db import Database
 from xencr.sim.dispatch import TaskRunner
@@ -83,6 +84,13 @@ class PoolState:
         self.port = 0
         self.control_token = ""
         self.foreign_dbs: dict[str, Database] = {}  # DR sessions from VDI.open_database
+        # The LUNs this pool can attach; load_pools gives every pool of the state the same one.
+        self.array = Array(root, [self])
+        # DR, in xapi's memory only (rebuilt when it starts): the metadata VDIs its redo logs
+        # write to (xapi_vdi_helpers.ml metadata_replication) and, per foreign metadata VDI, the
+        # (database generation, pool UUID) read at plug time (xapi_dr.ml db_vdi_cache).
+        self.redo_logs: set[str] = set()
+        self.metadata_cache: dict[str, tuple[int, str]] = {}
         self.tls = False  # data handlers cannot hand a TLS socket's fd to the engine
         self.listeners: dict[str, Listener] = {}  # host ref -> its listener, while served
         self.down_hosts: set[str] = set()
@@ -163,8 +171,6 @@ class PoolState:
             if not self.db.dirty:
                 self.storage.committed()
         if wrote:
-            from xencr.sim.api.dr import replicate
-
             replicate(self)  # DR: SR metadata and metadata VDIs follow every change
 
     # ------------------------------------------------------------------ sessions (xapi_session.ml)

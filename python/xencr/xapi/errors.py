@@ -30,10 +30,19 @@ class XapiError(Exception):
     def __init__(self, code: str, params: Sequence[object] = ()) -> None:
         self.code = code
         self.params = [str(p) for p in params]
+        self.context = ""  # the object it is about, when a caller said (`about`)
         super().__init__(code, *self.params)
 
     def __str__(self) -> str:
-        return f"{self.code} [{', '.join(self.params)}]" if self.params else self.code
+        text = f"{self.code} [{', '.join(self.params)}]" if self.params else self.code
+        return f"{self.context}: {text}" if self.context else text
+
+    def about(self, what: str) -> XapiError:
+        """The same error (code and params as XAPI sent them), its line starting with the object it
+        is about: ``pool a: SR iSCSI: SR_OPERATION_NOT_SUPPORTED [OpaqueRef:...]``."""
+        out = XapiError(self.code, self.params)
+        out.context = what
+        return out
 
     @property
     def transient(self) -> bool:

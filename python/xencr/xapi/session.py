@@ -398,6 +398,26 @@ class XapiSession:
         except (XapiError, PoolUnreachable) as err:
             log.debug("task.destroy %s: %s", task, err)
 
+    def foreign(self, session_ref: str) -> XapiSession:
+        """A session on the same pool bound to another session reference: the read-only session
+        ``VDI.open_database`` returns, whose calls read the *foreign* pool database in the VDI
+        (xapi.md §5.2). It never logs in again: a re-login would silently read this pool instead,
+        so an expired database session is an error. ``logout`` ends the database session."""
+        other = object.__new__(XapiSession)
+        other.configured = self.configured
+        other.endpoint = self.endpoint
+        other.username = "disaster-recovery"
+        other.retries = self.retries
+        other.backoff = self.backoff
+        other.followed = []
+        other._timeout = self._timeout
+        other._lock = threading.Lock()
+        sdk = XenAPI.Session(self.endpoint.url, transport=self._transport(self.endpoint))
+        sdk._session = session_ref
+        sdk.last_login_method = ""  # logout works, SESSION_INVALID never re-logs in
+        other._sdk = sdk
+        return other
+
     # -- lifetime -----------------------------------------------------------------------------
 
     def logout(self) -> None:

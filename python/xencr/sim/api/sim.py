@@ -251,6 +251,21 @@ def _info(pool: PoolState) -> dict[str, Any]:
     return describe_pool(pool)
 
 
+@sim_call("sim.array_mirror")
+def _array_mirror(pool: PoolState, from_scsiid: str, to_scsiid: str) -> str:
+    """The array replaces LUN ``to_scsiid`` with a point-in-time copy of LUN ``from_scsiid``
+    (same SR UUID inside): what the secondary LUN holds once a mirror is broken."""
+    pool.array.mirror(str(from_scsiid), str(to_scsiid))
+    return ""
+
+
+@sim_call("sim.array")
+def _array(pool: PoolState) -> list[dict[str, Any]]:
+    """Every LUN of the array: the SR it holds, its metadata VDIs' database generations, and
+    which pools (and hosts) have it plugged."""
+    return pool.array.describe()
+
+
 @sim_call("sim.gc")
 def _gc(pool: PoolState, sr_uuid: str) -> int:
     with pool.db.lock:
