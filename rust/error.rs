@@ -159,6 +159,16 @@ pub enum VhdError {
         location: String,
     },
 
+    /// The NBD server refused an option or a command, or broke the protocol (a reply that does
+    /// not parse, a connection closed mid-reply). `what` names the option or command; nothing
+    /// here carries the export name, which holds the session (a secret).
+    #[error("NBD server {peer}: {what}: {detail}")]
+    Nbd {
+        peer: String,
+        what: String,
+        detail: String,
+    },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -203,6 +213,7 @@ impl VhdError {
             VhdError::SizeMismatch(_) => "size_mismatch",
             VhdError::Http { .. } => "http_status",
             VhdError::Redirect { .. } => "redirect",
+            VhdError::Nbd { .. } => "nbd",
             VhdError::Io { .. } => "io",
             VhdError::NoSuchFile { .. } => "no_such_file",
         }

@@ -17,8 +17,9 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 use sha2::{Digest, Sha256};
 
 use crate::error::{IoContext, Result, VhdError};
-use crate::stream::parse::{probe_length, HeadProbe, ParseOptions};
-use crate::stream::transform::transform;
+use crate::stream::digest::UnitDigests;
+use crate::stream::parse::{probe_length, HeadProbe, NullSink, ParseOptions};
+use crate::stream::transform::{transform, transform_with};
 use crate::stream::StreamReport;
 
 /// How a pool's certificate is trusted.
@@ -105,7 +106,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>> {
+pub(crate) fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(ring::default_provider());
     let tls_err = |e: rustls::Error| VhdError::Unsupported(format!("TLS configuration: {e}"));
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -132,7 +133,21 @@ fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>> {
 }
 
 /// A caller's TCP descriptor, never closed here.
-struct Borrowed(ManuallyDrop<TcpStream>);
+pub(crate) struct Borrowed(ManuallyDrop<TcpStream>);
+
+impl Borrowed {
+    pub(crate) fn new(fd: i32) -> Borrowed {
+        // SAFETY: the caller owns `fd`, keeps it open for the whole call (Python holds the
+        // socket object) and closes it itself; ManuallyDrop means we never close it.
+        Borrowed(ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) }))
+    }
+
+    /// The peer's address, for messages and as the TLS server name when none is given.
+    #[cfg_attr(not(feature = "python"), allow(dead_code))]
+    pub(crate) fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.0.peer_addr().ok()
+    }
+}
 
 impl Read for Borrowed {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -149,7 +164,7 @@ impl Write for Borrowed {
 }
 
 /// A connection, plain or TLS.
-enum Conn {
+pub(crate) enum Conn {
     Plain(Borrowed),
     Tls(Box<StreamOwned<ClientConnection, Borrowed>>),
 }
@@ -182,11 +197,7 @@ impl Write for Conn {
 }
 
 fn open(side: &Side) -> Result<Conn> {
-    // SAFETY: the caller owns `fd`, keeps it open for the whole call (Python holds the socket
-    // object) and closes it itself; ManuallyDrop means we never close it.
-    let tcp = Borrowed(ManuallyDrop::new(unsafe {
-        TcpStream::from_raw_fd(side.fd)
-    }));
+    let tcp = Borrowed::new(side.fd);
     let Some(trust) = &side.tls else {
         return Ok(Conn::Plain(tcp));
     };
@@ -327,39 +338,47 @@ fn open_export(src: &Side) -> Result<(impl Read, u64)> {
     Ok((std::io::Cursor::new(head).chain(s).take(total), total))
 }
 
-/// PUT `total` bytes of `source` to `dst` through the validating transform; the report and the
-/// import's HTTP status.
+/// PUT `total` bytes of `source` to `dst` through the validating transform (each block also
+/// shown to `sink`); the report and the import's HTTP status.
 fn put_import(
     dst: &Side,
     source: impl Read,
     opts: ParseOptions,
     rate_limit: Option<u64>,
+    sink: &mut dyn crate::stream::parse::BlockSink,
 ) -> Result<(StreamReport, u16)> {
-    let total = opts.length.unwrap_or(0);
+    let (mut out, status) = open_import(dst, opts.length.unwrap_or(0))?;
+    let report = transform_with(source, &mut out, opts, rate_limit, sink)?;
+    out.flush()
+        .ctx(|| format!("cannot send the import to {}", dst.host))?;
+    Ok((report, status))
+}
+
+/// Start the PUT of a `total`-byte body to `dst`: the connection, ready for the body, and the
+/// import's status (200). XAPI answers an import before reading its body (xapi.md 4.3: 200 and
+/// the task id, or a 302 to the host that sees the SR, or a refusal): that answer is read
+/// here, so that a redirect or a refusal is known before any byte of the disk is sent.
+pub(crate) fn open_import(dst: &Side, total: u64) -> Result<(Conn, u16)> {
     let mut out = open(dst)?;
     send_head(&mut out, "PUT", dst, Some(total))?;
-    // XAPI answers an import before reading its body (xapi.md 4.3: 200 and the task id, or a
-    // 302 to the host that sees the SR, or a refusal): read that first, so that a redirect or a
-    // refusal is known before any byte of the disk is sent.
     let response = read_head(&mut out, "import", &dst.host)?;
     if response.status != 200 {
         return Err(refused(response, "import", &dst.host));
     }
-    let report = transform(source, &mut out, opts, rate_limit)?;
-    out.flush()
-        .ctx(|| format!("cannot send the import to {}", dst.host))?;
-    Ok((report, response.status))
+    Ok((out, response.status))
 }
 
 /// GET the export on `src`; PUT it (with its length, probed from the stream's head) to `dst`
-/// through the validating transform, or, with no `dst`, only validate and digest it. Returns
-/// the transform's report and the import's HTTP status.
+/// through the validating transform, or, with no `dst`, only validate and digest it (with
+/// `unit_digests`, also each unit of that many bytes the stream carries whole). Returns the
+/// transform's report and the import's HTTP status.
 pub fn relay(
     src: &Side,
     dst: Option<&Side>,
     rate_limit: Option<u64>,
     require_full_bitmaps: bool,
     counter: Option<&dyn Fn(u64, u64)>,
+    unit_digests: Option<u64>,
 ) -> Result<(StreamReport, Option<u16>)> {
     let (export, total) = open_export(src)?;
     let source = Counting::new(export, total, counter);
@@ -367,16 +386,24 @@ pub fn relay(
         length: Some(total),
         require_full_bitmaps,
     };
-    match dst {
-        None => Ok((
-            transform(source, &mut std::io::sink(), opts, rate_limit)?,
+    let mut units = unit_digests.map(UnitDigests::new);
+    let sink: &mut dyn crate::stream::parse::BlockSink = match &mut units {
+        Some(u) => u,
+        None => &mut NullSink,
+    };
+    let (mut report, status) = match dst {
+        None => (
+            transform_with(source, &mut std::io::sink(), opts, rate_limit, sink)?,
             None,
-        )),
+        ),
         Some(d) => {
-            let (report, status) = put_import(d, source, opts, rate_limit)?;
-            Ok((report, Some(status)))
+            let (report, status) = put_import(d, source, opts, rate_limit, sink)?;
+            (report, Some(status))
         }
-    }
+    };
+    // Blocks come in file order, which a stream need not keep in index order.
+    report.unit_digests.sort_unstable_by_key(|d| d.0);
+    Ok((report, status))
 }
 
 /// GET the export on `src` into `file` (validated and digested on the way), then make the
@@ -417,7 +444,7 @@ pub fn upload(
         total,
         counter,
     );
-    put_import(dst, source, full_stream(total), rate_limit)
+    put_import(dst, source, full_stream(total), rate_limit, &mut NullSink)
 }
 
 /// Reports bytes read (and the total) to the caller's counter.

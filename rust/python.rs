@@ -678,7 +678,7 @@ fn trust_of(spec: Option<String>) -> crate::Result<Option<crate::net::Trust>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (src_fd, src_host, src_path, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, dst_tls=None, rate_limit=None, require_full_bitmaps=true, progress=None))]
+#[pyo3(signature = (src_fd, src_host, src_path, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, dst_tls=None, rate_limit=None, require_full_bitmaps=true, unit_digests=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn relay<'py>(
     py: Python<'py>,
@@ -692,6 +692,7 @@ fn relay<'py>(
     dst_tls: Option<String>,
     rate_limit: Option<u64>,
     require_full_bitmaps: bool,
+    unit_digests: bool,
     progress: Option<Py<Progress>>,
 ) -> PyRes<Bound<'py, PyDict>> {
     let counters = progress
@@ -730,10 +731,99 @@ fn relay<'py>(
             rate_limit,
             require_full_bitmaps,
             Some(&update),
+            unit_digests.then_some(u64::from(crate::nbd::DEFAULT_UNIT)),
         )
     })?;
     let d = report_to_py(py, &r)?;
     d.set_item("import_status", status)?;
+    if unit_digests {
+        d.set_item("unit_digests", unit_digests_to_py(&r.unit_digests))?;
+    }
+    Ok(d)
+}
+
+fn unit_digests_to_py(v: &[(u64, u128)]) -> Vec<(u64, String)> {
+    v.iter().map(|(u, h)| (*u, digest::hex(*h))).collect()
+}
+
+#[pyfunction]
+#[pyo3(signature = (src_fds, export_name, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, src_server_name=None, dst_tls=None, changed=None, unit=crate::nbd::DEFAULT_UNIT, block_size=DEFAULT_BLOCK_SIZE, rate_limit=None, unit_digests=true, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn nbd_copy<'py>(
+    py: Python<'py>,
+    src_fds: Vec<i32>,
+    export_name: String,
+    dst_fd: Option<i32>,
+    dst_host: Option<String>,
+    dst_path: Option<String>,
+    src_tls: Option<String>,
+    src_server_name: Option<String>,
+    dst_tls: Option<String>,
+    changed: Option<Vec<u8>>,
+    unit: u32,
+    block_size: u32,
+    rate_limit: Option<u64>,
+    unit_digests: bool,
+    progress: Option<Py<Progress>>,
+) -> PyRes<Bound<'py, PyDict>> {
+    use crate::nbd::{self, Output};
+    let update = counter_of(&progress);
+    let r = detached(py, || {
+        let sources: Vec<nbd::Source<crate::net::Borrowed>> = src_fds
+            .iter()
+            .map(|&fd| {
+                let io = crate::net::Borrowed::new(fd);
+                let peer = io
+                    .peer()
+                    .map_or_else(|| format!("on fd {fd}"), |a| a.to_string());
+                nbd::Source { io, peer }
+            })
+            .collect();
+        let address = sources
+            .first()
+            .and_then(|s| s.io.peer())
+            .map_or_else(String::new, |a| a.ip().to_string());
+        let mut opts = nbd::Options::new(&export_name);
+        opts.tls = src_tls
+            .as_deref()
+            .map(|t| nbd::tls_setup(t, src_server_name.as_deref().unwrap_or(&address), &address))
+            .transpose()?;
+        opts.changed = changed;
+        opts.unit = unit;
+        opts.block_size = block_size;
+        opts.rate_limit = rate_limit;
+        opts.unit_digests = unit_digests;
+        let progress: &(dyn Fn(u64, u64) + Sync) = &update;
+        match (dst_fd, dst_host, dst_path) {
+            (Some(fd), Some(host), Some(path)) => {
+                let side = crate::net::Side {
+                    fd,
+                    host,
+                    path,
+                    tls: trust_of(dst_tls)?,
+                };
+                nbd::copy(sources, &opts, Output::Import(&side), Some(progress))
+            }
+            (Some(fd), None, None) => {
+                let mut f = borrow_fd(fd);
+                nbd::copy(sources, &opts, Output::Writer(&mut *f), Some(progress))
+            }
+            (None, None, None) => nbd::copy(sources, &opts, Output::Discard, Some(progress)),
+            _ => Err(Error::BadRange(
+                "dst_host and dst_path go with dst_fd, both or neither".into(),
+            )),
+        }
+    })?;
+    let d = report_to_py(py, &r.stream)?;
+    d.set_item("unit", r.unit)?;
+    d.set_item("unit_digests", unit_digests_to_py(&r.unit_digests))?;
+    d.set_item("units", r.units)?;
+    d.set_item("unit_bytes", r.unit_bytes)?;
+    d.set_item("connections", r.connections)?;
+    d.set_item("extents", r.extents)?;
+    d.set_item("import_status", r.import_status)?;
+    d.set_item("structured_replies", r.structured_replies)?;
+    d.set_item("block_status", r.block_status)?;
     Ok(d)
 }
 
@@ -839,6 +929,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     m.add_function(wrap_pyfunction!(probe_stream_length, m)?)?;
     m.add_function(wrap_pyfunction!(relay, m)?)?;
+    m.add_function(wrap_pyfunction!(nbd_copy, m)?)?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(upload, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;

@@ -22,6 +22,22 @@ if ! command -v qemu-img >/dev/null 2>&1; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils
 fi
 
+# The simulator's hosts serve NBD with Debian's nbdkit and its Python plugin; the tests and
+# benchmarks read those exports with libnbd's nbdinfo/nbdcopy.
+if ! command -v nbdcopy >/dev/null 2>&1 || ! nbdkit python --version >/dev/null 2>&1; then
+  say "installing nbdkit, nbdkit-plugin-python and libnbd-bin (the simulator's NBD servers)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nbdkit nbdkit-plugin-python libnbd-bin
+fi
+
+# The status page's browser tests drive Debian's chromium through chromium-driver (Selenium);
+# WeasyPrint (`xencr report --pdf`) needs Pango, installed with them.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  say "installing chromium and chromium-driver (the status page's browser tests)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver libpango-1.0-0 libpangoft2-1.0-0
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"

@@ -33,7 +33,12 @@ class VhdError(Exception):
     ``bat_out_of_bounds``, ``bat_misaligned``, ``bat_overlap``, ``locator_out_of_bounds``,
     ``truncated``, ``too_large``, ``parent_not_found``, ``parent_mismatch``, ``not_differencing``,
     ``unsupported``, ``bad_range``, ``stream_order``, ``stream_length``, ``partial_bitmap``,
-    ``batmap``, ``merge_state``, ``size_mismatch``, ``http_status``, ``redirect``, ``io``."""
+    ``batmap``, ``merge_state``, ``size_mismatch``, ``http_status``, ``redirect``, ``nbd``, ``io``.
+
+    ``nbd``: the NBD server refused an option or a command, broke the protocol, or closed or
+    reset the connection ("NBD server ADDR: WHAT: DETAIL", ``WHAT`` the option or command, e.g.
+    ``NBD_OPT_GO``, ``NBD_CMD_READ at offset N (+LEN)``, ``TLS handshake``); the export name
+    (it holds the session) is never in it."""
     structure: str | None
     """``footer``, ``header``, ``bat``, ``bitmap``, ``locator``, ``batmap``, ``stream``, ``chain``..."""
     offset: int | None
@@ -71,6 +76,42 @@ class StreamReport(TypedDict):
     digest_algorithm: str
     digests: list[tuple[int, str]]
     """(block index, hex digest of the block's data as carried), ascending block index."""
+
+class NbdReport(TypedDict):
+    """What :func:`nbd_copy` did: the :class:`StreamReport` fields (``bytes_in``: NBD payload
+    bytes read, holes excluded; ``bytes_out``: the stream's length; ``blocks``: blocks in the
+    stream; ``sectors_written``: sectors whose bitmap bit is set, i.e. what the import writes;
+    ``digests``: only blocks carried whole), then the NBD side."""
+
+    bytes_in: int
+    bytes_out: int
+    blocks: int
+    zero_blocks_dropped: int
+    sectors_written: int
+    virtual_size: int
+    block_size: int
+    disk_type: str
+    """``dynamic`` (a full) or ``differencing`` (a delta: clear bits keep the target's data)."""
+    parent_uuid: str | None
+    digest_algorithm: str
+    digests: list[tuple[int, str]]
+    """(block index, digest of the whole block), for blocks whose every unit was read."""
+    unit: int
+    """The unit size in bytes (64 KiB: one bit of a CBT bitmap)."""
+    unit_digests: list[tuple[int, str]]
+    """(unit index, digest of the unit's bytes within the disk) for every unit read,
+    ascending; empty when ``unit_digests=False``."""
+    units: int
+    """Units read."""
+    unit_bytes: int
+    """Bytes those units span (what was asked of the server; holes come back as no payload)."""
+    connections: int
+    extents: int | None
+    """A full with block status: bytes the server reported as data (not zero); else None."""
+    import_status: int | None
+    structured_replies: bool
+    block_status: bool
+    """Whether the server gave ``base:allocation`` (a full without it reads every unit)."""
 
 class MergeReport(TypedDict):
     child: str
@@ -199,6 +240,7 @@ def relay(
     dst_tls: str | None = None,
     rate_limit: int | None = None,
     require_full_bitmaps: bool = True,
+    unit_digests: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """XAPI's export to XAPI's import over connected TCP descriptors (the caller's): TLS where
@@ -209,7 +251,59 @@ def relay(
     ``import_status`` (the import's HTTP status, or None). The import's answer is read before
     its body is sent (XAPI answers first). A non-200 answer raises :class:`VhdError` of kind
     ``http_status``, a 3xx with a location one of kind ``redirect`` (``side`` says which request,
-    ``location`` where to), before any byte of the disk is sent to the import."""
+    ``location`` where to), before any byte of the disk is sent to the import.
+
+    With ``unit_digests`` the report also has ``unit_digests``: (unit index, digest) for each
+    64 KiB unit the stream carries whole (all its sectors set), as :func:`nbd_copy` reports
+    them: a read-back of a target compares at that granularity."""
+
+def nbd_copy(
+    src_fds: list[int],
+    export_name: str,
+    dst_fd: int | None = None,
+    dst_host: str | None = None,
+    dst_path: str | None = None,
+    *,
+    src_tls: str | None = None,
+    src_server_name: str | None = None,
+    dst_tls: str | None = None,
+    changed: bytes | None = None,
+    unit: int = 65536,
+    block_size: int = 2097152,
+    rate_limit: int | None = None,
+    unit_digests: bool = True,
+    progress: Progress | None = None,
+) -> NbdReport:
+    """Read a disk over NBD into the VHD stream XAPI's import takes.
+
+    ``src_fds``: connected TCP descriptors to the NBD server (the caller's, blocking; each
+    does its own handshake, and the blocks are shared among them). ``export_name`` is the
+    export (XAPI: ``/<vdi-uuid>?session_id=...``, a secret: never in a message). ``src_tls``:
+    None for a plain session, else TLS is required (``NBD_OPT_STARTTLS`` first; a refusal is an
+    error, never a plain session) and the server must show exactly this certificate: its PEM
+    (``VDI.get_nbd_info``'s ``cert``) or ``"sha256:..."``/hex fingerprint; ``"verify"``
+    checks the system CAs and ``src_server_name``. ``src_server_name`` is the name sent in
+    the TLS hello (default: the server's address).
+
+    ``changed`` None: a **full**, the units that ``NBD_CMD_BLOCK_STATUS`` (``base:allocation``)
+    reports as data (zero extents and holes are never read; a block with nothing to read is not
+    in the stream; a server without block status has every unit read). Else a **delta**: a CBT
+    bitmap (``VDI.list_changed_blocks`` base64-decoded: one bit per ``unit``, MSB first,
+    covering the disk; set bits past its end are refused) and exactly those units are read.
+
+    The stream: footer, header, BAT, then each block in ascending order with a bitmap whose
+    bits are set only for the sectors of the units read (partial bitmaps), then the footer; its
+    length is known before the first read. ``dst_fd`` with ``dst_host`` and ``dst_path``: PUT
+    to XAPI's import with that ``Content-Length`` (TLS per ``dst_tls`` as :func:`relay`; the
+    import's answer is read before any NBD read: a 3xx raises ``redirect`` with ``side``
+    ``"import"``, another refusal ``http_status``). ``dst_fd`` alone: the stream written to it
+    (a file, a pipe). No destination: read and digested only.
+
+    ``rate_limit`` caps the bytes read per second, all connections together; ``progress``
+    counts payload bytes read (``total``: the bytes the units span). Memory is bounded whatever
+    the disk: at most ``2 * len(src_fds)`` block buffers (bitmap + ``block_size``), one bit per
+    unit, the BAT, and the digest lists (20 bytes per unit read; ``unit_digests=False`` drops
+    the per-unit list)."""
 
 def download(
     src_fd: int,

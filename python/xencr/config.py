@@ -31,6 +31,9 @@ JOB_NAMESPACE = uuid.UUID("3a04dc49-4785-41c0-89e0-5434e6ad685a")
 
 SnapshotMode = Literal["normal", "checkpoint", "offline"]
 SNAPSHOT_MODES: tuple[SnapshotMode, ...] = ("normal", "checkpoint", "offline")
+TransferPath = Literal["auto", "nbd", "stream"]
+TRANSFER_PATHS: tuple[TransferPath, ...] = ("auto", "nbd", "stream")
+MAX_NBD_CONNECTIONS = 16
 
 CONFIG_ENV = "XENCR_CONFIG"
 
@@ -42,6 +45,7 @@ REPORT_WHEN: tuple[ReportWhen, ...] = ("never", "failure", "breach", "always")
 SmtpSecurity = Literal["none", "starttls", "tls"]
 SMTP_SECURITY: tuple[SmtpSecurity, ...] = ("none", "starttls", "tls")
 SMTP_PASSWORD_ENV = "XENCR_SMTP_PASSWORD"
+STATUS_PASSWORD_ENV = "XENCR_STATUS_PASSWORD"
 
 
 class ConfigError(Exception):
@@ -395,6 +399,9 @@ class JobConfig:
     rpo: int | None = None  # seconds; the job's RPO, whatever its schedules say
     verify_import: bool = True  # read each disk back from the target before the commit
     health_check: HealthCheckConfig | None = None  # boot a clone of each new restore point
+    transfer: TransferPath = "auto"  # "auto": NBD + CBT where the source pool offers it
+    nbd_connections: int = 4  # NBD connections per disk
+    purge_snapshot_data: bool = False  # keep only the CBT log of the source snapshots (NBD path)
 
     @property
     def selectors(self) -> list[VmSelector]:
@@ -449,6 +456,23 @@ class DaemonConfig:
     metrics_listen: str | None = None  # "HOST:PORT"
     metrics_textfile: Path | None = None
     grace: int = 60  # seconds between SIGTERM and cancelling what still runs
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """The status page (`xencr serve-status`, and the daemon's listener): where it listens, the
+    TLS certificate and key and the basic-auth user it needs off loopback (the password from
+    ``password_env`` or ``password_file``, read when serving, never from this file), how often
+    it refreshes, and the address people reach it at (for links in reports)."""
+
+    listen: str = "127.0.0.1:8080"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    username: str | None = None
+    password_env: str = STATUS_PASSWORD_ENV
+    password_file: Path | None = None
+    refresh: int = 30  # seconds between the page's updates (and between two asks of the pools)
+    url: str | None = None  # e.g. "https://dr.example.com:8443/"
 
 
 GateKind = Literal["power_state", "guest_tools", "xenstore"]
@@ -535,6 +559,7 @@ class Config:
     smtp: SmtpConfig | None = None
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     plans: dict[str, PlanConfig] = field(default_factory=dict)
+    status: StatusConfig = field(default_factory=StatusConfig)
 
     def plan(self, name: str) -> PlanConfig:
         """A failover plan by name; a :class:`ConfigError` naming the known plans otherwise."""
@@ -883,6 +908,9 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig], smtp: SmtpC
     report_when: str = t.get("report_when", str, "failure")
     if report_when not in REPORT_WHEN:
         raise t.error("report_when", f"must be one of {', '.join(REPORT_WHEN)}, not {report_when!r}")
+    transfer = t.get("transfer", str, "auto")
+    if transfer not in TRANSFER_PATHS:
+        raise t.error("transfer", f"must be one of {', '.join(TRANSFER_PATHS)}, not {transfer!r}")
     email_to = t.strings("email_to", [])
     for i, address in enumerate(email_to):
         if not _EMAIL.fullmatch(address.strip()):
@@ -908,7 +936,16 @@ def _read_job(name: str, t: _Table, pools: Mapping[str, PoolConfig], smtp: SmtpC
         rpo=t.converted("rpo", parse_duration),
         verify_import=t.get("verify_import", bool, True),
         health_check=_read_health_check(t.sub("health_check")) if "health_check" in t.data else None,
+        transfer=transfer,
+        nbd_connections=t.integer("nbd_connections", 4, 1),
+        purge_snapshot_data=t.get("purge_snapshot_data", bool, False),
     )
+    if job.nbd_connections > MAX_NBD_CONNECTIONS:
+        raise t.error("nbd_connections", f"at most {MAX_NBD_CONNECTIONS}, not {job.nbd_connections}")
+    if job.purge_snapshot_data and job.transfer == "stream":
+        raise t.error(
+            "purge_snapshot_data", "needs the NBD path: the stream path exports deltas from the data"
+        )
     t.finish()
     return job
 
@@ -979,6 +1016,39 @@ def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
         metrics_listen=listen.strip() if listen is not None else None,
         metrics_textfile=_resolve_path(path.parent, textfile) if textfile else None,
         grace=60 if grace is None else grace,
+    )
+
+
+def _read_status(path: Path, t: _Table) -> StatusConfig:
+    listen: str = t.text("listen", StatusConfig.listen).strip()
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or not int(port) < 65536:
+        raise t.error("listen", f"invalid address {listen!r}: expected HOST:PORT like 127.0.0.1:8080")
+    cert, key = t.text("tls_cert", None), t.text("tls_key", None)
+    if (cert is None) != (key is None):
+        raise t.error("tls_key" if key is None else "tls_cert", "tls_cert and tls_key go together")
+    username = t.text("username", None)
+    if "password" in t.data:
+        t.taken.add("password")
+        raise t.error("password", f"is not read from the file: set {STATUS_PASSWORD_ENV} or password_file")
+    password_env: str = t.get("password_env", str, STATUS_PASSWORD_ENV)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+        raise t.error("password_env", f"invalid environment variable name {password_env!r}")
+    password_file = t.text("password_file", None)
+    if password_file is not None and username is None:
+        raise t.error("password_file", "a password needs its 'username'")
+    refresh = t.converted("refresh", parse_duration, minimum=5)
+    url = _http_url(t, "url")
+    t.finish()
+    return StatusConfig(
+        listen=listen,
+        tls_cert=_resolve_path(path.parent, cert) if cert else None,
+        tls_key=_resolve_path(path.parent, key) if key else None,
+        username=username,
+        password_env=password_env,
+        password_file=_resolve_path(path.parent, password_file) if password_file else None,
+        refresh=StatusConfig.refresh if refresh is None else refresh,
+        url=url,
     )
 
 
@@ -1094,6 +1164,7 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
     smtp = _read_smtp(path, top.sub("smtp")) if "smtp" in top.data else None
     top.taken.add("smtp")
     daemon = _read_daemon(path, top.sub("daemon", {}))
+    status = _read_status(path, top.sub("status", {}))
     jobs_t = top.sub("jobs", {})
     jobs = {name: _read_job(name, jobs_t.sub(name), pools, smtp) for name in jobs_t.data}
     owners: dict[str, str] = {}
@@ -1104,7 +1175,14 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
     plans = _read_plans(top, jobs)
     top.finish()
     return Config(
-        path=path, pools=pools, jobs=jobs, state_path=state_path, smtp=smtp, daemon=daemon, plans=plans
+        path=path,
+        pools=pools,
+        jobs=jobs,
+        state_path=state_path,
+        smtp=smtp,
+        daemon=daemon,
+        plans=plans,
+        status=status,
     )
 
 
@@ -1143,6 +1221,20 @@ SAMPLE_CONFIG = """\
 grace = "60s"                   # on SIGTERM, transfers still running after this are cancelled
 # metrics_listen = "127.0.0.1:9464"                       # serve Prometheus /metrics here
 # metrics_textfile = "/var/lib/node_exporter/xencr.prom"  # node-exporter textfile, after each run
+
+# ---------------------------------------------------------------------------------------------
+# The status page: `xencr serve-status`, and the daemon's metrics_listen beside /metrics.
+# Off loopback it needs TLS and a user; the password comes from $XENCR_STATUS_PASSWORD (or the
+# variable named by password_env), else from password_file (mode 0600), never from this file.
+
+[status]
+listen = "127.0.0.1:8080"       # where `xencr serve-status` listens
+refresh = "30s"                 # the page updates itself (and asks the pools) this often
+# tls_cert = "/etc/xencr/status.crt"
+# tls_key = "/etc/xencr/status.key"
+# username = "auditor"
+# password_file = "/etc/xencr/status.password"
+# url = "https://dr.example.com:8443/"  # linked from the report e-mails
 
 # ---------------------------------------------------------------------------------------------
 # Mail relay for the jobs' email_to reports. The password comes from $XENCR_SMTP_PASSWORD (or
@@ -1191,6 +1283,13 @@ snapshot_mode = "normal"        # "normal", "checkpoint" (with memory) or "offli
 full_interval = 0               # a full copy every N runs (0: only when a delta is impossible)
 vm_timeout = "2h"               # a VM taking longer is cancelled and cleaned up
 enabled = true                  # false: the daemon does not schedule it (`xencr run` still can)
+transfer = "auto"               # "auto": NBD + CBT where the source pool has an NBD network (CBT
+#                               # enabled on the disks by xencr), else the VHD stream; "nbd": NBD
+#                               # only (a VM whose pool lacks it fails, saying why); "stream"
+nbd_connections = 4             # NBD connections per disk (1..16)
+purge_snapshot_data = false     # NBD path: after each commit, destroy the source snapshot's data
+#                               # and keep its CBT log (VDI.data_destroy): no snapshot chain on the
+#                               # source SR; a fall back to the stream is then a full
 verify_import = true            # before each restore point is committed, read back from the target
 #                               # what this run wrote and compare it with what was sent (a byte the
 #                               # target garbled is retried, never committed); costs reading the

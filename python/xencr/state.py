@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from xencr.replication.blockmap import BlockMap
 
@@ -187,6 +187,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at TEXT NOT NULL
         )""",
     ),
+    (
+        # The path each disk took ("NBD + CBT", "stream: no NBD network on pool a"...), beside
+        # the full/delta reason.
+        "ALTER TABLE task_disks ADD COLUMN path TEXT",
+        # A test failover's VMs (`monitor.rehearsals`): their start group, when each started, how
+        # long its gate took; the run row (trigger dr-test) has the outcome.
+        """CREATE TABLE rehearsals (
+            run_id INTEGER PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+            plan TEXT NOT NULL,
+            booted INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            kept INTEGER NOT NULL
+        )""",
+        """CREATE TABLE rehearsal_vms (
+            run_id INTEGER NOT NULL REFERENCES rehearsals (run_id) ON DELETE CASCADE,
+            vm_uuid TEXT NOT NULL,
+            name TEXT NOT NULL,
+            clone TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            grp INTEGER,
+            started_at TEXT,
+            boot_seconds REAL,
+            detail TEXT,
+            PRIMARY KEY (run_id, name)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A map no restore point uses yet may belong to an attempt still running (put before its commit,
@@ -260,6 +286,7 @@ class TaskRow:
     target: str = ""  # pool/SR name when recorded (schema 3; empty before)
     maps: dict[str, str] = field(default_factory=dict)  # disk -> its block map's digest (schema 3)
     health_check: str | None = None  # "passed: ..." / "failed: ...", None: not checked (schema 5)
+    paths: dict[str, str] = field(default_factory=dict)  # disk -> the path it took and why (schema 9)
 
     @property
     def duration(self) -> timedelta | None:
@@ -315,6 +342,33 @@ class FailbackRow:
 
     def reached(self, step: str) -> bool:
         return self.step != "" and FAILBACK_STEPS.index(self.step) >= FAILBACK_STEPS.index(step)
+
+
+@dataclass(frozen=True)
+class RehearsedVmRow:
+    """One VM of a test failover: its start group (None: not started), when it was started,
+    how long from the start to its gate passing, and the gate's one line."""
+
+    name: str
+    vm_uuid: str  # the source VM
+    clone: str  # the UUID of the clone the test made (destroyed since, unless kept)
+    ok: bool
+    group: int | None = None
+    started_at: datetime | None = None
+    boot_seconds: float | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class RehearsalRow:
+    """A test failover's record, beside its run (trigger ``dr-test``)."""
+
+    plan: str
+    run_id: int
+    booted: bool
+    ok: bool
+    kept: bool
+    vms: tuple[RehearsedVmRow, ...] = ()
 
 
 NATIVE_MODES = frozenset({"recover", "test"})
@@ -386,9 +440,9 @@ class RunSums:
     tasks: dict[str, int]  # outcome -> tasks
 
 
-@dataclass(frozen=True)
-class PointRow:
-    """A successful task that made a restore point: the light columns only (no disks)."""
+class PointRow(NamedTuple):
+    """A successful task that made a restore point: the light columns only (no disks). A tuple:
+    long histories read tens of thousands (the status page's charts)."""
 
     task_id: int
     run_id: int
@@ -619,6 +673,7 @@ class StateDB:
         cleaned: int = 0,
         detached: int = 0,
         maps: Mapping[str, str] | None = None,
+        paths: Mapping[str, str] | None = None,
         health_check: str | None = None,
     ) -> None:
         """Record a task's end. ``maps`` (disk -> block map digest) of a task that made
@@ -651,8 +706,11 @@ class StateDB:
             maps = dict(maps or {})
             db.execute("DELETE FROM task_disks WHERE task_id = ?", (task_id,))
             db.executemany(
-                "INSERT INTO task_disks (task_id, disk, reason, map) VALUES (?, ?, ?, ?)",
-                [(task_id, disk, reason, maps.get(disk)) for disk, reason in (reasons or {}).items()],
+                "INSERT INTO task_disks (task_id, disk, reason, map, path) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (task_id, disk, reason, maps.get(disk), (paths or {}).get(disk))
+                    for disk, reason in (reasons or {}).items()
+                ],
             )
             if restore_point is not None:
                 db.executemany(
@@ -722,9 +780,10 @@ class StateDB:
     def newest_tasks(self, job: str, *, outcome: str | None = None) -> list[TaskRow]:
         """The newest task of each (VM, target SR) among the runs of ``job`` (name or id), of any
         outcome or only ``outcome``; in id order."""
+        # The job's runs first, then their tasks by run (indexed): a join would scan every task.
         sql = (
-            "WHERE id IN (SELECT MAX(t.id) FROM tasks t JOIN runs r ON t.run_id = r.id"
-            " WHERE (r.job_id = ? OR r.job_name = ?)"
+            "WHERE id IN (SELECT MAX(t.id) FROM tasks t"
+            " WHERE t.run_id IN (SELECT id FROM runs WHERE job_id = ? OR job_name = ?)"
         )
         args: list[Any] = [job, job]
         if outcome is not None:
@@ -737,9 +796,9 @@ class StateDB:
         (name or id) started at or after ``since``; running tasks are not counted."""
         rows = self._read(
             "SELECT t.run_id, COALESCE(t.transfer, '') AS transfer, t.outcome, COUNT(*) AS n,"
-            " SUM(t.bytes_sent) AS bytes FROM tasks t JOIN runs r ON t.run_id = r.id"
-            " WHERE (r.job_id = ? OR r.job_name = ?) AND r.started_at >= ? AND t.outcome != 'running'"
-            " GROUP BY t.run_id, t.transfer, t.outcome",
+            " SUM(t.bytes_sent) AS bytes FROM tasks t WHERE t.run_id IN"
+            " (SELECT id FROM runs WHERE (job_id = ? OR job_name = ?) AND started_at >= ?)"
+            " AND t.outcome != 'running' GROUP BY t.run_id, t.transfer, t.outcome",
             (job, job, _to_text(since)),
         )
         out: dict[int, RunSums] = {}
@@ -767,26 +826,23 @@ class StateDB:
             " GROUP BY t.vm_uuid, t.target_sr) ORDER BY 1",
             (job, job, _to_text(since), _to_text(since)),
         )
-        out = []
-        for r in rows:
-            snap = _from_text(r["snap"])
-            assert snap is not None
-            out.append(
-                PointRow(
-                    task_id=r["id"],
-                    run_id=r["run_id"],
-                    vm_uuid=r["vm_uuid"],
-                    vm_name=r["vm_name"],
-                    target_sr=r["target_sr"],
-                    target=r["target"],
-                    restore_point=r["restore_point"],
-                    snapshot_time=snap,
-                    finished_at=_from_text(r["finished_at"]),
-                    transfer=r["transfer"],
-                    bytes_sent=r["bytes_sent"],
-                )
+        parse = datetime.fromisoformat  # `_from_text`, without a call per column
+        return [
+            PointRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                parse(r[7]),
+                parse(r[8]) if r[8] else None,
+                r[9],
+                r[10],
             )
-        return out
+            for r in rows
+        ]
 
     def job_totals(self) -> list[JobTotals]:
         """Per job id ever recorded, the sums of its history, in job id order."""
@@ -838,17 +894,20 @@ class StateDB:
             ids = [r["id"] for r in rows]
             reasons: dict[int, dict[str, str]] = {i: {} for i in ids}
             maps: dict[int, dict[str, str]] = {i: {} for i in ids}
+            paths: dict[int, dict[str, str]] = {i: {} for i in ids}
             if ids:
                 marks = ",".join("?" * len(ids))
                 for r in self._read(
-                    f"SELECT task_id, disk, reason, map FROM task_disks WHERE task_id IN ({marks})"
+                    f"SELECT task_id, disk, reason, map, path FROM task_disks WHERE task_id IN ({marks})"
                     " ORDER BY disk",
                     ids,
                 ):
                     reasons[r["task_id"]][r["disk"]] = r["reason"]
                     if r["map"] is not None:
                         maps[r["task_id"]][r["disk"]] = r["map"]
-        return [_task_row(r, reasons[r["id"]], maps[r["id"]]) for r in rows]
+                    if r["path"] is not None:
+                        paths[r["task_id"]][r["disk"]] = r["path"]
+        return [_task_row(r, reasons[r["id"]], maps[r["id"]], paths[r["id"]]) for r in rows]
 
     # -- block maps
 
@@ -1070,6 +1129,56 @@ class StateDB:
             updated_at=_from_text(r["updated_at"]),
         )
 
+    # -- test failovers
+
+    def record_rehearsal(self, r: RehearsalRow) -> None:
+        """Record (replace) a finished test failover's VMs."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rehearsals (run_id, plan, booted, ok, kept) VALUES (?, ?, ?, ?, ?)",
+                (r.run_id, r.plan, int(r.booted), int(r.ok), int(r.kept)),
+            )
+            db.execute("DELETE FROM rehearsal_vms WHERE run_id = ?", (r.run_id,))
+            db.executemany(
+                "INSERT INTO rehearsal_vms (run_id, vm_uuid, name, clone, ok, grp, started_at,"
+                " boot_seconds, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.run_id,
+                        v.vm_uuid,
+                        v.name,
+                        v.clone,
+                        int(v.ok),
+                        v.group,
+                        _to_text(v.started_at) if v.started_at else None,
+                        v.boot_seconds,
+                        v.detail,
+                    )
+                    for v in r.vms
+                ],
+            )
+
+    def rehearsal(self, run_id: int) -> RehearsalRow | None:
+        """A test failover's record (None: none kept, e.g. a test cut short)."""
+        rows = self._read("SELECT * FROM rehearsals WHERE run_id = ?", (run_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        vms = tuple(
+            RehearsedVmRow(
+                name=v["name"],
+                vm_uuid=v["vm_uuid"],
+                clone=v["clone"],
+                ok=bool(v["ok"]),
+                group=v["grp"],
+                started_at=_from_text(v["started_at"]),
+                boot_seconds=v["boot_seconds"],
+                detail=v["detail"],
+            )
+            for v in self._read("SELECT * FROM rehearsal_vms WHERE run_id = ? ORDER BY name", (run_id,))
+        )
+        return RehearsalRow(r["plan"], r["run_id"], bool(r["booted"]), bool(r["ok"]), bool(r["kept"]), vms)
+
     # -- native DR recoveries
 
     def record_native(self, row: NativeRecoveryRow) -> None:
@@ -1185,7 +1294,9 @@ def _run_row(r: sqlite3.Row) -> RunRow:
     )
 
 
-def _task_row(r: sqlite3.Row, reasons: dict[str, str], maps: dict[str, str]) -> TaskRow:
+def _task_row(
+    r: sqlite3.Row, reasons: dict[str, str], maps: dict[str, str], paths: dict[str, str]
+) -> TaskRow:
     started = _from_text(r["started_at"])
     assert started is not None
     return TaskRow(
@@ -1208,4 +1319,5 @@ def _task_row(r: sqlite3.Row, reasons: dict[str, str], maps: dict[str, str]) -> 
         target=r["target"],
         maps=maps,
         health_check=r["health_check"],
+        paths=paths,
     )

@@ -13,3 +13,52 @@ pub fn block_digest(data: &[u8]) -> u128 {
 pub fn hex(d: u128) -> String {
     format!("{d:032x}")
 }
+
+/// A sink that digests every unit (`unit` bytes, a sector multiple dividing the block) a
+/// stream carries whole, i.e. whose sectors are all set in its block's bitmap, into
+/// `report.unit_digests`: what an NBD copy's unit digests are compared with.
+pub struct UnitDigests {
+    pub unit: u64,
+    size: u64,
+}
+
+impl UnitDigests {
+    pub fn new(unit: u64) -> UnitDigests {
+        UnitDigests { unit, size: 0 }
+    }
+}
+
+impl super::parse::BlockSink for UnitDigests {
+    fn begin(&mut self, head: &super::parse::StreamHead) -> crate::Result<()> {
+        let bs = u64::from(head.header.block_size);
+        if self.unit == 0 || self.unit % 512 != 0 || bs % self.unit != 0 {
+            return Err(crate::VhdError::BadRange(format!(
+                "unit {} does not divide the stream's block size {bs} in sectors",
+                self.unit
+            )));
+        }
+        self.size = head.footer.current_size;
+        Ok(())
+    }
+
+    fn block(
+        &mut self,
+        index: u32,
+        bm: &[u8],
+        data: &[u8],
+        report: &mut super::StreamReport,
+    ) -> crate::Result<()> {
+        let base = u64::from(index) * data.len() as u64;
+        let mut at = 0u64;
+        while at < data.len() as u64 && base + at < self.size {
+            let end = (at + self.unit).min(self.size - base);
+            let (s, e) = ((at / 512) as usize, end.div_ceil(512) as usize);
+            if (s..e).all(|i| crate::format::bitmap::get(bm, i)) {
+                let d = block_digest(&data[at as usize..end as usize]);
+                report.unit_digests.push(((base + at) / self.unit, d));
+            }
+            at += self.unit;
+        }
+        Ok(())
+    }
+}

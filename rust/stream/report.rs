@@ -15,6 +15,9 @@ pub struct StreamReport {
     pub parent_uuid: Option<[u8; 16]>,
     /// (block index, digest of the block's data as carried), ascending block index.
     pub digests: Vec<(u32, u128)>,
+    /// (unit index, digest of the unit's bytes within the disk), for the units a stream
+    /// carries whole, when asked (`digest::UnitDigests`); ascending.
+    pub unit_digests: Vec<(u64, u128)>,
 }
 
 impl StreamReport {
@@ -30,6 +33,7 @@ impl StreamReport {
             disk_type,
             parent_uuid: None,
             digests: Vec::new(),
+            unit_digests: Vec::new(),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use super::parse::{parse, NullSink, ParseOptions};
+use super::parse::{parse, BlockSink, NullSink, ParseOptions};
 use super::throttle::Throttle;
 use super::StreamReport;
 use crate::error::Result;
@@ -39,6 +39,17 @@ pub fn transform<R: Read, W: Write>(
     opts: ParseOptions,
     rate_limit: Option<u64>,
 ) -> Result<StreamReport> {
+    transform_with(src, out, opts, rate_limit, &mut NullSink)
+}
+
+/// `transform`, with each block also shown to `sink` (which may only look).
+pub fn transform_with<R: Read, W: Write>(
+    src: R,
+    out: &mut W,
+    opts: ParseOptions,
+    rate_limit: Option<u64>,
+    sink: &mut dyn BlockSink,
+) -> Result<StreamReport> {
     let mut tee = Tee {
         inner: src,
         out,
@@ -46,7 +57,7 @@ pub fn transform<R: Read, W: Write>(
         written: 0,
         error: None,
     };
-    let result = parse(&mut tee, opts, &mut NullSink);
+    let result = parse(&mut tee, opts, sink);
     if let Some(e) = tee.error.take() {
         return Err(crate::VhdError::io(
             format!("cannot write the output at byte {}", tee.written),

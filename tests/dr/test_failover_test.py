@@ -18,6 +18,7 @@ from xapitest import Pools
 
 from xencr.cli.app import app
 from xencr.config import load_config
+from xencr.monitor import rehearsals
 from xencr.replication.jobs import run_configured
 from xencr.state import StateDB
 from xencr.xapi.session import XapiSession
@@ -67,7 +68,16 @@ def test_a_booted_test_failover_leaves_the_pool_as_it_was(pools: Pools, tmp_path
     assert after == before
     with StateDB(load_config(cfg).state_path) as db:
         run = db.run(out["run"])
+        # Its per-VM record, for the status page and `xencr report` (start group and time, gate).
+        record = rehearsals.load(db, run.id)
     assert (run.trigger, run.outcome, run.job_name) == ("dr-test", "success", "plan rehearsal")
+    assert record is not None and record.ok and record.booted
+    assert sorted((v.name, v.group, v.clone) for v in record.vms) == sorted(
+        (v["name"], 1, v["clone"]) for v in out["vms"]
+    )
+    assert all(
+        v.started_at is not None and run.started_at <= v.started_at <= run.finished_at for v in record.vms
+    )  # type: ignore[operator]
     assert _run(cfg) == ["delta", "delta"]
 
 

@@ -291,8 +291,11 @@ def mail_server(security: str = "none", certs: Path | None = None) -> Iterator[M
 def _parts(msg: EmailMessage) -> tuple[str, dict[str, Any]]:
     body = msg.get_body(preferencelist=("plain",))
     assert body is not None
-    [attachment] = list(msg.iter_attachments())
-    assert attachment.get_filename() == "report.json" and attachment.get_content_type() == "application/json"
+    # report.json, and the job's HTML report (tests/web checks that one).
+    attachments = {a.get_filename(): a for a in msg.iter_attachments()}
+    assert sorted(attachments) == ["report.json", "xencr-report-web.html"]
+    attachment = attachments["report.json"]
+    assert attachment.get_content_type() == "application/json"
     return body.get_content(), json.loads(attachment.get_content())
 
 

@@ -124,6 +124,8 @@ def test_errors_are_xapis_in_one_line(site: Site) -> None:
     prom = site.tmp / "dr.prom"
     code, out = site.xencr("dr", "metadata", "status", "--pool", "a", "--json", "--textfile", str(prom))
     assert code == 0 and out.count('"replicating": true') == 8
+    code, out = site.xencr("status")
+    assert code == 0 and out.count("pool a: SR iSCSI ") == 8 and "written continuously" in out
     metrics = prom.read_text()
     assert (
         'xencr_dr_metadata_srs{pool="a"} 8' in metrics and 'xencr_dr_metadata_pool_up{pool="a"} 1' in metrics

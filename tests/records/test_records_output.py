@@ -43,7 +43,8 @@ def test_sizes_wording_and_names(pools: Pools, tmp_path: Path) -> None:
     assert code == 0
     head, disk = out.splitlines()[:2]
     assert re.fullmatch(rf"vm1 -> {target}: ~4\.0 MiB, SR free after: {SIZE}", head), head
-    assert re.fullmatch(r"  disk 0 \(.*\): delta, ~4\.0 MiB", disk), disk
+    # The path is said with its reason: this pool serves no NBD.
+    assert re.fullmatch(r"  disk 0 \(.*\): delta via stream: no NBD network on pool a, ~4\.0 MiB", disk), disk
     code, out, _ = xencr("plan", JOB, "--config", str(cfg), "--json")
     planned = json.loads(out)[0]
     assert planned["estimated_bytes"] == 4 * MIB and planned["disks"][0]["estimated_bytes"] == 4 * MIB

@@ -23,6 +23,7 @@ from xencr.cli.seed import seed_app
 from xencr.cli.service import service_app
 from xencr.cli.sim import sim_app
 from xencr.cli.vhd import vhd_app
+from xencr.cli.web import report_command, serve_status_command
 
 app = typer.Typer(
     name="xencr",
@@ -44,6 +45,8 @@ app.add_typer(service_app, name="service")
 app.command("status")(status_command)
 app.command("history")(history_command)
 app.command("metrics")(metrics_command)
+app.command("serve-status")(serve_status_command)
+app.command("report")(report_command)
 app.add_typer(replica_app, name="replica")
 app.add_typer(seed_app, name="seed")
 app.command("verify")(verify_command)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported
+from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported, warn
 from xencr.cli.errors import CliError
 from xencr.cli.run import stopping_cleanly
 from xencr.dr import choose
@@ -18,6 +18,8 @@ from xencr.dr.failback import FailbackAbort, failback
 from xencr.dr.failover import FailoverError, FailoverReport, failover
 from xencr.dr.planned import SHUTDOWN_TIMEOUT, PlannedAbort, planned_failover, pools_of
 from xencr.dr.testrun import cleanup, rehearse
+from xencr.monitor import rehearsals
+from xencr.monitor.notify import notify_test
 from xencr.state import StateDB
 
 
@@ -148,6 +150,11 @@ def _rehearse(name: str, boot: bool, keep: bool, json_out: bool, config: Path | 
             r = rehearse(cfg, plan, db, dr, boot=boot, keep_on_failure=keep, say=say)
         except FailoverError as err:
             raise CliError(str(err)) from None
+        # Kept for the status page and `xencr report PLAN` (start groups and times as a timeline).
+        record = rehearsals.record(r.plan, r.run_id, r.booted, r.kept, r.clones, r.start)
+        rehearsals.save(db, record)
+    for problem in notify_test(cfg, plan, record):
+        warn(problem)
     results = {x.name: x for x in r.start.results}
     if json_out:
         print_json(

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported, usage_error
-from xencr.config import ConfigError, format_duration, parse_duration
+from xencr.config import ConfigError, format_duration
+from xencr.monitor.history import parse_since, run_json, runs_with_tasks
 from xencr.state import RunRow, StateDB, TaskRow
 from xencr.units import human_bytes, transfer_text
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """``2h`` / ``1d`` (that long ago) or an ISO date or time (UTC unless it names a zone)."""
-    try:
-        return now - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"--since: {text!r} is neither a duration (2h, 1d) nor an ISO date") from None
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _time(t: datetime | None) -> str:
@@ -33,52 +21,6 @@ def _time(t: datetime | None) -> str:
 
 def _took(d: timedelta | None) -> str:
     return format_duration(int(d.total_seconds())) if d is not None else "-"
-
-
-def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
-    def when(t: datetime | None) -> str | None:
-        return t.isoformat() if t is not None else None
-
-    def seconds(d: timedelta | None) -> float | None:
-        return d.total_seconds() if d is not None else None
-
-    return {
-        "id": run.id,
-        "job": run.job_name,
-        "job_id": run.job_id,
-        "schedule": run.schedule_id,
-        "trigger": run.trigger,
-        "outcome": run.outcome,
-        "started": when(run.started_at),
-        "finished": when(run.finished_at),
-        "seconds": seconds(run.duration),
-        "error": run.error,
-        "tasks": [
-            {
-                "id": t.id,
-                "vm_uuid": t.vm_uuid,
-                "vm_name": t.vm_name,
-                "target_sr": t.target_sr,
-                "target": t.target or None,
-                "outcome": t.outcome,
-                "transfer": t.transfer,
-                "reasons": dict(t.reasons),
-                "bytes_sent": t.bytes_sent,
-                "started": when(t.started_at),
-                "finished": when(t.finished_at),
-                "seconds": seconds(t.duration),
-                "error": t.error,
-                "restore_point": t.restore_point,
-                "snapshot_time": when(t.snapshot_time),
-                "cleaned": t.cleaned,
-                "detached": t.detached,
-                "health_check": t.health_check,  # "passed: ..." / "failed: ...", None: not checked
-                # disk -> its block map's digest: the content `xencr verify` checks the disk against
-                "maps": dict(t.maps),
-            }
-            for t in tasks
-        ],
-    }
 
 
 def disk_kind(transfer: str | None, reason: str) -> str:
@@ -170,22 +112,18 @@ def history_command(
         return
     with StateDB(state) as db:
         db.mark_interrupted()  # a run whose process died shows as interrupted, not running
-        runs = db.runs(job=job_ref, since=since_t)
-        # One query for all their tasks rather than one per run (a long history has thousands).
-        tasks: dict[int, list[TaskRow]] = {r.id: [] for r in runs}
-        for t in db.all_tasks(job=job_ref, since=since_t):
-            tasks.setdefault(t.run_id, []).append(t)
+        found = runs_with_tasks(db, job_ref, since_t)
         if json:
-            print_json([run_json(r, tasks[r.id]) for r in runs])
+            print_json([run_json(r, tasks) for r, tasks in found])
             return
-        if not runs:
+        if not found:
             typer.echo(
                 "no runs"
                 + (f" of job {job}" if job else "")
                 + (f" since {_time(since_t)}" if since_t else "")
             )
             return
-        for i, r in enumerate(runs):
+        for i, (r, tasks) in enumerate(found):
             if i:
                 typer.echo("")
-            typer.echo("\n".join(run_lines(r, tasks[r.id])))
+            typer.echo("\n".join(run_lines(r, tasks)))

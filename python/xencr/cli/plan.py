@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, replace
-from datetime import UTC, datetime
+from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -17,11 +17,10 @@ from xencr.cli.errors import CliError, describe
 from xencr.dr import choose
 from xencr.dr.connect import dr_sessions
 from xencr.dr.preview import Mode, failover_preview, render, to_json
-from xencr.replication.jobs import Connected, connected, resolve_sr
-from xencr.replication.preview import StatusRow, plan, status, status_from_history
-from xencr.state import StateDB
+from xencr.monitor.status import gather
+from xencr.replication.jobs import connected
+from xencr.replication.preview import StatusRow, plan
 from xencr.units import human_bytes, transfer_text
-from xencr.xapi.errors import PoolUnreachable, XapiError
 
 ConfigOpt = Annotated[
     Path | None,
@@ -91,8 +90,14 @@ def plan_command(
             )
             for d in r.disks:
                 typer.echo(
-                    f"  disk {d.userdevice} ({d.name}): {transfer_text(d.kind, d.reason)}, "
-                    f"~{human_bytes(d.estimated_bytes)}"
+                    f"  disk {d.userdevice} ({d.name}): {transfer_text(d.kind, d.reason)}"
+                    + (f" via {d.path_reason}" if d.path_reason else "")
+                    + f", ~{human_bytes(d.estimated_bytes)}"
+                )
+            if r.source_data_freed:
+                typer.echo(
+                    f"  source: purge_snapshot_data destroys ~{human_bytes(r.source_data_freed)} of "
+                    "snapshot data after the run (CBT logs kept)"
                 )
             for p in r.problems:
                 typer.echo(f"  PROBLEM: {p}")
@@ -155,54 +160,6 @@ def status_line(job: str, r: StatusRow, now: datetime) -> str:
     return line
 
 
-def status_json(job: str, r: StatusRow) -> dict[str, Any]:
-    def iso(t: datetime | None) -> str | None:
-        return t.isoformat() if t is not None else None
-
-    return {
-        "job": job,
-        "vm_name": r.vm_name,
-        "vm_uuid": r.vm_uuid,
-        "target": r.target,
-        "target_sr": r.target_sr,
-        "newest": r.newest,
-        "snapshot_time": iso(r.snapshot_time),
-        "age_seconds": r.age_seconds,
-        "rpo_seconds": r.rpo_seconds,
-        "rpo_breach": r.breach,
-        "last_outcome": r.last_outcome,
-        "last_error": r.last_error,
-        "last_finished": iso(r.last_finished),
-        "next_run": iso(r.next_run),
-        "source": r.source,
-        "detached": r.detached,
-        "health_check": _health_json(r.health_check),
-    }
-
-
-def _health_json(line: str | None) -> dict[str, Any] | None:
-    """The recorded line ("passed: ..." / "failed: ...") as JSON."""
-    if line is None:
-        return None
-    verdict, _, detail = line.partition(": ")
-    return {"passed": verdict == "passed", "detail": detail}
-
-
-def target_names(c: Connected) -> dict[str, str]:
-    """SR UUID -> ``pool/SR name`` for the job's targets, as the pools name them now (a job may
-    name an SR by UUID; people read names)."""
-    out = {}
-    for t in c.job.targets:
-        s = c.sessions[t.pool]
-        ref, uuid = resolve_sr(s, t.sr, t.pool)
-        out[uuid] = f"{t.pool}/{s.api.SR.get_name_label(ref)}"
-    return out
-
-
-# The pool cannot be asked: status falls back on what the history recorded.
-_UNREACHABLE: tuple[type[Exception], ...] = (PoolUnreachable, XapiError, OSError)
-
-
 @reported
 def status_command(
     job: Annotated[str | None, typer.Argument(help="Only this job (name or id).")] = None,
@@ -217,29 +174,15 @@ def status_command(
     """
     cfg = load(config)
     jobs = [cfg.job(job)] if job else [j for j in cfg.jobs.values() if j.enabled]
-    now = datetime.now(UTC)
-    rows: list[tuple[str, StatusRow]] = []
-    fell_back = False
-    # Only read: a missing database is no history, not one to create.
-    db = StateDB(cfg.state_path) if cfg.state_path.exists() else None
-    try:
-        if db is not None:
-            db.mark_interrupted()  # a run whose process died shows as interrupted, not running
-        for j in jobs:
-            try:
-                with connected(cfg, j, interactive=sys.stdin.isatty()) as c:
-                    names = target_names(c)
-                    found = [replace(r, target=names.get(r.target_sr, r.target)) for r in status(c, db, now)]
-            except _UNREACHABLE as err:
-                warn(f"job {j.name}: {describe(err)}; showing the recorded history")
-                fell_back = True
-                found = status_from_history(j, db, now) if db is not None else []
-            rows += [(j.name, r) for r in found]
-    finally:
-        if db is not None:
-            db.close()
+    report = gather(
+        cfg,
+        jobs,
+        interactive=sys.stdin.isatty(),
+        on_unreachable=lambda j, err: warn(f"job {j.name}: {describe(err)}; showing the recorded history"),
+    )
+    now, rows, fell_back = report.now, report.rows, report.fell_back
     if json_out:
-        print_json([status_json(name, r) for name, r in rows])
+        print_json(report.json())
         return
     if not rows and fell_back:
         typer.echo("nothing recorded yet for the jobs whose pools could not be reached")
@@ -247,3 +190,6 @@ def status_command(
         typer.echo("no VM selected" + (f" by job {job}" if job else " by any enabled job"))
     for name, r in rows:
         typer.echo(status_line(name, r, now))
+    for pool in sorted(report.metadata):
+        for m in report.metadata[pool]:
+            typer.echo(m.line())

@@ -55,6 +55,8 @@ class VmResult:
     detail: str  # one line: the gate's and the hooks' outcome, or why it did not start
     started: bool  # it was started (by this call or an earlier, interrupted one)
     boot_seconds: float | None = None  # from `VM.start` to the gate passed
+    group: int | None = None  # the start group it belongs to
+    started_at: datetime | None = None  # when this call started it (None: not by this call)
 
 
 @dataclass
@@ -147,8 +149,8 @@ def start_groups(
     out = StartReport()
     for i, group in enumerate(groups):
         fresh = False  # whether this call started anything in the group (else no delay owed)
-        pending: list[tuple[StartVm, str, float]] = []
-        launched: list[tuple[StartVm, str, float, str]] = []
+        pending: list[tuple[StartVm, str, float, datetime | None]] = []
+        launched: list[tuple[StartVm, str, float, str, datetime]] = []
         for vm in group.vms:
             done = progress.done(vm)
             if done is not None:
@@ -165,31 +167,38 @@ def start_groups(
                     if not progress.was_started(vm):
                         progress.started(vm, datetime.now(UTC))
                     say(f"group {group.number}: {vm.name} was started already ({state})")
-                    pending.append((vm, ref, time.monotonic()))
+                    pending.append((vm, ref, time.monotonic(), None))
                     continue
                 gates.prepare(t, ref, group.gate)
                 began = time.monotonic()
                 # The VMs of a group start together, as `VM_appliance.start` does (xapi.md 5.4):
                 # every task first, then the waits (a `VM.start` also sleeps its start_delay).
                 task = str(t.call("Async.VM.start", ref, False, False))
-                progress.started(vm, datetime.now(UTC))
+                now = datetime.now(UTC)
+                progress.started(vm, now)
                 fresh = True
-                launched.append((vm, ref, began, task))
+                launched.append((vm, ref, began, task, now))
             except (XapiError, PoolUnreachable) as err:
-                r = VmResult(vm.vm_uuid, vm.name, vm.vm, False, f"not started: {err}", False)
+                r = VmResult(
+                    vm.vm_uuid, vm.name, vm.vm, False, f"not started: {err}", False, group=group.number
+                )
                 progress.finished(vm, r)
                 out.results.append(r)
-        for vm, ref, began, task in launched:
+        for vm, ref, began, task, at in launched:
             try:
                 session(vm.pool).wait_task(task)
                 say(f"group {group.number}: started {vm.name}")
-                pending.append((vm, ref, began))
+                pending.append((vm, ref, began, at))
             except (XapiError, PoolUnreachable) as err:
-                r = VmResult(vm.vm_uuid, vm.name, vm.vm, False, f"not started: {err}", False)
+                r = VmResult(
+                    vm.vm_uuid, vm.name, vm.vm, False, f"not started: {err}", False, group=group.number
+                )
                 progress.finished(vm, r)
                 out.results.append(r)
-        for vm, ref, began in pending:
-            out.results.append(_gate(plan, vm, session(vm.pool), ref, began, group.gate, run_hooks, progress))
+        for vm, ref, began, when in pending:
+            out.results.append(
+                _gate(plan, vm, session(vm.pool), ref, began, group, when, run_hooks, progress)
+            )
         failed = [r for r in out.results if not r.ok and r.vm_uuid in {v.vm_uuid for v in group.vms}]
         if failed and not continue_on_failure:
             out.stopped_at = group.number
@@ -206,12 +215,13 @@ def _gate(
     t: XapiSession,
     ref: str,
     began: float,
-    gate: HealthGate | None,
+    group: StartGroup,
+    when: datetime | None,
     run_hooks: bool,
     progress: Progress,
 ) -> VmResult:
     try:
-        g: GateResult = gates.wait(t, ref, gate)
+        g: GateResult = gates.wait(t, ref, group.gate)
         ok, detail = g.ok, g.detail
         boot = time.monotonic() - began if g.ok else None
         if ok and run_hooks:
@@ -224,6 +234,6 @@ def _gate(
                     break
     except (XapiError, PoolUnreachable) as err:
         ok, detail, boot = False, f"gate not checked: {err}", None
-    r = VmResult(vm.vm_uuid, vm.name, vm.vm, ok, detail, True, boot)
+    r = VmResult(vm.vm_uuid, vm.name, vm.vm, ok, detail, True, boot, group.number, when)
     progress.finished(vm, r)
     return r

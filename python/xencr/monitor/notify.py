@@ -14,6 +14,8 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
@@ -22,15 +24,18 @@ from urllib.parse import urlsplit
 import httpx
 
 from xencr import __version__
-from xencr.config import Config, JobConfig, SmtpConfig
+from xencr.config import Config, JobConfig, PlanConfig, SmtpConfig
+from xencr.monitor.rehearsals import Rehearsal
 from xencr.monitor.rpo import Breach
 from xencr.monitor.summary import failed, health_check_failed, subject, summary
+from xencr.web import audit, report
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 15.0  # seconds for each connection, read and write (webhook and SMTP)
 RETRY_PAUSE = 2.0  # seconds before the one retry of a webhook (tests set 0)
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+REPORT_PERIOD = timedelta(days=30)  # what a test failover's e-mail attaches of its plan
 
 
 class _Redact(logging.Filter):
@@ -146,18 +151,52 @@ def _post(url: str, doc: Mapping[str, Any], where: str, secrets: Sequence[str]) 
     return problem
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """A file sent with the e-mail."""
+
+    filename: str
+    maintype: str
+    subtype: str
+    data: bytes
+
+
+def job_report_attachment(config: Config, job: JobConfig) -> Attachment:
+    """The job's self-contained HTML report of the last week (`web.audit`): an e-mail is often
+    read far from the status page, and kept."""
+    now = datetime.now(UTC)
+    html = audit.job_report(config, job, now - audit.PERIOD, now)
+    return Attachment(f"xencr-report-{job.name}.html", "text", "html", html.encode())
+
+
 def email_message(
-    smtp: SmtpConfig, to: Sequence[str], payload: Mapping[str, Any], breaches: Sequence[Breach], why: str
+    smtp: SmtpConfig,
+    to: Sequence[str],
+    payload: Mapping[str, Any],
+    breaches: Sequence[Breach],
+    why: str,
+    *,
+    link: str | None = None,
+    attachments: Sequence[Attachment] = (),
 ) -> EmailMessage:
+    """The report e-mail: the readable summary (with ``link``, the status page), the JSON report
+    and ``attachments``."""
     msg = EmailMessage()
     msg["Subject"] = subject(payload, breaches)
     msg["From"] = smtp.sender
     msg["To"] = ", ".join(to)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = make_msgid(domain=smtp.sender.rpartition("@")[2] or None)
-    msg.set_content(summary(payload, breaches, why))
+    text = summary(payload, breaches, why)
+    if attachments:
+        text += f"The job's report of the last week is attached as HTML ({attachments[0].filename}).\n"
+    if link is not None:
+        text += f"Status page: {link}\n"
+    msg.set_content(text)
     report = json.dumps(document(payload, breaches, why), indent=2)
     msg.add_attachment(report.encode(), maintype="application", subtype="json", filename="report.json")
+    for a in attachments:
+        msg.add_attachment(a.data, maintype=a.maintype, subtype=a.subtype, filename=a.filename)
     return msg
 
 
@@ -208,9 +247,84 @@ def notify(
             if config.smtp is None:
                 problems.append("e-mail: no [smtp] table in the configuration")
             else:
-                msg = email_message(config.smtp, job.email_to, payload, breaches, why)
+                attached: list[Attachment] = []
+                try:
+                    attached.append(job_report_attachment(config, job))
+                except Exception as err:  # the summary still goes without it
+                    log.warning(
+                        "job %s: report e-mail without its HTML report: %s", job.name, type(err).__name__
+                    )
+                link = f"{config.status.url.rstrip('/')}/#job-{job.name}" if config.status.url else None
+                msg = email_message(
+                    config.smtp, job.email_to, payload, breaches, why, link=link, attachments=attached
+                )
                 p = send_email(config.smtp, job.email_to, msg)
                 problems += [p] if p else []
         return [f"job {job.name}: report not sent: {p}" for p in problems]
     except Exception as err:  # a bug here must still not fail the run (its text might hold a secret)
         return [f"job {job.name}: report not sent: {type(err).__name__}"]
+
+
+def _test_recipients(config: Config, plan: PlanConfig, passed: bool) -> list[str]:
+    """Who hears of a plan's test failover: the ``email_to`` of the jobs it recovers, each
+    under its ``report_when`` (``always``; ``failure`` and ``breach`` when the test failed)."""
+    out: list[str] = []
+    for name in plan.jobs:
+        job = config.jobs.get(name)
+        if job is None or job.report_when == "never":
+            continue
+        if job.report_when == "always" or not passed:
+            out += [a for a in job.email_to if a not in out]
+    return out
+
+
+def test_summary(record: Rehearsal) -> str:
+    """The readable text of a test failover's e-mail: the verdict, then a line per VM."""
+    lines = [
+        f"Test failover of plan {record.plan}: {'passed' if record.ok else 'FAILED'} (run {record.run_id})"
+    ]
+    if not record.booted:
+        lines.append("The clones were made, not booted (--boot checks the gates).")
+    lines.append("")
+    for v in sorted(record.vms, key=lambda v: (v.group or 0, v.name)):
+        line = f"{v.name}: {'ok' if v.ok else 'FAILED'}"
+        if v.group is not None and v.started_at is not None:
+            line += f", group {v.group}, started {v.started_at.strftime('%H:%M:%S')}Z"
+        if v.boot_seconds is not None:
+            line += f", gate after {v.boot_seconds:.1f}s"
+        lines.append(line + (f": {v.detail}" if v.detail else ""))
+    if record.kept:
+        lines += ["", "The test objects were kept for inspection (xencr failover --cleanup removes them)."]
+    return "\n".join(lines) + "\n"
+
+
+def notify_test(config: Config, plan: PlanConfig, record: Rehearsal) -> list[str]:
+    """E-mail a plan's test failover (`_test_recipients`) with the plan's report of the last 30
+    days attached and the status page linked (``[status] url``); the problems met, one line
+    each (never raises: the test's outcome stands whatever happens here)."""
+    try:
+        to = _test_recipients(config, plan, record.ok)
+        if not to:
+            return []
+        if config.smtp is None:
+            return [f"plan {plan.name}: test report not sent: e-mail: no [smtp] table in the configuration"]
+        now = datetime.now(UTC)
+        html = report.report_html(config, plan.name, now - REPORT_PERIOD, now)
+        msg = EmailMessage()
+        msg["Subject"] = f"xencr: plan {plan.name}: test failover {'passed' if record.ok else 'FAILED'}"
+        msg["From"] = config.smtp.sender
+        msg["To"] = ", ".join(to)
+        msg["Date"] = formatdate(localtime=False, usegmt=True)
+        msg["Message-ID"] = make_msgid(domain=config.smtp.sender.rpartition("@")[2] or None)
+        name = f"xencr-report-plan-{plan.name}.html"
+        text = (
+            test_summary(record) + f"\nThe plan's report of the last 30 days is attached as HTML ({name}).\n"
+        )
+        if config.status.url:
+            text += f"Status page: {config.status.url.rstrip('/')}/#plan-{plan.name}\n"
+        msg.set_content(text)
+        msg.add_attachment(html.encode(), maintype="text", subtype="html", filename=name)
+        problem = send_email(config.smtp, to, msg)
+        return [f"plan {plan.name}: test report not sent: {problem}"] if problem else []
+    except Exception as err:  # its text might hold a secret
+        return [f"plan {plan.name}: test report not sent: {type(err).__name__}"]

@@ -8,7 +8,7 @@ reason is the reason shown for the full ("replica started")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from xencr.replication import metadata as md
@@ -33,6 +33,9 @@ class DiskPlan:
     base_source_vdi: str | None = None  # source snapshot VDI the delta is relative to
     base_target_vdi: str | None = None  # target commit snapshot the new VDI is cloned from
     chain: int = 0  # deltas since the last full, this one included
+    path: str = "stream"  # "stream" or "nbd" (`path.choose`)
+    path_reason: str = ""  # why that path ("NBD + CBT", "stream: no NBD network on pool a"...)
+    changed: bytes | None = field(default=None, repr=False)  # CBT bitmap of an NBD delta
 
     @property
     def kind(self) -> str:

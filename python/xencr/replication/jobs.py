@@ -148,6 +148,9 @@ def spec_of(job: JobConfig, schedule_id: str | None, *, now: datetime | None = N
         vm_timeout=float(job.vm_timeout) if job.vm_timeout else None,
         verify_import=job.verify_import,
         health_check=job.health_check,
+        transfer=job.transfer,
+        nbd_connections=job.nbd_connections,
+        purge_snapshot_data=job.purge_snapshot_data,
     )
 
 
@@ -263,6 +266,7 @@ class _Recorder:
             tr.outcome,
             transfer=tr.kind if tr.disks else None,
             reasons={d.userdevice: d.reason for d in tr.disks},
+            paths={d.userdevice: d.path_reason for d in tr.disks if d.path_reason},
             bytes_sent=tr.bytes_sent,
             error=tr.error,
             restore_point=tr.restore_point,
@@ -336,7 +340,10 @@ def report_payload(report: RunReport) -> dict[str, Any]:
             "name": d.name,
             "kind": d.kind,
             "reason": d.reason,
+            "path": d.path,
+            "path_reason": d.path_reason,
             "bytes": d.bytes_sent,
+            "bytes_read": d.bytes_read,
             "blocks": d.blocks,
             "seconds": round(d.seconds, 3),
             "map": d.map_digest or None,  # the restore point disk's block map (`xencr verify`)
@@ -357,6 +364,8 @@ def report_payload(report: RunReport) -> dict[str, Any]:
                 "error": v.error,
                 "source_snapshots_removed": v.source_pruned,
                 "source_snapshots_in_use": v.source_kept,
+                "source_snapshot_data_destroyed": v.source_purged,
+                "notes": v.notes,
                 "targets": [
                     {
                         "target": t.target,

@@ -60,6 +60,19 @@ FULL_COUNT = "xencr:chain"  # runs since the last full, per disk (full_interval)
 # On a source snapshot that `xencr seed export` wrote to files: its time (`precise()`). Until a
 # replica of it exists the job refuses to send a full over the network, and the snapshot is kept.
 SEED = "xencr:seed"
+# On a source snapshot whose disks' data was destroyed (purge_snapshot_data): its disks, which
+# then have no VBD ("<userdevice>=<VDI uuid>;..."), written before the first VBD goes.
+PURGED = "xencr:purged"
+
+
+def purged_disks(other_config: dict[str, str]) -> dict[str, str]:
+    """userdevice -> VDI UUID of a purged snapshot's disks (``PURGED``; empty when none)."""
+    out = {}
+    for item in other_config.get(PURGED, "").split(";"):
+        device, eq, uuid = item.partition("=")
+        if eq and device and uuid:
+            out[device] = uuid
+    return out
 
 
 # Xen Orchestra's keys (read to continue an XO chain; see xo-compat.md 1.1).

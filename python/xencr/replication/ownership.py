@@ -21,6 +21,10 @@ xencr destroys an object only when
     On the source, the same holds for this job's snapshots that the next deltas do not need: never
     one whose disks another VM uses; their disks are marked expiring before the snapshot goes.
 
+On the source, with ``purge_snapshot_data``, the *data* of this job's kept snapshots is
+    destroyed once every target has its restore point (`VDI.data_destroy`: the snapshot and its
+    CBT log stay), never of a disk another VM uses (`purge_snapshot_data`).
+
 (c) **it is a disposable object a health check or a test failover made for itself** and nothing
     else uses: a clone of a restore point named, in the very call that creates it, with the check's
     or test's attempt (`health_check_name`, `dr_test_name`), then marked with its role; its disks
@@ -679,6 +683,12 @@ def destroy_snapshot(s: XapiSession, snap: str, job_id: str, vm_uuid: str) -> st
             name = s.api.VM.get_name_label(sorted(users)[0])
             return f"its disk {b['userdevice']} is attached to VM {name!r}"
         vdis.append(str(b["VDI"]))
+    for uuid in md.purged_disks(s.api.VM.get_other_config(snap)).values():
+        try:
+            vdis.append(str(s.api.VDI.get_by_uuid(uuid)))  # a purged snapshot's CBT logs
+        except XapiError:
+            continue
+    vdis = list(dict.fromkeys(vdis))
     marks = {
         md.JOB: job_id,
         md.VM: vm_uuid,
@@ -695,6 +705,60 @@ def destroy_snapshot(s: XapiSession, snap: str, job_id: str, vm_uuid: str) -> st
         if err is not None:
             log.warning("snapshot disk %s not destroyed: %s", vdi, err)
     return None
+
+
+def purge_snapshot_data(s: XapiSession, snap: str, job_id: str, vm_uuid: str) -> str | None:
+    """Reduce a source snapshot of this job that retention keeps as a base to its CBT logs
+    (``purge_snapshot_data``, the NBD path): only this job's snapshot of this VM, only disks with
+    CBT on that no other VM uses. XAPI destroys a VDI's data only once no VBD refers to it
+    (`xapi_vdi.ml`, `VDI_IN_USE` otherwise): the snapshot's disks are recorded on it
+    (``xencr:purged``, before anything changes, so a kill leaves it still known), its disk VBDs
+    destroyed, then each VDI's data (`VDI.data_destroy`). The snapshot record stays as the next
+    delta's base. A line saying what was freed, or None when there was nothing to do."""
+    rec = s.api.VM.get_record(snap)
+    oc = rec["other_config"]
+    if not rec["is_a_snapshot"] or oc.get(md.JOB) != job_id or oc.get(md.VM) != vm_uuid:
+        return None
+    disks = dict(md.purged_disks(oc))
+    vbds = {}
+    for vbd in rec["VBDs"]:
+        b = s.api.VBD.get_record(vbd)
+        if b["type"] != "Disk" or str(b["VDI"]) == NULL:
+            continue
+        vdi = s.api.VDI.get_record(b["VDI"])
+        if not vdi["cbt_enabled"]:
+            continue
+        users = {str(s.api.VBD.get_VM(x)) for x in vdi["VBDs"]} - {snap}
+        if any(not s.api.VM.get_is_control_domain(u) for u in users):
+            log.warning(
+                "snapshot %s: disk %s is attached to another VM: data kept", rec["uuid"], b["userdevice"]
+            )
+            continue
+        disks[str(b["userdevice"])] = str(vdi["uuid"])
+        vbds[str(vbd)] = str(b["VDI"])
+    if not disks:
+        return None
+    if md.purged_disks(oc) != disks:
+        record = ";".join(f"{d}={u}" for d, u in sorted(disks.items()))
+        s.api.VM.set_other_config(snap, dict(oc) | {md.PURGED: record})
+    for vbd in vbds:
+        s.call_once("VBD.destroy", vbd)
+    freed, done = 0, 0
+    for uuid in disks.values():
+        try:
+            ref = s.api.VDI.get_by_uuid(uuid)
+            vdi = s.api.VDI.get_record(ref)
+            if vdi["type"] == "cbt_metadata":
+                continue
+            s.call_once("VDI.data_destroy", ref)
+        except XapiError as err:
+            log.warning("snapshot %s: data of disk %s kept: %s", rec["uuid"], uuid, err)
+            continue
+        freed += int(vdi["physical_utilisation"])
+        done += 1
+    if not done:
+        return None
+    return f"snapshot {rec['uuid']}: data of {done} disk(s) destroyed, CBT log kept ({freed} bytes freed)"
 
 
 # ------------------------------------------------------------------------ DR test objects

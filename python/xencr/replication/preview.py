@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from xencr.config import JobConfig
 from xencr.monitor.rpo import job_rpo, protection
 from xencr.replication import ownership
+from xencr.replication import path as paths
 from xencr.replication import source as srcmod
 from xencr.replication.decide import plan_target
 from xencr.replication.jobs import Connected, selected_vms, spec_of, targets_of
@@ -17,6 +19,7 @@ from xencr.replication.metadata import parse_stamp
 from xencr.schedule import next_fire
 from xencr.state import StateDB, TaskRow
 from xencr.units import human_bytes
+from xencr.xapi.session import XapiSession
 from xencr.xapi.transfer import changed_blocks
 
 BLOCK = 2 * 1024 * 1024
@@ -29,6 +32,8 @@ class DiskPreview:
     kind: str
     reason: str
     estimated_bytes: int
+    path: str = "stream"
+    path_reason: str = ""
 
 
 @dataclass
@@ -39,6 +44,7 @@ class TargetPreview:
     disks: list[DiskPreview] = field(default_factory=list)
     sr_free_after: int = 0
     problems: list[str] = field(default_factory=list)
+    source_data_freed: int = 0  # purge_snapshot_data: snapshot data the run destroys on the source
 
     @property
     def estimated_bytes(self) -> int:
@@ -55,6 +61,7 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
         - int(t.session.api.SR.get_physical_utilisation(t.sr))
         for t in targets
     }
+    offered = paths.offer(src, c.job.pool, c.job.transfer)
     for vm, rec in selected_vms(c, only):
         disks = srcmod.disks_of(src, vm)
         previous = srcmod.job_snapshots(src, vm, c.job.id)
@@ -74,13 +81,23 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
                 xo_snapshots=foreign,
             )
             tp = TargetPreview(rec["name_label"], rec["uuid"], t.name)
-            for dp in p.disks:
-                if dp.base_source_vdi:
+            if c.job.purge_snapshot_data and offered.nbd is None:
+                tp.source_data_freed = _snapshot_data(src, previous)
+            for dp in (paths.predict(src, d, offered, c.job.transfer) for d in p.disks):
+                if dp.path == "none":
+                    tp.problems.append(f"disk {dp.disk.userdevice}: {dp.path_reason}")
+                if dp.base_source_vdi and dp.path == "nbd":
+                    est = paths.changed_estimate(src, dp.base_source_vdi, dp.disk)
+                elif dp.base_source_vdi:
                     # The live disk against the base snapshot: what the new snapshot will carry.
                     est = changed_blocks(src, dp.disk.vdi, dp.base_source_vdi) * BLOCK
                 else:
                     est = int(src.api.VDI.get_physical_utilisation(dp.disk.vdi))
-                tp.disks.append(DiskPreview(dp.disk.userdevice, dp.disk.name, dp.kind, dp.reason, est))
+                tp.disks.append(
+                    DiskPreview(
+                        dp.disk.userdevice, dp.disk.name, dp.kind, dp.reason, est, dp.path, dp.path_reason
+                    )
+                )
             # Retention frees the oldest restore point once the new one is committed.
             released = 0
             if p.points and len(p.points) + 1 > spec.retention:
@@ -99,6 +116,16 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
                     tp.problems.append(f"network {n!r} has no match on {t.name} (map it in the job)")
             out.append(tp)
     return out
+
+
+def _snapshot_data(src: XapiSession, snapshots: list[tuple[str, dict[str, Any]]]) -> int:
+    """Bytes the job's snapshots still hold as data (not yet reduced to their CBT logs)."""
+    total = 0
+    for snap, _ in snapshots:
+        for d in srcmod.disks_of(src, snap):
+            if src.api.VDI.get_type(d.vdi) != "cbt_metadata":
+                total += int(src.api.VDI.get_physical_utilisation(d.vdi))
+    return total
 
 
 @dataclass

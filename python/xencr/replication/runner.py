@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 from xencr import _engine
 from xencr._engine import VhdError
-from xencr.config import HealthCheckConfig
+from xencr.config import HealthCheckConfig, TransferPath
 from xencr.replication import health, ownership
 from xencr.replication import metadata as md
+from xencr.replication import path as paths
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
 from xencr.replication.blockmap import KEY as MAP_KEY
@@ -33,8 +34,9 @@ from xencr.service import limits, locks
 from xencr.units import human_bytes, transfer_text
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.handlers import RedirectRefused, TransferCancelled, TransferError, TransferTimeout
+from xencr.xapi.nbd import nbd_copy_vdi
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import copy_vdi, export_digests, read_back
+from xencr.xapi.transfer import ReadbackMismatch, copy_vdi, export_digests, read_back, zero_digest
 
 log = logging.getLogger("xencr.replication")
 
@@ -63,6 +65,9 @@ class JobSpec:
     maps: MapStore | None = field(default=None, compare=False)
     # Boot a clone of each new restore point (`health`); None: no check.
     health_check: HealthCheckConfig | None = None
+    transfer: TransferPath = "auto"  # `path`: NBD + CBT where offered, else the stream
+    nbd_connections: int = 4
+    purge_snapshot_data: bool = False  # after the run, keep only the CBT log of kept snapshots
 
 
 CANCELLED = "cancelled: shutting down"
@@ -94,8 +99,12 @@ class DiskResult:
     map_digest: str = ""  # the restore point disk's block map (`blockmap`), when maps are kept
     # What was sent, block by block, until the read-back and the map have used it.
     sent: list[tuple[int, str]] = field(default_factory=list, repr=False)
+    units: list[tuple[int, str]] = field(default_factory=list, repr=False)  # NBD: per 64 KiB unit
     algorithm: str = _engine.DIGEST_ALGORITHM
     block_size: int = 0
+    path: str = "stream"  # "stream" or "nbd"
+    path_reason: str = ""  # why that path (`path.choose`)
+    bytes_read: int = 0  # read from the source (NBD payload; the stream's length otherwise)
 
 
 @dataclass
@@ -133,6 +142,8 @@ class VmResult:
     targets: list[TargetResult] = field(default_factory=list)
     source_pruned: list[str] = field(default_factory=list)
     source_kept: list[str] = field(default_factory=list)  # snapshots of ours left alone: in use
+    source_purged: list[str] = field(default_factory=list)  # snapshots whose data was destroyed
+    notes: list[str] = field(default_factory=list)  # what xencr changed on the source (CBT on)
     error: str | None = None
 
     @property
@@ -305,6 +316,13 @@ def _replicate_locked(
         for t in targets:
             tidied[t.name].removed += gone
         result.source_kept += in_use
+    offered = paths.offer(src, job.source_pool, job.transfer)
+    try:
+        result.notes += paths.enable_cbt(src, srcmod.disks_of(src, vm), offered)
+    except XapiError as err:  # the NBD path then falls back, saying why; the run goes on
+        result.notes.append(f"could not enable changed block tracking: {err}")
+    for line in result.notes:
+        progress(f"{rec['name_label']}: {line}")
     attempt = ownership.new_attempt(job.id)
     previous = srcmod.job_snapshots(src, vm, job.id)
     foreign = srcmod.foreign_snapshots(src, vm, job.id)
@@ -338,6 +356,7 @@ def _replicate_locked(
         progress,
         deadline,
         monitor,
+        offered,
     )
     for t in targets:
         tr = _tidied(TargetResult(t.name, t.sr_uuid), tidied[t.name])
@@ -364,6 +383,14 @@ def _replicate_locked(
     pruned, in_use = srcmod.prune_snapshots(src, vm, job.id, keep)
     result.source_pruned = pruned
     result.source_kept += in_use
+    if job.purge_snapshot_data and offered.nbd is None:
+        # Once every target is done: the next deltas read the new snapshot over NBD and need of
+        # the kept ones only their CBT logs (`path`); a stream fallback is then a full.
+        for snap_ref in sorted(keep):
+            purged = ownership.purge_snapshot_data(src, snap_ref, job.id, rec["uuid"])
+            if purged:
+                result.source_purged.append(purged)
+                progress(f"{rec['name_label']}: {purged}")
 
 
 def _tidied(tr: TargetResult, c: ownership.Cleaned) -> TargetResult:
@@ -452,6 +479,7 @@ class _VmRun:
     progress: Progress
     deadline: float | None
     monitor: TransferMonitor | None
+    offered: paths.PoolPaths
 
 
 def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
@@ -482,6 +510,10 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         force_full=force_full,
         xo_snapshots=run.foreign,
     )
+    try:
+        plan = paths.choose(src, plan, run.offered, job.transfer)
+    except paths.NbdRequired as err:
+        raise TransferError(f"{rec['name_label']} -> {t.name}: {err}") from None
     stamp = md.stamp(when)
     keys = {
         md.JOB: job.id,
@@ -508,7 +540,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
             tgt.attach(ts, replica, vdi, dp.disk)
         tr.warnings += tgt.copy_vifs(src, vm, ts, replica, t.network_map)
         for dp in plan.disks:
-            how = transfer_text(dp.kind, dp.reason)
+            how = transfer_text(dp.kind, dp.reason) + (f" via {dp.path_reason}" if dp.path_reason else "")
             progress(f"{rec['name_label']} -> {t.name}: disk {dp.disk.userdevice} {how}")
         hold("before-transfer")
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
@@ -594,6 +626,38 @@ def _copy(
     deadline: float | None,
     hook: Callable[[int], _engine.Progress] | None,
 ) -> DiskResult:
+    if dp.path == "nbd":
+        n = nbd_copy_vdi(
+            src,
+            dp.disk.vdi,
+            ts,
+            vdi,
+            changed=dp.changed,
+            connections=job.nbd_connections,
+            rate_limit=job.rate_limit,
+            timeout=job.vm_timeout,
+            deadline=deadline,
+            cancel=job.cancel,
+            progress=hook,
+        )
+        return DiskResult(
+            dp.disk.userdevice,
+            dp.disk.name,
+            dp.kind,
+            dp.reason,
+            n.bytes_sent,
+            n.blocks,
+            n.seconds,
+            md.digest_of_list(n.digest_algorithm, n.digests),
+            [b for b, _ in n.digests],
+            sent=n.digests,
+            algorithm=n.digest_algorithm,
+            block_size=n.block_size,
+            path="nbd",
+            path_reason=dp.path_reason,
+            bytes_read=n.bytes_read,
+            units=list(n.unit_digests),
+        )
     r = copy_vdi(
         src,
         dp.disk.vdi,
@@ -619,6 +683,8 @@ def _copy(
         sent=r.digests,
         algorithm=r.digest_algorithm,
         block_size=r.block_size,
+        path_reason=dp.path_reason,
+        bytes_read=r.stream_length,
     )
 
 
@@ -634,8 +700,15 @@ def _read_back_and_map(
     """Before the commit: read back what this attempt wrote into ``vdi`` (`read_back` raises
     on a difference, and the attempt is discarded and retried), then keep the disk's block map
     (its base's map with the delta's blocks replaced) and set ``d.map_digest``."""
-    if job.verify_import:
-        where = f"target {target} disk {d.userdevice}"
+    where = f"target {target} disk {d.userdevice}"
+    if d.path == "nbd" and (job.verify_import or job.maps is not None):
+        # An NBD delta carries 64 KiB units, not whole blocks: the blocks it touched are read back
+        # whole (a delta export against the base), and the map records what the target holds.
+        got = export_digests(ts, vdi, base=dp.base_target_vdi, deadline=deadline, cancel=job.cancel)
+        if job.verify_import:
+            _compare_nbd(got.digests, d, where, full=dp.base_target_vdi is None)
+        d.sent = got.digests
+    elif job.verify_import:
         read_back(ts, vdi, d.sent, base=dp.base_target_vdi, where=where, deadline=deadline, cancel=job.cancel)
     if job.maps is not None:
         base: BlockMap | None = None
@@ -659,6 +732,27 @@ def _read_back_and_map(
             new_map = combine(base, d.sent, algorithm=d.algorithm, block_size=d.block_size)
         d.map_digest = job.maps.put_map(new_map)
     d.sent = []  # a large disk's list is large; nothing needs it any more
+
+
+def _compare_nbd(found: list[tuple[int, str]], d: DiskResult, where: str, *, full: bool) -> None:
+    """What the target holds after an NBD transfer against what was read: every block carried
+    whole has its digest; every block touched came back (a full: unless all zeros, which a pool
+    need not allocate); no other block did."""
+    sent = dict(d.sent)
+    unit = 64 * 1024
+    per_block = max(1, (d.block_size or 2 * 1024 * 1024) // unit)
+    touched = {u // per_block for u, _ in d.units} | set(sent)
+    got = dict(found)
+    zero = zero_digest(d.algorithm, d.block_size) if d.block_size else ""
+    if full:
+        got = {i: h for i, h in got.items() if h != zero}
+        sent = {i: h for i, h in sent.items() if h != zero}
+    bad = sorted(i for i, h in sent.items() if got.get(i) != h)
+    stray = sorted(set(got) - touched)
+    if bad or stray:
+        raise ReadbackMismatch(
+            f"{where}: read back differs from what was read over NBD: blocks {bad + stray}"
+        )
 
 
 def run_job(

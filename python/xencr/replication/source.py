@@ -10,6 +10,7 @@ from typing import Any
 
 from xencr.replication import metadata as md
 from xencr.replication import ownership
+from xencr.xapi.errors import XapiError
 from xencr.xapi.session import XapiSession
 
 log = logging.getLogger("xencr.replication")
@@ -28,8 +29,17 @@ class Disk:
 
 
 def disks_of(s: XapiSession, vm: str, *, with_nobak: bool = False) -> list[Disk]:
-    """Disk VBDs (no CDs, no empty drives, no `[NOBAK]` disks unless asked), in user-device order."""
+    """Disk VBDs (no CDs, no empty drives, no `[NOBAK]` disks unless asked), in user-device order.
+    A snapshot whose data was purged has its disks (CBT logs now) by its ``xencr:purged`` record."""
     out = []
+    for device, uuid in md.purged_disks(s.api.VM.get_other_config(vm)).items():
+        try:
+            ref = str(s.api.VDI.get_by_uuid(uuid))
+            v = s.api.VDI.get_record(ref)
+        except XapiError:
+            continue  # gone: the snapshot no longer has that disk
+        if not v["VBDs"]:
+            out.append(Disk(device, ref, uuid, v["name_label"], int(v["virtual_size"]), False))
     for vbd in s.api.VM.get_VBDs(vm):
         r = s.api.VBD.get_record(vbd)
         if r["type"] != "Disk" or r["empty"] or r["VDI"] == "OpaqueRef:NULL":

@@ -22,13 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 from xencr.config import Config, ConfigError, JobConfig
 from xencr.replication.runner import RunReport
 from xencr.schedule import Clock, Scheduler, SystemClock
 from xencr.schedule.scheduler import Entry
 from xencr.state import StateDB
+from xencr.web import server as web
 
 # Longest sleep with nothing scheduled: the loop still wakes for signals at once.
 _IDLE = timedelta(days=1)
@@ -125,6 +126,7 @@ class Daemon:
         self._last: dict[tuple[str, str], datetime] = {}
         self._server: http.server.ThreadingHTTPServer | None = None
         self.metrics_address: tuple[str, int] | None = None  # where /metrics is served, once started
+        self.status_page: str | None = None  # how the status page is served beside it (None: not)
 
     # -- requests (signal handlers and tests)
 
@@ -152,6 +154,7 @@ class Daemon:
                 schedules=len(entries_of(self.config)),
                 config=self.config.path,
                 metrics=_address(self.metrics_address),
+                status_page=self.status_page,
             )
             self._record_fires(tidy=True)
             self._write_textfile()
@@ -315,30 +318,40 @@ class Daemon:
         host, port = parse_listen(self._metrics_listen)
         daemon = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics here")
-                    return
-                try:
-                    body = daemon.metrics_text().encode()
-                except Exception as err:
-                    daemon.log("metrics_failed", error=str(err))
-                    self.send_error(500, "metrics unavailable")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def metrics(h: http.server.BaseHTTPRequestHandler) -> bool:
+            if h.path.split("?")[0] != "/metrics":
+                return False
+            try:
+                body = daemon.metrics_text().encode()
+            except Exception as err:
+                daemon.log("metrics_failed", error=str(err))
+                h.send_error(500, "metrics unavailable")
+                return True
+            h.send_response(200)
+            h.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return True
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # scrapes every few seconds would drown the log
-
+        # The status page beside /metrics, when its access rule allows it on this address.
+        listener = web.listener(
+            lambda: daemon.config,
+            host,
+            metrics,
+            on_error=lambda line: daemon.log("status_page_failed", error=line),
+        )
+        self.status_page = listener.page
+        if listener.refused is not None:
+            self.log("status_page_off", reason=listener.refused)
         try:
-            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+            self._server = http.server.ThreadingHTTPServer((host, port), listener.handler)
         except OSError as err:
             raise OSError(err.errno, err.strerror, f"metrics listen address {self._metrics_listen}") from None
+        if listener.tls is not None:
+            self._server.socket = listener.tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server.daemon_threads = True
         self.metrics_address = (host, self._server.server_address[1])
         threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()

@@ -18,6 +18,7 @@ class TransferFaults:
     drop_after: dict[str, int] = field(default_factory=dict)  # kind -> bytes before the cut (one-shot)
     flip_at: dict[str, int] = field(default_factory=dict)  # kind -> stream offset of a flipped byte
     rate: int | None = None  # bytes/s for every transfer while set
+    connection_rate: int | None = None  # bytes/s for each HTTP stream and each NBD connection
 
 
 class Faults:
@@ -62,12 +63,25 @@ class Faults:
             self.transfer.rate = rate
         self.log.warning("fault armed: transfers limited to %s bytes/s", rate if rate else "unlimited")
 
+    def set_connection_rate(self, rate: int | None) -> None:
+        with self.lock:
+            self.transfer.connection_rate = rate
+        self.log.warning(
+            "fault armed: each data connection limited to %s bytes/s", rate if rate else "unlimited"
+        )
+
+    def connection_rate(self) -> int | None:
+        with self.lock:
+            return self.transfer.connection_rate
+
     def take_transfer(self, kind: str) -> tuple[int | None, int | None, int | None]:
-        """(drop_after, flip_at, rate) for one transfer of ``kind``; one-shot faults are consumed."""
+        """(drop_after, flip_at, rate) for one transfer of ``kind``; one-shot faults are consumed.
+        The rate is the lower of the transfer rate and the per-connection rate."""
         with self.lock:
             drop = self.transfer.drop_after.pop(kind, None)
             flip = self.transfer.flip_at.pop(kind, None)
-            rate = self.transfer.rate
+            limits = [r for r in (self.transfer.rate, self.transfer.connection_rate) if r]
+            rate = min(limits) if limits else None
         if drop is not None or flip is not None:
             self.log.warning("fault fired: %s transfer (drop_after=%s, flip_at=%s)", kind, drop, flip)
         return drop, flip, rate
@@ -130,6 +144,7 @@ class Faults:
                 "drop_after": dict(self.transfer.drop_after),
                 "flip_at": dict(self.transfer.flip_at),
                 "rate": self.transfer.rate or 0,
+                "connection_rate": self.transfer.connection_rate or 0,
                 "sr_fill": dict(self.sr_fill),
                 "unreachable": self.unreachable,
                 "unreachable_after": -1 if self.unreachable_after is None else self.unreachable_after,

@@ -40,7 +40,9 @@ class Collector:
                 if rec["managed"] or storage.path(base).exists():
                     continue
                 children = [
-                    r for r, c in db.items("VDI") if c["SR"] == rec["SR"] and storage.parent_ref(r) == base
+                    r
+                    for r, c in db.items("VDI")
+                    if c["SR"] == rec["SR"] and c["type"] != "cbt_metadata" and storage.parent_ref(r) == base
                 ]
                 if len(children) != 1:
                     continue
@@ -79,7 +81,12 @@ class Collector:
         for ref, rec in db.items("VDI"):
             if rec["SR"] != sr or rec["managed"]:
                 continue
-            children = [r for r, c in db.items("VDI") if c["SR"] == sr and storage.parent_ref(r) == ref]
+            # a data-destroyed snapshot (cbt_metadata) has no file left: not a child any more
+            children = [
+                r
+                for r, c in db.items("VDI")
+                if c["SR"] == sr and c["type"] != "cbt_metadata" and storage.parent_ref(r) == ref
+            ]
             if len(children) == 1 and not any(
                 db.get("VBD", v)["currently_attached"] for v in db.reverse("VDI", "VBDs", children[0])
             ):

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from xencr.sim import wire_xmlrpc
 from xencr.sim.api.placement import hosts_seeing
+from xencr.sim.api.vdi import written_ranges
 from xencr.sim.errors import HttpFailure, XapiError
 from xencr.sim.storage import engine
 
@@ -511,6 +512,7 @@ def _import(t: Transfer) -> None:
         row = pool.db.get("VDI", vdi)
         path, parents = str(pool.storage.path(vdi)), pool.storage.parents(vdi)
         sr_ref = row["SR"]
+        cbt_dir = pool.storage.sr_dir(sr_ref)
         virtual_size = int(row["virtual_size"])
         pool.gc.transfer(sr_ref, +1)
     try:
@@ -523,8 +525,11 @@ def _import(t: Transfer) -> None:
             pool.tasks.fail(task, XapiError("TASK_CANCELLED", task))
             return
         drop, flip, rate = pool.faults.take_transfer("import")
+        written: list[tuple[int, int]] = []
         try:
             with pool.storage.file_lock(row["uuid"]):
+                # CBT: every block counts as written until the import says which were
+                cbt_before = pool.storage.cbt.begin_bulk(cbt_dir, row["uuid"])
                 report = _receive(
                     pool,
                     req,
@@ -538,7 +543,11 @@ def _import(t: Transfer) -> None:
                     drop,
                     flip,
                     rate,
+                    written,
                 )
+                if cbt_before is not None:
+                    ranges = written_ranges(report) if report is not None else written
+                    pool.storage.cbt.end_bulk(cbt_dir, row["uuid"], cbt_before, ranges)
         except Exception as err:  # any failure after the 200 is VDI_IO_ERROR in the task
             pool.log.warning("import into %s failed: %s", row["uuid"], err)
             pool.tasks.fail(task, IO_ERROR)
@@ -580,8 +589,10 @@ def _receive(
     drop: int | None,
     flip: int | None,
     rate: int | None,
+    written: list[tuple[int, int]],
 ) -> Any:
-    """Receive the body; a VHD import returns the engine's report of what it applied."""
+    """Receive the body; a VHD import returns the engine's report of what it applied, a raw one
+    None and the ``(offset, length)`` ranges it wrote in ``written``."""
     eng = engine()
     prefix = _buffered_prefix(req, length)
     sock_fd = req.connection.fileno()
@@ -625,9 +636,9 @@ def _receive(
             feed, lambda rfd: eng.apply_stream(rfd, path, target_format="vhd", parents=parents)
         )
     if chunked:
-        _receive_chunked(req, eng, path, parents, prefix, virtual_size)
+        _receive_chunked(req, eng, path, parents, prefix, virtual_size, written)
         return None
-    _receive_raw(req, eng, path, parents, prefix, length, virtual_size, drop, flip, rate)
+    written.append((0, _receive_raw(req, eng, path, parents, prefix, length, virtual_size, drop, flip, rate)))
     return None
 
 
@@ -653,7 +664,13 @@ def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
 
 
 def _receive_chunked(
-    req: BaseHTTPRequestHandler, eng: Any, path: str, parents: list[str], prefix: bytes, virtual_size: int
+    req: BaseHTTPRequestHandler,
+    eng: Any,
+    path: str,
+    parents: list[str],
+    prefix: bytes,
+    virtual_size: int,
+    written: list[tuple[int, int]],
 ) -> None:
     """``chunked=true`` raw upload (vhd-tool ``chunked.ml``): ``{offset u64 LE, len u32 LE}`` headers
     each followed by ``len`` bytes written at ``offset``, until a ``{0, 0}`` header."""
@@ -674,6 +691,7 @@ def _receive_chunked(
             return
         if offset + length > virtual_size:
             raise OSError("chunk beyond the end of the VDI")
+        written.append((offset, length))
         done = 0
         while done < length:
             data = _read_exact(read, min(COPY_CHUNK, length - done))
@@ -692,8 +710,9 @@ def _receive_raw(
     drop: int | None,
     flip: int | None,
     rate: int | None,
-) -> None:
-    """Raw body written from offset 0 through the VHD leaf, one 2 MiB block at a time."""
+) -> int:
+    """Raw body written from offset 0 through the VHD leaf, one 2 MiB block at a time; returns
+    the bytes written."""
     read = _body_reader(req)
     offset = 0
     started = time.monotonic()
@@ -726,3 +745,4 @@ def _receive_raw(
                 time.sleep(ahead)
     if length is not None and offset < length:
         raise ConnectionError("body ended early")
+    return offset

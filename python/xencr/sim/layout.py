@@ -188,6 +188,32 @@ def _plug(pool: PoolState, sr: str, hosts: list[str], device_config: dict[str, s
         )
 
 
+def _pifs(pool: PoolState, host: str, networks: list[str], index: int) -> None:
+    """A physical PIF per bridged network on each host: ``eth0`` (the management interface, its
+    IP the address the simulator serves on) and ``eth1`` (no IP configured). ``VDI.get_nbd_info``
+    lists the IPs of a host's PIFs on networks with an NBD purpose."""
+    for k, network in enumerate(networks):
+        management = k == 0
+        pool.db.create(
+            "PIF",
+            {
+                "device": f"eth{k}",
+                "network": network,
+                "host": host,
+                "MAC": f"02:5e:{pool.index:02x}:{index:02x}:00:{k:02x}",
+                "MTU": 1500,
+                "VLAN": -1,
+                "physical": True,
+                "currently_attached": True,
+                "management": management,
+                "ip_configuration_mode": "Static" if management else "None",
+                "IP": "127.0.0.1" if management else "",
+                "netmask": "255.0.0.0" if management else "",
+                "managed": True,
+            },
+        )
+
+
 def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int, hosts: int = 1) -> None:
     """Fill an empty pool database. One host: a local SR, a second local SR and the iSCSI SR, as
     always. Several hosts: a local SR per host plugged only there, and the second SR (NFS) and
@@ -244,6 +270,8 @@ def populate(pool: PoolState, *, vms: int, disk_size: int, sr_size: int, hosts: 
             "network", {"name_label": "Second network", "bridge": "xenbr1", "MTU": 1500, "managed": True}
         ),
     ]
+    for j, host in enumerate(host_refs):
+        _pifs(pool, host, networks, j)
     db.create(
         "pool",
         {

@@ -9,6 +9,7 @@ import hmac
 import logging
 import time
 import uuid as uuidlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,28 @@ class Listener(Protocol):
     def go_down(self) -> None: ...
 
     def come_up(self) -> None: ...
+
+
+class NbdServers(Protocol):
+    """The hosts' NBD servers while the pool is served (``xencr.sim.nbd``)."""
+
+    def reconcile(self, pool: int) -> None:
+        """Bring pool ``pool``'s servers in line with its network purposes, host states and
+        connection rate. Never called with the database lock held."""
+
+    def port(self, pool: int, host: str) -> int | None:
+        """The port host ``host`` serves NBD on (None when it has none)."""
+
+    def attached(self, pool: int) -> Sequence[NbdAttachment]:
+        """The VDIs NBD clients of pool ``pool`` hold attached now."""
+
+
+class NbdAttachment(Protocol):
+    """A connected NBD client's read-only VBD on a control domain."""
+
+    host: str
+    vdi_uuid: str
+    vbd: str
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,7 @@ class PoolState:
         self.tls = False  # data handlers cannot hand a TLS socket's fd to the engine
         self.listeners: dict[str, Listener] = {}  # host ref -> its listener, while served
         self.down_hosts: set[str] = set()
+        self.nbd: NbdServers | None = None  # while served
 
     @property
     def delay_scale(self) -> float:
@@ -138,11 +162,14 @@ class PoolState:
     def certificate(self, host: str) -> Path:
         """The certificate ``host`` presents (generated on first use, also without ``--tls``:
         a real host always has one)."""
+        return self.tls_files(host)[0]
+
+    def tls_files(self, host: str) -> tuple[Path, Path]:
+        """(certificate, private key) of ``host``; its HTTPS and its NBD server present them."""
         hosts = self.hosts()
-        cert, _ = host_certificate(
+        return host_certificate(
             self.dir.parent, self.index, hosts.index(host), own=len(hosts) > 1, hostname=self.address
         )
-        return cert
 
     def host_is_slave(self) -> XapiError:
         """``HOST_IS_SLAVE [master address]``, what a member answers to logins and API calls."""
@@ -164,6 +191,13 @@ class PoolState:
         else:
             listener.come_up()
             self.down_hosts.discard(host)
+        self.nbd_changed()
+
+    def nbd_changed(self) -> None:
+        """Network purposes, a host's state or the connection rate changed: the NBD servers
+        follow (caller must not hold the database lock)."""
+        if self.nbd is not None:
+            self.nbd.reconcile(self.index)
 
     def save(self) -> None:
         with self.db.lock:

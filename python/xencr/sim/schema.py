@@ -51,6 +51,8 @@ REVERSE_LINKS: dict[tuple[str, str], tuple[str, str]] = {
     ("host", "PBDs"): ("PBD", "host"),
     ("host", "resident_VMs"): ("VM", "resident_on"),
     ("network", "VIFs"): ("VIF", "network"),
+    ("network", "PIFs"): ("PIF", "network"),
+    ("host", "PIFs"): ("PIF", "host"),
     ("VM_appliance", "VMs"): ("VM", "appliance"),
     ("task", "subtasks"): ("task", "subtask_of"),
     ("pool", "metadata_VDIs"): ("VDI", "metadata_of_pool"),

@@ -26,6 +26,7 @@ from xencr.sim import api, http_data, wire_jsonrpc, wire_xmlrpc  # noqa: F401 - 
 from xencr.sim.api.sim import dispatch_sim
 from xencr.sim.dispatch import dispatch
 from xencr.sim.errors import HttpFailure, XapiError
+from xencr.sim.nbd import NbdService
 from xencr.sim.pool_state import PoolState
 
 log = logging.getLogger("xencr.sim.http")
@@ -345,6 +346,7 @@ class Simulator:
             pool.listeners[host] = listener
         for i, pool in enumerate(pools):
             _record_addresses(pool, address, [self.listeners[(i, j)].port for j in range(len(pool.hosts()))])
+        self.nbd = NbdService(pools, address)
 
     def urls(self) -> list[str]:
         """Per pool, the URL of its host 0 (the first master)."""
@@ -366,8 +368,10 @@ class Simulator:
         for pool in self.pools:
             pool.guests.start()
             pool.boots.resume()
+        self.nbd.start()
 
     def stop(self) -> None:
+        self.nbd.stop()  # NBD clients' attachments released while xapi still runs
         for pool in self.pools:
             pool.guests.close()
             pool.boots.close()
@@ -399,4 +403,9 @@ def _record_addresses(pool: PoolState, address: str, ports: list[int]) -> None:
             metrics = row["metrics"]
             if pool.db.exists("host_metrics", metrics) and not pool.db.get("host_metrics", metrics)["live"]:
                 pool.db.update("host_metrics", metrics, live=True)
+            # the management interface carries the address the host is reached on (NBD records)
+            for pif in pool.db.reverse("host", "PIFs", host):
+                pif_row = pool.db.get("PIF", pif)
+                if pif_row["management"] and pif_row["IP"] != address:
+                    pool.db.update("PIF", pif, IP=address)
     pool.save()

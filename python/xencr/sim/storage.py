@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xencr.sim import cbt
 from xencr.sim.db import write_json
 from xencr.sim.errors import XapiError, sr_backend_failure, sr_no_space
 
@@ -30,6 +32,7 @@ MAX_VHD_SIZE = 2040 * 1024 * MIB  # vhdutil.MAX_VHD_SIZE
 MAX_CHAIN_SIZE = 30  # vhdutil.MAX_CHAIN_SIZE
 # SM drivers with the SR_METADATA capability (xapi.md 5.1): the only SRs DR can use.
 DR_SR_TYPES = frozenset({"lvmoiscsi", "lvmohba"})
+UNALLOCATED = 0xFFFFFFFF  # a BAT entry without a block
 # Physical room a new VHD's metadata needs (footer copy, header, BAT): checked before creating one.
 METADATA_RESERVE = 64 * 1024
 
@@ -57,6 +60,7 @@ class Storage:
         # One lock per VDI file: guest writes, imports and merges of one chain never interleave.
         self._file_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self.cbt = cbt.CbtLogs()
 
     @property
     def db(self) -> Database:
@@ -199,6 +203,9 @@ class Storage:
             if doc["op"] == "snapshot" and doc["base"] not in known:
                 self._undo_snapshot(Path(doc["dir"]), doc["src"], doc["base"], doc["leaf"])
                 undone += 1
+            elif doc["op"] == "cbt_snapshot" and doc["snap"] not in known:
+                self.cbt.undo_snapshot(Path(doc["dir"]), doc["vdi"], doc["snap"])
+                undone += 1
             elif doc["op"] == "delete":
                 aside = Path(doc["aside"])
                 if doc["uuid"] in known and aside.exists():
@@ -217,11 +224,14 @@ class Storage:
             engine().set_uuid(str(src), src_uuid)
         (directory / f"{leaf_uuid}.vhd").unlink(missing_ok=True)
 
-    def snapshot_files(self, vdi_ref: str) -> tuple[str, str]:
-        """``FileVDI._snapshot`` with SNAPSHOT_DOUBLE: returns (base copy uuid, new leaf uuid).
+    def snapshot_files(self, vdi_ref: str, *, cbt_log: bool = False) -> tuple[str, str, bool]:
+        """``FileVDI._snapshot`` with SNAPSHOT_DOUBLE: returns (base copy uuid, new leaf uuid,
+        whether the leaf has a CBT log).
 
         The source file is renamed to the base copy (new UUID in its footer), a differencing child
-        with the source's UUID takes its old path, and a second child becomes the new leaf.
+        with the source's UUID takes its old path, and a second child becomes the new leaf. With
+        ``cbt_log`` (a snapshot, not a clone) the source's CBT log passes to the new leaf in the
+        same step, so that no write can fall between the two (``_cbt_snapshot``).
         """
         row = self.db.get("VDI", vdi_ref)
         sr_ref = row["SR"]
@@ -254,7 +264,14 @@ class Storage:
             except Exception:
                 self._undo_snapshot(directory, row["uuid"], base_uuid, leaf_uuid)
                 raise
-        return base_uuid, leaf_uuid
+            has_log = False
+            if cbt_log and self.cbt.has_log(directory, row["uuid"]):
+                self._journal(
+                    f"{leaf_uuid}-cbt",
+                    {"op": "cbt_snapshot", "dir": str(directory), "vdi": row["uuid"], "snap": leaf_uuid},
+                )
+                has_log = self.cbt.snapshot(directory, row["uuid"], leaf_uuid, int(row["virtual_size"]))
+        return base_uuid, leaf_uuid, has_log
 
     def write(self, vdi_ref: str, offset: int, data: bytes) -> None:
         row = self.db.get("VDI", vdi_ref)
@@ -262,11 +279,33 @@ class Storage:
             raise XapiError("VDI_IO_ERROR", "Device I/O errors")
         self.ensure_space(row["SR"], len(data) + 2 * VHD_BLOCK_SIZE)
         with self.file_lock(row["uuid"]):
+            # the CBT log first: a crash between the two over-reports, never under-reports
+            self.cbt.mark(self.sr_dir(row["SR"]), row["uuid"], offset, len(data))
             engine().write(str(self.path(vdi_ref)), offset, data, parents=self.parents(vdi_ref))
 
     def read(self, vdi_ref: str, offset: int, length: int) -> bytes:
         data: bytes = engine().read(str(self.path(vdi_ref)), offset, length, parents=self.parents(vdi_ref))
         return data
+
+    def allocated_blocks(self, vdi_ref: str) -> tuple[int, bytes]:
+        """(block size, bitmap of the blocks some file of the chain allocates, one bit per block,
+        most significant bit first): the NBD server's ``base:allocation`` (sm reads block
+        allocation the same way, ``vhdutil.getBlockBitmap``: the BAT, through ``vhd-util``)."""
+        paths = [str(self.path(r)) for r in self.chain(vdi_ref)]
+        eng = engine()
+        block_size = VHD_BLOCK_SIZE
+        blocks = (int(self.db.get("VDI", vdi_ref)["virtual_size"]) + block_size - 1) // block_size
+        bitmap = bytearray((blocks + 7) // 8)
+        for k, path in enumerate(paths):
+            header = eng.info(path, parents=paths[k + 1 :])["header"]
+            block_size = int(header["block_size"])
+            entries = min(int(header["max_table_entries"]), blocks)
+            with open(path, "rb") as f:
+                raw = os.pread(f.fileno(), 4 * entries, int(header["table_offset"]))
+            for index, entry in enumerate(struct.unpack(f">{len(raw) // 4}I", raw)):
+                if entry != UNALLOCATED:
+                    bitmap[index >> 3] |= 0x80 >> (index & 7)
+        return block_size, bytes(bitmap)
 
     def sha256(self, vdi_ref: str) -> str:
         digest: str = engine().sha256(str(self.path(vdi_ref)), parents=self.parents(vdi_ref))
@@ -311,5 +350,6 @@ class Storage:
                 if errors:
                     raise errors[0]
                 os.replace(fresh, path)
+                self.cbt.resize(self.sr_dir(row["SR"]), row["uuid"], size)
             finally:
                 fresh.unlink(missing_ok=True)

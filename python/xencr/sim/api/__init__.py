@@ -6,6 +6,7 @@ from xencr.sim.api import (  # noqa: F401 - imported for registration
     dr,
     event,
     host_pool,
+    nbd,
     network,
     placement,
     session,

@@ -1,9 +1,12 @@
-"""network.* (``xapi_network.ml`` create/destroy).
+"""network.* (``xapi_network.ml`` create/destroy/add_purpose/remove_purpose).
 
 A network needs no PIF: one without (an internal network, e.g. xencr's isolated test network)
 gets a bridge ``xapi<N>`` (N from a counter per xapi process, skipping names in use) and its VIFs
 plug like any others. ``destroy`` refuses while a VIF on it is attached (``NETWORK_CONTAINS_VIF``
 with those VIFs) or while it has PIFs (``NETWORK_CONTAINS_PIF``), then destroys its other VIFs.
+
+Purposes (``nbd``, ``insecure_nbd``) open the hosts' NBD service on the network (xapi's firewall
+follows them, ``network_event_loop.ml``); the two exclude each other pool-wide.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def destroy(ctx: Ctx, network: str) -> None:
     ]
     if connected:
         raise XapiError("NETWORK_CONTAINS_VIF", *connected)
-    pifs = list(db.record("network", network).get("PIFs", []))  # no PIF is simulated: always []
+    pifs = db.reverse("network", "PIFs", network)  # the layout's networks have PIFs, created ones none
     if pifs:
         raise XapiError("NETWORK_CONTAINS_PIF", *pifs)
     if str(db.get("network", network)["other_config"].get("is_host_internal_management_network")) == "true":
@@ -58,3 +61,36 @@ def destroy(ctx: Ctx, network: str) -> None:
     for vif in vifs:  # "destroy all the VIFs now rather than wait for the GC thread"
         db.delete("VIF", vif)
     db.delete("network", network)
+
+
+@handler("network.add_purpose", locked=False)
+def add_purpose(ctx: Ctx, network: str, value: str) -> None:
+    """``assert_network_is_managed`` (``NETWORK_UNMANAGED [network]``), then, unless the network
+    already has it, ``NETWORK_INCOMPATIBLE_PURPOSES [new, conflicting]`` when any network of the
+    pool has the other NBD purpose; the new purpose goes first."""
+    db = ctx.db
+    with db.lock:
+        row = require(ctx, "network", network)
+        if not row["managed"]:
+            raise XapiError("NETWORK_UNMANAGED", network)
+        current = list(row["purpose"])
+        if value in current:
+            return
+        conflicting = {"nbd": "insecure_nbd", "insecure_nbd": "nbd"}[value]
+        for _, other in db.items("network"):
+            if conflicting in other["purpose"]:
+                raise XapiError("NETWORK_INCOMPATIBLE_PURPOSES", value, conflicting)
+        db.update("network", network, purpose=[value, *current])
+    ctx.pool.nbd_changed()
+
+
+@handler("network.remove_purpose", locked=False)
+def remove_purpose(ctx: Ctx, network: str, value: str) -> None:
+    """Silent when the network does not have the purpose."""
+    db = ctx.db
+    with db.lock:
+        row = require(ctx, "network", network)
+        if value not in row["purpose"]:
+            return
+        db.update("network", network, purpose=[p for p in row["purpose"] if p != value])
+    ctx.pool.nbd_changed()

@@ -107,6 +107,46 @@ def _rate(pool: PoolState, rate: Any) -> str:
     return ""
 
 
+@sim_call("sim.fault_connection_rate")
+def _connection_rate(pool: PoolState, rate: Any) -> str:
+    """A slow dom0: each NBD connection and each HTTP export/import stream of the pool limited
+    to ``rate`` bytes/s on its own (0 lifts it)."""
+    pool.faults.set_connection_rate(int(rate) or None)
+    pool.nbd_changed()
+    return ""
+
+
+@sim_call("sim.nbd_attachments")
+def _nbd_attachments(pool: PoolState) -> list[dict[str, str]]:
+    """The VDIs NBD clients hold attached to a control domain right now: ``{vdi, vbd, host}``
+    (VDI and host by UUID)."""
+    nbd = pool.nbd
+    if nbd is None:
+        return []
+    with pool.db.lock:
+        return [
+            {
+                "vdi": a.vdi_uuid,
+                "vbd": a.vbd,
+                "host": pool.db.get("host", a.host)["uuid"] if pool.db.exists("host", a.host) else "",
+            }
+            for a in nbd.attached(pool.index)
+        ]
+
+
+@sim_call("sim.fault_cbt_inconsistent")
+def _cbt_inconsistent(pool: PoolState, vdi_uuid: str) -> str:
+    """The VDI's CBT log is found inconsistent (tapdisk died with it open): sm deletes it and
+    disables CBT on the VDI (``_disable_cbt_on_error``, alert VDI_CBT_METADATA_INCONSISTENT)."""
+    with pool.db.lock:
+        vdi = pool.db.ref_of("VDI", vdi_uuid)
+        row = pool.db.get("VDI", vdi)
+        pool.storage.cbt.discard(pool.storage.sr_dir(row["SR"]), row["uuid"])
+        pool.db.update("VDI", vdi, cbt_enabled=False)
+    pool.log.warning("fault fired: CBT log of VDI %s inconsistent, CBT disabled", vdi_uuid)
+    return ""
+
+
 @sim_call("sim.fault_fill_sr")
 def _fill(pool: PoolState, sr_uuid: str, nbytes: Any) -> str:
     with pool.db.lock:
@@ -167,6 +207,7 @@ def _clear(pool: PoolState) -> str:
     with pool.db.lock:
         for sr in pool.db.refs("SR"):
             pool.storage.refresh(sr)
+    pool.nbd_changed()
     return ""
 
 

@@ -100,6 +100,8 @@ def destroy_vdi(ctx: Ctx, vdi: str) -> None:
     assert_not_in_use(db, vdi, "destroy")
     sr = row["SR"]
     ctx.pool.storage.delete_file(vdi)
+    # sm VDI.delete: the CBT log is spliced out of its chain, its blocks merged into the child's
+    ctx.pool.storage.cbt.delete(ctx.pool.storage.sr_dir(sr), row["uuid"])
     for vbd in db.reverse("VDI", "VBDs", vdi):
         db.delete("VBD", vbd)
     for vm, rec in db.items("VM"):
@@ -127,7 +129,8 @@ def _snapshot_or_clone(ctx: Ctx, vdi: str, *, is_snapshot: bool) -> str:
         raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
     sr = row["SR"]
     grandparent = row["sm_config"].get("vhd-parent")
-    base_uuid, leaf_uuid = ctx.pool.storage.snapshot_files(vdi)
+    # a snapshot takes over the VDI's CBT log, a clone gets none (FileVDI._snapshot, clone)
+    base_uuid, leaf_uuid, leaf_cbt = ctx.pool.storage.snapshot_files(vdi, cbt_log=is_snapshot)
     # FileVDI._snapshot: the base copy is introduced hidden, read-only and unmanaged.
     base_sm = {"vhd-parent": grandparent} if grandparent else {}
     db.create(
@@ -157,7 +160,7 @@ def _snapshot_or_clone(ctx: Ctx, vdi: str, *, is_snapshot: bool) -> str:
             "is_a_snapshot": is_snapshot,
             "snapshot_of": vdi if is_snapshot else NULL_REF,
             "snapshot_time": now() if is_snapshot else EPOCH,
-            "cbt_enabled": bool(row["cbt_enabled"]) if is_snapshot else False,
+            "cbt_enabled": leaf_cbt,
         }
     )
     return new_vdi(ctx, sr, fields, file_size=None)
@@ -185,8 +188,9 @@ def clone(ctx: Ctx, vdi: str, driver_params: dict[str, str]) -> str:
     return clone_vdi(ctx, vdi)
 
 
-def _pipe_stream(produce: Any, consume: Any) -> None:
-    """Run ``produce(write_fd)`` in a thread and ``consume(read_fd)`` here (bounded memory)."""
+def _pipe_stream(produce: Any, consume: Any) -> Any:
+    """Run ``produce(write_fd)`` in a thread and ``consume(read_fd)`` here (bounded memory);
+    returns what ``consume`` returned."""
     rfd, wfd = os.pipe()
     errors: list[BaseException] = []
 
@@ -201,12 +205,20 @@ def _pipe_stream(produce: Any, consume: Any) -> None:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     try:
-        consume(rfd)
+        result = consume(rfd)
     finally:
         os.close(rfd)
         t.join()
     if errors:
         raise errors[0]
+    return result
+
+
+def written_ranges(report: Any) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` of every block a VHD stream carried into its target (what a CBT
+    log records of an import: whole blocks, the engine reporting no finer extent)."""
+    block = int(report["block_size"])
+    return [(int(index) * block, block) for index, _ in report["digests"]]
 
 
 def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
@@ -251,6 +263,7 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
             fields.update({"virtual_size": row["virtual_size"], "read_only": False, "sm_config": {}})
             target = new_vdi(ctx, target_sr, fields, file_size=int(row["virtual_size"]))
         target_row = db.get("VDI", target)
+        target_dir = storage.sr_dir(target_row["SR"])
         target_path, target_parents = str(storage.path(target)), storage.parents(target)
         base_path = str(storage.path(base_vdi)) if base_vdi != NULL_REF else None
         base_parents = storage.parents(base_vdi) if base_vdi != NULL_REF else None
@@ -259,16 +272,14 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
         ctx.pool.gc.transfer(target_row["SR"], +1)
     eng = engine()
     try:
-        _copy_data(
-            eng,
-            storage.file_lock(target_row["uuid"]),
-            src_path,
-            src_parents,
-            target_path,
-            target_parents,
-            base_path,
-            base_parents,
-        )
+        with storage.file_lock(target_row["uuid"]):
+            # blocks written into a VDI with CBT are logged (all of them until the copy is done)
+            before = storage.cbt.begin_bulk(target_dir, target_row["uuid"])
+            report = _copy_data(
+                eng, src_path, src_parents, target_path, target_parents, base_path, base_parents
+            )
+            if before is not None:
+                storage.cbt.end_bulk(target_dir, target_row["uuid"], before, written_ranges(report))
     finally:
         ctx.pool.gc.transfer(row["SR"], -1)
         ctx.pool.gc.transfer(target_row["SR"], -1)
@@ -279,27 +290,23 @@ def copy_vdi(ctx: Ctx, vdi: str, sr: str, base_vdi: str, into_vdi: str) -> str:
 
 def _copy_data(
     eng: Any,
-    lock: Any,
     src_path: str,
     src_parents: list[str],
     target_path: str,
     target_parents: list[str],
     base_path: str | None,
     base_parents: list[str] | None,
-) -> None:
-    with lock:
-        if base_path is None:
-            _pipe_stream(
-                lambda fd: eng.export_stream(src_path, fd, parents=src_parents),
-                lambda fd: eng.apply_stream(fd, target_path, parents=target_parents),
-            )
-        else:
-            _pipe_stream(
-                lambda fd: eng.diff_stream(
-                    base_path, src_path, fd, a_parents=base_parents, b_parents=src_parents
-                ),
-                lambda fd: eng.apply_stream(fd, target_path, parents=target_parents),
-            )
+) -> Any:
+    """The copy as a VHD stream applied to the target; returns the apply report."""
+    if base_path is None:
+        return _pipe_stream(
+            lambda fd: eng.export_stream(src_path, fd, parents=src_parents),
+            lambda fd: eng.apply_stream(fd, target_path, parents=target_parents),
+        )
+    return _pipe_stream(
+        lambda fd: eng.diff_stream(base_path, src_path, fd, a_parents=base_parents, b_parents=src_parents),
+        lambda fd: eng.apply_stream(fd, target_path, parents=target_parents),
+    )
 
 
 @handler("VDI.copy", locked=False)
