@@ -286,3 +286,19 @@ def test_a_xen_orchestra_nbd_cbt_chain_is_continued(pools: Pools, a: XapiSession
     point = ts.api.VM.get_by_uuid(vr.targets[0].restore_point)
     assert disk_hashes(ts, point) == {"0": src.api.sim.hash(live_disk(src, "vm4"))}
     assert disk_hashes(ts, replica) == xo_hashes
+
+
+def test_a_unit_the_target_garbles_is_never_committed(pools: Pools, a: XapiSession, tmp_path: Path) -> None:
+    """The read-back of an NBD delta compares every 64 KiB unit read with what the target holds:
+    a byte flipped in the import fails the attempt, which is retried and committed right."""
+    cfg = job_config(tmp_path, pools, "j", ["vm4"])
+    run(cfg)
+    write_units(a, "vm4", list(range(32, 64)), "garbled")  # block 1, every unit of it
+    # Inside block 1's data in the import stream: footer, header, BAT, then its bitmap and data.
+    pools.session(1).api.sim.fault_flip_byte("import", str(512 + 1024 + 512 + 512 + 300_000))
+    report, d = run(cfg)
+    tr = report.vms[0].targets[0]
+    assert (d.kind, d.path_reason) == ("delta", "NBD + CBT")
+    [warning] = tr.warnings
+    assert warning.endswith("disk 0: read back differs from what was read over NBD: blocks [1]"), warning
+    assert replica_hash(pools, report) == a.api.sim.hash(live_disk(a, "vm4"))

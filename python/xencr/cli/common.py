@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
@@ -67,3 +68,13 @@ def columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
+
+
+def confirm(what: str, yes: bool) -> None:
+    """A command that changes VMs: asked on a terminal, refused without one unless ``--yes``."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise errors.CliError(f"{what} changes VMs: give --yes to run it without a terminal")
+    if not typer.confirm(f"{what}: go ahead?", default=False):
+        raise errors.CliError("cancelled; nothing changed")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported
+from xencr.cli.common import ConfigOption, JsonFlag, confirm, load, print_json, reported
 from xencr.cli.errors import CliError
 from xencr.config import Config
 from xencr.dr.connect import dr_sessions
@@ -49,15 +49,6 @@ YesOption = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmat
 
 def _session(cfg: Config, pool: str) -> XapiSession:
     return connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path)
-
-
-def _confirm(what: str, yes: bool) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise CliError(f"{what} changes VMs: give --yes to run it without a terminal")
-    if not typer.confirm(f"{what}: go ahead?", default=False):
-        raise CliError("cancelled; nothing changed")
 
 
 @metadata_app.command("enable")
@@ -271,7 +262,7 @@ def recover_command(
         plan=cfg.plan(plan) if plan else None,
     )
     if not test:
-        _confirm(f"recovery on pool {pool}", yes)
+        confirm(f"recovery on pool {pool}", yes)
     with _session(cfg, pool) as t, StateDB(cfg.state_path) as db:
         try:
             report = recover(t, db, request, say=lambda line: typer.echo(line, err=json_out))
@@ -319,7 +310,7 @@ def failback_command(
         cfg.plan(plan) if plan else None,
         tuple(shlex.split(mirror_command)) if mirror_command else (),
     )
-    _confirm(f"failback from pool {from_pool} to pool {to_pool}", yes)
+    confirm(f"failback from pool {from_pool} to pool {to_pool}", yes)
     with _session(cfg, from_pool) as back, _session(cfg, to_pool) as home, StateDB(cfg.state_path) as db:
         try:
             out = failback(back, home, db, request, say=lambda line: typer.echo(line, err=json_out))

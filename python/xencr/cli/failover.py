@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported, warn
+from xencr.cli.common import ConfigOption, JsonFlag, confirm, load, print_json, reported, warn
 from xencr.cli.errors import CliError
 from xencr.cli.run import stopping_cleanly
 from xencr.dr import choose
@@ -21,15 +21,6 @@ from xencr.dr.testrun import cleanup, rehearse
 from xencr.monitor import rehearsals
 from xencr.monitor.notify import notify_test
 from xencr.state import StateDB
-
-
-def _confirm(what: str, yes: bool) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise CliError(f"{what} changes VMs: give --yes to run it without a terminal")
-    if not typer.confirm(f"{what}: go ahead?", default=False):
-        raise CliError("cancelled; nothing changed")
 
 
 def _json(r: FailoverReport) -> dict[str, Any]:
@@ -198,7 +189,7 @@ def _failover(
 ) -> None:
     cfg = load(config)
     plan = cfg.plan(name)
-    _confirm(f"failover of plan {name}", yes)
+    confirm(f"failover of plan {name}", yes)
     say = (lambda _: None) if json_out else typer.echo
     with (
         StateDB(cfg.state_path) as db,
@@ -238,7 +229,7 @@ def _planned(
 ) -> None:
     cfg = load(config)
     plan = cfg.plan(name)
-    _confirm(f"planned failover of plan {name} (its source VMs are shut down)", yes)
+    confirm(f"planned failover of plan {name} (its source VMs are shut down)", yes)
     say = (lambda _: None) if json_out else typer.echo
     with (
         StateDB(cfg.state_path) as db,
@@ -305,7 +296,7 @@ def failback_command(
 def _failback(name: str, vms: list[str], yes: bool, json_out: bool, config: Path | None) -> None:
     cfg = load(config)
     plan = cfg.plan(name)
-    _confirm(f"failback of plan {name} (the DR VMs are shut down, the original VMs' disks replaced)", yes)
+    confirm(f"failback of plan {name} (the DR VMs are shut down, the original VMs' disks replaced)", yes)
     say = (lambda _: None) if json_out else typer.echo
     with StateDB(cfg.state_path) as db, dr_sessions(cfg, pools_of(cfg), interactive=sys.stdin.isatty()) as dr:
         try:

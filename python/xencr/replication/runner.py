@@ -36,7 +36,15 @@ from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.handlers import RedirectRefused, TransferCancelled, TransferError, TransferTimeout
 from xencr.xapi.nbd import nbd_copy_vdi
 from xencr.xapi.session import XapiSession
-from xencr.xapi.transfer import ReadbackMismatch, copy_vdi, export_digests, read_back, zero_digest
+from xencr.xapi.transfer import (
+    ReadBack,
+    ReadbackMismatch,
+    TransferReport,
+    copy_vdi,
+    export_digests,
+    read_back,
+    zero_digest,
+)
 
 log = logging.getLogger("xencr.replication")
 
@@ -626,6 +634,9 @@ def _copy(
     deadline: float | None,
     hook: Callable[[int], _engine.Progress] | None,
 ) -> DiskResult:
+    """One disk by its path (`path.choose`): read over NBD, or XAPI's VHD stream relayed."""
+    r: TransferReport
+    units: list[tuple[int, str]] = []
     if dp.path == "nbd":
         n = nbd_copy_vdi(
             src,
@@ -640,36 +651,21 @@ def _copy(
             cancel=job.cancel,
             progress=hook,
         )
-        return DiskResult(
-            dp.disk.userdevice,
-            dp.disk.name,
-            dp.kind,
-            dp.reason,
-            n.bytes_sent,
-            n.blocks,
-            n.seconds,
-            md.digest_of_list(n.digest_algorithm, n.digests),
-            [b for b, _ in n.digests],
-            sent=n.digests,
-            algorithm=n.digest_algorithm,
-            block_size=n.block_size,
-            path="nbd",
-            path_reason=dp.path_reason,
-            bytes_read=n.bytes_read,
-            units=list(n.unit_digests),
+        r, read, units = n, n.bytes_read, list(n.unit_digests)
+    else:
+        r = copy_vdi(
+            src,
+            dp.disk.vdi,
+            ts,
+            vdi,
+            base_vdi=dp.base_source_vdi,
+            rate_limit=job.rate_limit,
+            timeout=job.vm_timeout,
+            deadline=deadline,
+            cancel=job.cancel,
+            progress=hook,
         )
-    r = copy_vdi(
-        src,
-        dp.disk.vdi,
-        ts,
-        vdi,
-        base_vdi=dp.base_source_vdi,
-        rate_limit=job.rate_limit,
-        timeout=job.vm_timeout,
-        deadline=deadline,
-        cancel=job.cancel,
-        progress=hook,
-    )
+        read = r.stream_length
     return DiskResult(
         dp.disk.userdevice,
         dp.disk.name,
@@ -680,11 +676,13 @@ def _copy(
         r.seconds,
         md.digest_of_list(r.digest_algorithm, r.digests),
         [b for b, _ in r.digests],
-        sent=r.digests,
+        sent=list(r.digests),
         algorithm=r.digest_algorithm,
         block_size=r.block_size,
+        path=dp.path,
         path_reason=dp.path_reason,
-        bytes_read=r.stream_length,
+        bytes_read=read,
+        units=units,
     )
 
 
@@ -704,9 +702,11 @@ def _read_back_and_map(
     if d.path == "nbd" and (job.verify_import or job.maps is not None):
         # An NBD delta carries 64 KiB units, not whole blocks: the blocks it touched are read back
         # whole (a delta export against the base), and the map records what the target holds.
-        got = export_digests(ts, vdi, base=dp.base_target_vdi, deadline=deadline, cancel=job.cancel)
+        got = export_digests(
+            ts, vdi, base=dp.base_target_vdi, deadline=deadline, cancel=job.cancel, units=job.verify_import
+        )
         if job.verify_import:
-            _compare_nbd(got.digests, d, where, full=dp.base_target_vdi is None)
+            _compare_nbd(got, d, where, full=dp.base_target_vdi is None)
         d.sent = got.digests
     elif job.verify_import:
         read_back(ts, vdi, d.sent, base=dp.base_target_vdi, where=where, deadline=deadline, cancel=job.cancel)
@@ -734,21 +734,20 @@ def _read_back_and_map(
     d.sent = []  # a large disk's list is large; nothing needs it any more
 
 
-def _compare_nbd(found: list[tuple[int, str]], d: DiskResult, where: str, *, full: bool) -> None:
-    """What the target holds after an NBD transfer against what was read: every block carried
-    whole has its digest; every block touched came back (a full: unless all zeros, which a pool
-    need not allocate); no other block did."""
-    sent = dict(d.sent)
-    unit = 64 * 1024
-    per_block = max(1, (d.block_size or 2 * 1024 * 1024) // unit)
-    touched = {u // per_block for u, _ in d.units} | set(sent)
-    got = dict(found)
-    zero = zero_digest(d.algorithm, d.block_size) if d.block_size else ""
+def _compare_nbd(got: ReadBack, d: DiskResult, where: str, *, full: bool) -> None:
+    """What the target holds after an NBD transfer against what was read: every 64 KiB unit read
+    has the same digest in the target (the blocks it touched read back whole, so every unit of
+    them is there), and no block the transfer did not touch came back (a full: unless all zeros,
+    which a pool need not allocate)."""
+    per_block = max(1, (d.block_size or 2 * 1024 * 1024) // (64 * 1024))
+    touched = {u // per_block for u, _ in d.units} | {b for b, _ in d.sent}
+    found = dict(got.units)
+    bad = sorted({u // per_block for u, h in d.units if found.get(u) != h})
+    blocks = dict(got.digests)
     if full:
-        got = {i: h for i, h in got.items() if h != zero}
-        sent = {i: h for i, h in sent.items() if h != zero}
-    bad = sorted(i for i, h in sent.items() if got.get(i) != h)
-    stray = sorted(set(got) - touched)
+        zero = zero_digest(got.algorithm, got.block_size)
+        blocks = {i: h for i, h in blocks.items() if h != zero}
+    stray = sorted(set(blocks) - touched)
     if bad or stray:
         raise ReadbackMismatch(
             f"{where}: read back differs from what was read over NBD: blocks {bad + stray}"

@@ -247,6 +247,7 @@ def _relay_export(
     *,
     deadline: float | None = None,
     cancel: threading.Event | None = None,
+    unit_digests: bool = False,
     **params: str,
 ) -> dict[str, Any]:
     """The export validated and digested by the engine, written nowhere (following one redirect
@@ -256,7 +257,9 @@ def _relay_export(
         sock = tcp(at)
         watchdog = Watchdog([sock], deadline, cancel)
         try:
-            return dict(_engine.relay(sock.fileno(), at.host, path, src_tls=at.tls))
+            return dict(
+                _engine.relay(sock.fileno(), at.host, path, src_tls=at.tls, unit_digests=unit_digests)
+            )
         except (_engine.VhdError, OSError) as err:
             if watchdog.fired == "cancel":
                 raise TransferCancelled(f"{what} cancelled") from None
@@ -326,6 +329,7 @@ class ReadBack:
     digests: list[tuple[int, str]]  # (block index, hex digest), ascending
     bytes_read: int
     block_count: int  # blocks of the whole disk (the BAT's entries)
+    units: list[tuple[int, str]] = field(default_factory=list)  # per 64 KiB unit, when asked
 
 
 @functools.cache
@@ -349,15 +353,23 @@ def export_digests(
     base: str | None = None,
     deadline: float | None = None,
     cancel: threading.Event | None = None,
+    units: bool = False,
 ) -> ReadBack:
-    """Export ``vdi`` (a delta against ``base`` when given) and digest every block it carries;
-    nothing is written anywhere. Past ``deadline`` or once ``cancel`` is set the export is cut
-    (`TransferTimeout` / `TransferCancelled`)."""
+    """Export ``vdi`` (a delta against ``base`` when given) and digest every block it carries
+    (and, with ``units``, every 64 KiB unit of them); nothing is written anywhere. Past
+    ``deadline`` or once ``cancel`` is set the export is cut (`TransferTimeout` /
+    `TransferCancelled`)."""
     task = str(session.call("task.create", "xencr read-back", f"read-back of {vdi}"))
     params = {"vdi": vdi, "format": "vhd"} | ({"base": base} if base else {})
     try:
         report = _relay_export(
-            session, task, f"read-back of {vdi}", deadline=deadline, cancel=cancel, **params
+            session,
+            task,
+            f"read-back of {vdi}",
+            deadline=deadline,
+            cancel=cancel,
+            unit_digests=units,
+            **params,
         )
     finally:
         session.cancel_task(task)
@@ -368,6 +380,7 @@ def export_digests(
         digests=[(int(i), str(h)) for i, h in report["digests"]],
         bytes_read=int(report["bytes_in"]),
         block_count=-(-int(report["virtual_size"]) // int(report["block_size"])),
+        units=[(int(i), str(h)) for i, h in report.get("unit_digests", [])],
     )
 
 

@@ -53,30 +53,27 @@ def find_sr(t: XapiSession, pool: str, sr: str) -> tuple[str, dict[str, Any]]:
     return found[0]
 
 
-def enable(t: XapiSession, pool: str, srs: Sequence[str]) -> list[str]:
-    """Turn on replication to each SR (XAPI's errors propagate, the SR named by the caller)."""
+def _switch(t: XapiSession, pool: str, srs: Sequence[str], on: bool) -> list[str]:
+    call, done = ("enable", "enabled") if on else ("disable", "disabled")
     out = []
     for name in srs:
         ref, rec = find_sr(t, pool, name)
         try:
-            t.call_once("SR.enable_database_replication", ref)
+            t.call_once(f"SR.{call}_database_replication", ref)
         except XapiError as err:
             raise err.about(f"pool {pool}: SR {rec['name_label']}") from None
-        out.append(f"pool {pool}: metadata replication to SR {rec['name_label']} ({rec['uuid']}) enabled")
+        out.append(f"pool {pool}: metadata replication to SR {rec['name_label']} ({rec['uuid']}) {done}")
     return out
+
+
+def enable(t: XapiSession, pool: str, srs: Sequence[str]) -> list[str]:
+    """Turn on replication to each SR (XAPI's errors propagate, the SR named)."""
+    return _switch(t, pool, srs, True)
 
 
 def disable(t: XapiSession, pool: str, srs: Sequence[str]) -> list[str]:
     """Turn it off (XAPI destroys this pool's metadata VDI on the SR)."""
-    out = []
-    for name in srs:
-        ref, rec = find_sr(t, pool, name)
-        try:
-            t.call_once("SR.disable_database_replication", ref)
-        except XapiError as err:
-            raise err.about(f"pool {pool}: SR {rec['name_label']}") from None
-        out.append(f"pool {pool}: metadata replication to SR {rec['name_label']} ({rec['uuid']}) disabled")
-    return out
+    return _switch(t, pool, srs, False)
 
 
 def status(t: XapiSession, pool: str) -> list[MetadataSr]:
