@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,28 @@ class Site:
     def xencr(self, *args: str) -> tuple[int, str]:
         r = cli.invoke(app, [*args, "--config", str(self.cfg)])
         return r.exit_code, r.output
+
+    def recover_in_background(self, *flags: str) -> subprocess.Popen[str]:
+        """`xencr dr recover --pool b` from the mirror, in a process of its own (to be killed),
+        its output unbuffered on ``stdout``."""
+        argv = [
+            sys.executable,
+            "-m",
+            "xencr.cli",
+            "dr",
+            "recover",
+            "--pool",
+            "b",
+            "--sr-config",
+            self.lun_config(),
+        ]
+        return subprocess.Popen(
+            [*argv, *flags, "--config", str(self.cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
 
     def mirror(self, src: str = LUN, dst: str = MIRROR) -> None:
         self.a.api.sim.array_mirror(src, dst)

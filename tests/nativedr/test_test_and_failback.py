@@ -3,9 +3,7 @@ run again; `xencr dr failback` brings the recovered VMs home with what they wrot
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -56,24 +54,7 @@ def test_a_killed_test_is_cleaned_up_by_the_next(site: Site) -> None:
     before = objects(site.b)
     # Slow boots keep the test in its start step long enough to be killed there.
     site.b.api.pool.set_other_config(site.b.api.pool.get_all()[0], {"sim_delay_scale": "1"})
-    argv = [
-        sys.executable,
-        "-m",
-        "xencr.cli",
-        "dr",
-        "recover",
-        "--pool",
-        "b",
-        "--sr-config",
-        site.lun_config(),
-    ]
-    proc = subprocess.Popen(
-        [*argv, "--test", "--boot", "--config", str(site.cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
-    )
+    proc = site.recover_in_background("--test", "--boot")
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("recovered "):
@@ -134,24 +115,7 @@ def test_a_killed_recovery_continues_and_starts_each_vm_once(site: Site) -> None
     b = site.b
     # db's start delay (100 s unscaled) keeps the recovery in its first group when it is killed.
     b.api.pool.set_other_config(b.api.pool.get_all()[0], {"sim_delay_scale": "1"})
-    argv = [
-        sys.executable,
-        "-m",
-        "xencr.cli",
-        "dr",
-        "recover",
-        "--pool",
-        "b",
-        "--sr-config",
-        site.lun_config(),
-    ]
-    proc = subprocess.Popen(
-        [*argv, "--yes", "--config", str(site.cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
-    )
+    proc = site.recover_in_background("--yes")
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:

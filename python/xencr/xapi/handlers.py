@@ -215,6 +215,14 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
 
+    def check(self, what: str) -> None:
+        """After the engine failed: `TransferCancelled` or `TransferTimeout` when the watchdog
+        cut ``what`` ("transfer of X", "read-back of X"), so the cut is said, not its symptom."""
+        if self.fired == "cancel":
+            raise TransferCancelled(f"{what} cancelled")
+        if self.fired:
+            raise TransferTimeout(f"{what} cut at its deadline")
+
 
 def wait_task(
     session: XapiSession,

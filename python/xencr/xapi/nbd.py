@@ -19,7 +19,6 @@ from xencr.xapi.handlers import (
     RedirectRefused,
     TransferCancelled,
     TransferError,
-    TransferTimeout,
     Watchdog,
     data_host,
     follow,
@@ -217,10 +216,7 @@ def _copy_once(
                 progress=counter,
             )
         except (_engine.VhdError, OSError) as err:
-            if watchdog.fired == "cancel":
-                raise TransferCancelled(f"transfer of {src_vdi} cancelled") from None
-            if watchdog.fired:
-                raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
+            watchdog.check(f"transfer of {src_vdi}")
             kind, side = getattr(err, "kind", ""), getattr(err, "side", None)
             if kind == "redirect" and side == "import":
                 raise _ImportRedirected(str(getattr(err, "location", ""))) from None

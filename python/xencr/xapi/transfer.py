@@ -28,7 +28,6 @@ from xencr.xapi.handlers import (
     RedirectRefused,
     TransferCancelled,
     TransferError,
-    TransferTimeout,
     Watchdog,
     connect,
     data_host,
@@ -172,10 +171,7 @@ def _copy_once(
                 progress=counter,
             )
         except (_engine.VhdError, OSError) as err:
-            if watchdog.fired == "cancel":
-                raise TransferCancelled(f"transfer of {src_vdi} cancelled") from None
-            if watchdog.fired:
-                raise TransferTimeout(f"transfer of {src_vdi} cut at its deadline") from None
+            watchdog.check(f"transfer of {src_vdi}")
             kind, side = getattr(err, "kind", ""), getattr(err, "side", None)
             if kind == "redirect" and side is not None:
                 raise _Redirected(side, str(getattr(err, "location", ""))) from None
@@ -261,10 +257,7 @@ def _relay_export(
                 _engine.relay(sock.fileno(), at.host, path, src_tls=at.tls, unit_digests=unit_digests)
             )
         except (_engine.VhdError, OSError) as err:
-            if watchdog.fired == "cancel":
-                raise TransferCancelled(f"{what} cancelled") from None
-            if watchdog.fired:
-                raise TransferTimeout(f"{what} cut at its deadline") from None
+            watchdog.check(what)
             kind = getattr(err, "kind", "")
             if kind == "redirect" and not hop:
                 at, path = follow(session, str(getattr(err, "location", "")), what)
