@@ -213,6 +213,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run_id, name)
         )""",
     ),
+    (
+        # Attempts left incomplete by a kill, a timeout or a dropped link (`replication.resume`):
+        # the replica kept for the next run to resume, what it was made of, and per disk how far
+        # its stream had passed when last recorded.
+        """CREATE TABLE resumes (
+            job_id TEXT NOT NULL,
+            vm_uuid TEXT NOT NULL,
+            target_sr TEXT NOT NULL,
+            attempt TEXT NOT NULL,
+            snapshot TEXT NOT NULL,
+            replica TEXT NOT NULL,
+            shape TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            PRIMARY KEY (job_id, vm_uuid, target_sr)
+        )""",
+        """CREATE TABLE resume_disks (
+            job_id TEXT NOT NULL,
+            vm_uuid TEXT NOT NULL,
+            target_sr TEXT NOT NULL,
+            userdevice TEXT NOT NULL,
+            vdi TEXT NOT NULL,
+            position INTEGER NOT NULL DEFAULT 0,
+            blocks INTEGER NOT NULL DEFAULT 0,
+            stream_bytes INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (job_id, vm_uuid, target_sr, userdevice),
+            FOREIGN KEY (job_id, vm_uuid, target_sr) REFERENCES resumes (job_id, vm_uuid, target_sr)
+                ON DELETE CASCADE
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # A map no restore point uses yet may belong to an attempt still running (put before its commit,
@@ -399,6 +429,34 @@ class NativeRecoveryRow:
 
 PLANNED_STEPS = ("final-delta", "shutdown", "last-delta", "failover", "done")
 PLANNED_OUTCOMES = frozenset({"running", "aborted", "done"})
+
+
+@dataclass(frozen=True)
+class ResumeDisk:
+    """One disk of an incomplete attempt: its target VDI and how far its stream had passed
+    (`_engine.Progress.position`: blocks, in stream order) when last recorded."""
+
+    userdevice: str
+    vdi: str  # the target VDI's uuid
+    position: int = 0
+    blocks: int = 0  # blocks in the stream (0 until its head was read)
+    stream_bytes: int = 0  # the stream's length (0 until known)
+
+
+@dataclass(frozen=True)
+class ResumeRow:
+    """An attempt left incomplete (`replication.resume`): its replica on the target, the source
+    snapshot it copies and its inputs (``shape``: `resume.Shape` as text), per disk its progress."""
+
+    job_id: str
+    vm_uuid: str
+    target_sr: str
+    attempt: str
+    snapshot: str  # the source snapshot's uuid
+    replica: str  # the replica VM's uuid on the target
+    shape: str
+    disks: tuple[ResumeDisk, ...] = ()
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -1237,6 +1295,94 @@ class StateDB:
             )
             for r in self._read(sql + " ORDER BY started_at, attempt", args)
         ]
+
+    # -- incomplete attempts kept for a resume
+
+    def record_resume(self, row: ResumeRow) -> None:
+        """Record (replace) an attempt that may be resumed, with its disks at their positions."""
+        now = _to_text(self._clock())
+        started = now if row.started_at is None else _to_text(row.started_at)
+        key = (row.job_id, row.vm_uuid, row.target_sr)
+        with self._write() as db:
+            db.execute("DELETE FROM resumes WHERE job_id = ? AND vm_uuid = ? AND target_sr = ?", key)
+            db.execute(
+                "INSERT INTO resumes (job_id, vm_uuid, target_sr, attempt, snapshot, replica, shape,"
+                " started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, row.attempt, row.snapshot, row.replica, row.shape, started),
+            )
+            for d in row.disks:
+                db.execute(
+                    "INSERT INTO resume_disks (job_id, vm_uuid, target_sr, userdevice, vdi, position,"
+                    " blocks, stream_bytes, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*key, d.userdevice, d.vdi, d.position, d.blocks, d.stream_bytes, now),
+                )
+
+    def update_resume_disk(
+        self, job_id: str, vm_uuid: str, target_sr: str, attempt: str, disk: ResumeDisk
+    ) -> None:
+        """A disk's progress, recorded only while ``attempt`` is still the one recorded."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE resume_disks SET position = ?, blocks = ?, stream_bytes = ?, updated_at = ?"
+                " WHERE job_id = ? AND vm_uuid = ? AND target_sr = ? AND userdevice = ? AND EXISTS"
+                " (SELECT 1 FROM resumes r WHERE r.job_id = ? AND r.vm_uuid = ? AND r.target_sr = ?"
+                " AND r.attempt = ?)",
+                (
+                    disk.position,
+                    disk.blocks,
+                    disk.stream_bytes,
+                    _to_text(self._clock()),
+                    job_id,
+                    vm_uuid,
+                    target_sr,
+                    disk.userdevice,
+                    job_id,
+                    vm_uuid,
+                    target_sr,
+                    attempt,
+                ),
+            )
+
+    def resumes(self, job_id: str | None = None) -> list[ResumeRow]:
+        """The incomplete attempts recorded (of one job), oldest first."""
+        sql, args = "SELECT * FROM resumes", []
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id = ?", [job_id]
+        disks: dict[tuple[str, str, str], list[ResumeDisk]] = {}
+        for d in self._read("SELECT * FROM resume_disks ORDER BY userdevice"):
+            disks.setdefault((d["job_id"], d["vm_uuid"], d["target_sr"]), []).append(
+                ResumeDisk(
+                    d["userdevice"], d["vdi"], int(d["position"]), int(d["blocks"]), int(d["stream_bytes"])
+                )
+            )
+        return [
+            ResumeRow(
+                job_id=r["job_id"],
+                vm_uuid=r["vm_uuid"],
+                target_sr=r["target_sr"],
+                attempt=r["attempt"],
+                snapshot=r["snapshot"],
+                replica=r["replica"],
+                shape=r["shape"],
+                disks=tuple(disks.get((r["job_id"], r["vm_uuid"], r["target_sr"]), ())),
+                started_at=_from_text(r["started_at"]),
+            )
+            for r in self._read(sql + " ORDER BY started_at", args)
+        ]
+
+    def resume_of(self, job_id: str, vm_uuid: str, target_sr: str) -> ResumeRow | None:
+        return next(
+            (r for r in self.resumes(job_id) if (r.vm_uuid, r.target_sr) == (vm_uuid, target_sr)), None
+        )
+
+    def forget_resume(self, job_id: str, vm_uuid: str, target_sr: str, attempt: str | None = None) -> None:
+        """Drop the record (only if it is still ``attempt``'s, when given)."""
+        sql = "DELETE FROM resumes WHERE job_id = ? AND vm_uuid = ? AND target_sr = ?"
+        args: list[Any] = [job_id, vm_uuid, target_sr]
+        if attempt is not None:
+            sql, args = sql + " AND attempt = ?", [*args, attempt]
+        with self._write() as db:
+            db.execute(sql, args)
 
     # -- recovery
 
