@@ -175,6 +175,10 @@ pub enum VhdError {
         source: std::io::Error,
     },
 
+    /// A partial file to resume into is not the start of the stream being resumed.
+    #[error("cannot resume into {path}: {detail}")]
+    ResumeMismatch { path: String, detail: String },
+
     /// A file to read does not exist (Python gets `FileNotFoundError` with the path).
     #[error("no such file: {path}")]
     NoSuchFile {
@@ -216,6 +220,7 @@ impl VhdError {
             VhdError::Nbd { .. } => "nbd",
             VhdError::Io { .. } => "io",
             VhdError::NoSuchFile { .. } => "no_such_file",
+            VhdError::ResumeMismatch { .. } => "resume_mismatch",
         }
     }
 

@@ -4,10 +4,12 @@
 //! the XAPI tasks; no byte of the stream passes through Python.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::mem::ManuallyDrop;
 use std::net::TcpStream;
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -17,10 +19,11 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 use sha2::{Digest, Sha256};
 
 use crate::error::{IoContext, Result, VhdError};
+use crate::format::FOOTER_SIZE;
 use crate::stream::digest::UnitDigests;
-use crate::stream::parse::{probe_length, HeadProbe, NullSink, ParseOptions};
-use crate::stream::transform::{transform, transform_with};
-use crate::stream::StreamReport;
+use crate::stream::parse::{read_stream_head, NullSink, ParseOptions};
+use crate::stream::transform::{transform_cut, Pass};
+use crate::stream::{Cut, Keep, StreamReport, Tally};
 
 /// How a pool's certificate is trusted.
 #[derive(Debug, Clone)]
@@ -299,56 +302,38 @@ fn refused(head: Head, side: &'static str, host: &str) -> VhdError {
     }
 }
 
-/// GET the export on `src`: the open connection (the head already read, chained back in front)
-/// and the stream's total length, probed from that head.
-fn open_export(src: &Side) -> Result<(impl Read, u64)> {
+/// GET the export on `src`: the stream's head (the bytes read so far, at least footer, header
+/// and BAT), the open connection for the rest, and the stream's total length, probed from
+/// that head.
+fn open_export(src: &Side) -> Result<(Vec<u8>, Conn, u64)> {
     let mut s = open(src)?;
     send_head(&mut s, "GET", src, None)?;
     let response = read_head(&mut s, "export", &src.host)?;
     if response.status != 200 {
         return Err(refused(response, "export", &src.host));
     }
-    let mut head = response.rest;
-    let total = loop {
-        match probe_length(&head)? {
-            HeadProbe::Complete { total_len, .. } => break total_len,
-            HeadProbe::NeedMore(n) => {
-                let start = head.len();
-                if n as usize > 64 << 20 {
-                    return Err(VhdError::StreamLength {
-                        detail: format!("a stream head of {n} bytes"),
-                    });
-                }
-                head.resize(n as usize, 0);
-                let mut at = start;
-                while at < head.len() {
-                    let got = s
-                        .read(&mut head[at..])
-                        .ctx(|| format!("cannot read the export of {}", src.host))?;
-                    if got == 0 {
-                        return Err(VhdError::StreamLength {
-                            detail: "the export ended inside its header".into(),
-                        });
-                    }
-                    at += got;
-                }
-            }
+    let (head, total) = read_stream_head(&mut s, response.rest).map_err(|e| match e {
+        VhdError::Io { source, .. } => {
+            VhdError::io(format!("cannot read the export of {}", src.host), source)
         }
-    };
-    Ok((std::io::Cursor::new(head).chain(s).take(total), total))
+        e => e,
+    })?;
+    Ok((head, s, total))
 }
 
-/// PUT `total` bytes of `source` to `dst` through the validating transform (each block also
-/// shown to `sink`); the report and the import's HTTP status.
+/// PUT what `pass` keeps of the stream read from `source` to `dst` (its length announced)
+/// through the validating transform (each block also shown to `sink`); the report and the
+/// import's HTTP status.
 fn put_import(
     dst: &Side,
     source: impl Read,
     opts: ParseOptions,
     rate_limit: Option<u64>,
     sink: &mut dyn crate::stream::parse::BlockSink,
+    pass: &Pass<'_>,
 ) -> Result<(StreamReport, u16)> {
-    let (mut out, status) = open_import(dst, opts.length.unwrap_or(0))?;
-    let report = transform_with(source, &mut out, opts, rate_limit, sink)?;
+    let (mut out, status) = open_import(dst, pass.cut.length())?;
+    let report = transform_cut(source, &mut out, opts, rate_limit, sink, pass)?;
     out.flush()
         .ctx(|| format!("cannot send the import to {}", dst.host))?;
     Ok((report, status))
@@ -368,20 +353,45 @@ pub(crate) fn open_import(dst: &Side, total: u64) -> Result<(Conn, u16)> {
     Ok((out, response.status))
 }
 
+/// How a transfer runs, beside its two ends.
+#[derive(Clone, Copy, Default)]
+pub struct Run<'a> {
+    /// Bytes per second sent.
+    pub rate_limit: Option<u64>,
+    /// Told (bytes read, bytes to read) as the source is read.
+    pub counter: Option<&'a dyn Fn(u64, u64)>,
+    /// Counts the blocks as they pass (`Tally::position`), their number and the bytes sent.
+    pub tally: Option<&'a Tally>,
+    /// K: leave the stream's first K blocks (stream order) out of what is sent, for a target
+    /// that already holds them (see `stream::resume`).
+    pub resume_from: u64,
+}
+
 /// GET the export on `src`; PUT it (with its length, probed from the stream's head) to `dst`
 /// through the validating transform, or, with no `dst`, only validate and digest it (with
 /// `unit_digests`, also each unit of that many bytes the stream carries whole). Returns the
 /// transform's report and the import's HTTP status.
+///
+/// With `run.resume_from` = K > 0 the import gets the export minus its first K blocks (BAT
+/// edited, `Content-Length` that stream's) while the whole export is still read, validated and
+/// digested: `digests` lists every block. K past the export's block count is `bad_range`
+/// (before the import is opened); so is K > 0 without a destination (nothing would be sent).
 pub fn relay(
     src: &Side,
     dst: Option<&Side>,
-    rate_limit: Option<u64>,
+    run: &Run<'_>,
     require_full_bitmaps: bool,
-    counter: Option<&dyn Fn(u64, u64)>,
     unit_digests: Option<u64>,
 ) -> Result<(StreamReport, Option<u16>)> {
-    let (export, total) = open_export(src)?;
-    let source = Counting::new(export, total, counter);
+    if dst.is_none() && run.resume_from > 0 {
+        return Err(VhdError::BadRange(
+            "a resume point needs a destination: without one nothing is sent".into(),
+        ));
+    }
+    let (head, rest, total) = open_export(src)?;
+    let cut = Cut::new(&head, total, run.resume_from)?;
+    let export = std::io::Cursor::new(head).chain(rest).take(total);
+    let source = Counting::new(export, total, run.counter);
     let opts = ParseOptions {
         length: Some(total),
         require_full_bitmaps,
@@ -391,13 +401,26 @@ pub fn relay(
         Some(u) => u,
         None => &mut NullSink,
     };
+    let pass = Pass {
+        cut: &cut,
+        keep: Keep::Import,
+        tally: run.tally,
+        base: 0,
+    };
     let (mut report, status) = match dst {
         None => (
-            transform_with(source, &mut std::io::sink(), opts, rate_limit, sink)?,
+            transform_cut(
+                source,
+                &mut std::io::sink(),
+                opts,
+                run.rate_limit,
+                sink,
+                &pass,
+            )?,
             None,
         ),
         Some(d) => {
-            let (report, status) = put_import(d, source, opts, rate_limit, sink)?;
+            let (report, status) = put_import(d, source, opts, run.rate_limit, sink, &pass)?;
             (report, Some(status))
         }
     };
@@ -406,45 +429,188 @@ pub fn relay(
     Ok((report, status))
 }
 
-/// GET the export on `src` into `file` (validated and digested on the way), then make the
-/// file durable: a VHD export stream is itself a valid VHD file.
-pub fn download(
-    src: &Side,
-    file: &mut File,
-    rate_limit: Option<u64>,
-    counter: Option<&dyn Fn(u64, u64)>,
-) -> Result<StreamReport> {
-    let (export, total) = open_export(src)?;
-    let source = Counting::new(export, total, counter);
-    let opts = full_stream(total);
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
-    let report = transform(source, &mut out, opts, rate_limit)?;
+/// GET the export on `src` into the file at `path` (validated and digested on the way), then
+/// make the file durable: a VHD export stream is itself a valid VHD file.
+///
+/// With `run.resume_from` = 0 the file must not exist (a seed file is never overwritten in
+/// place). With K > 0 it is the partial file of an earlier, cut download of the same export:
+/// it must hold at least the stream up to block K's offset, and its head (footer, header,
+/// BAT) must be this export's (the footer's UUID and checksum aside: XAPI gives every export
+/// a fresh UUID), else `resume_mismatch`. It is truncated at block K's offset; the whole
+/// export is read (every block validated and digested: `digests` lists all), nothing is
+/// written before block K's offset, then the rest; last, the leading footer is rewritten as
+/// this export's, so the file is byte for byte what an uncut download of it would be.
+/// `bytes_out` counts the bytes written.
+pub fn download(src: &Side, path: &Path, run: &Run<'_>) -> Result<StreamReport> {
+    let k = run.resume_from;
+    // The file is opened once the export has answered: a redirect leaves nothing behind.
+    let (head, rest, total) = open_export(src)?;
+    let cut = Cut::new(&head, total, k)?;
+    let mut options = std::fs::OpenOptions::new();
+    let mut file = if k == 0 {
+        options.write(true).create_new(true)
+    } else {
+        options.read(true).write(true)
+    }
+    .open(path)
+    .ctx(|| {
+        let verb = if k == 0 { "create" } else { "open" };
+        format!("cannot {verb} {}", path.display())
+    })?;
+    if k > 0 {
+        same_start(&file, path, &head, &cut)?;
+        file.set_len(cut.resume_at())
+            .ctx(|| format!("cannot truncate {}", path.display()))?;
+        file.seek(SeekFrom::Start(cut.resume_at()))
+            .ctx(|| format!("cannot seek in {}", path.display()))?;
+    }
+    let export = std::io::Cursor::new(head).chain(rest).take(total);
+    let source = Counting::new(export, total, run.counter);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+    let pass = Pass {
+        cut: &cut,
+        keep: Keep::Tail,
+        tally: run.tally,
+        base: 0,
+    };
+    let report = transform_cut(
+        source,
+        &mut out,
+        full_stream(total),
+        run.rate_limit,
+        &mut NullSink,
+        &pass,
+    )?;
     out.flush()
-        .ctx(|| "cannot write the disk file".to_string())?;
+        .ctx(|| format!("cannot write {}", path.display()))?;
     drop(out);
+    if k > 0 {
+        // The trailing footer, just written and checked equal to this export's leading one.
+        let mut footer = [0u8; FOOTER_SIZE as usize];
+        file.read_exact_at(&mut footer, total - FOOTER_SIZE)
+            .and_then(|()| file.write_all_at(&footer, 0))
+            .ctx(|| format!("cannot rewrite the footer of {}", path.display()))?;
+    }
     file.sync_all()
-        .ctx(|| "cannot make the disk file durable".to_string())?;
+        .ctx(|| format!("cannot make {} durable", path.display()))?;
     Ok(report)
 }
 
-/// PUT the stream held in `file` (its whole length) to `dst` through the validating transform:
-/// a damaged file is refused before the pool is sent a byte past the damage.
-pub fn upload(
-    file: File,
-    dst: &Side,
-    rate_limit: Option<u64>,
-    counter: Option<&dyn Fn(u64, u64)>,
-) -> Result<(StreamReport, u16)> {
+/// The partial file at `path` starts as the export whose head is `head`: long enough to hold
+/// everything before block K, and the same footer (UUID and checksum aside), header and BAT.
+fn same_start(file: &File, path: &Path, head: &[u8], cut: &Cut) -> Result<()> {
+    let mismatch = |detail: String| VhdError::ResumeMismatch {
+        path: path.display().to_string(),
+        detail,
+    };
+    let len = file
+        .metadata()
+        .ctx(|| format!("cannot stat {}", path.display()))?
+        .len();
+    if len < cut.resume_at() {
+        return Err(mismatch(format!(
+            "it holds {len} bytes, less than the {} before block {}",
+            cut.resume_at(),
+            cut.from
+        )));
+    }
+    let n = cut.head_len() as usize;
+    let mut mine = vec![0u8; n];
+    file.read_exact_at(&mut mine, 0)
+        .ctx(|| format!("cannot read {}", path.display()))?;
+    // Footer bytes 64..84: checksum and UUID, fresh in every export.
+    let differs = |r: std::ops::Range<usize>| mine[r.clone()] != head[r];
+    let what = if differs(0..64) || differs(84..512) {
+        Some("footer")
+    } else if differs(512..n) {
+        Some("header or block table")
+    } else {
+        None
+    };
+    match what {
+        Some(w) => Err(mismatch(format!("its {w} differs from the export's"))),
+        None => Ok(()),
+    }
+}
+
+/// PUT the stream held in `file` to `dst` through the validating transform: a damaged file
+/// is refused before the pool is sent a byte past the damage.
+///
+/// With `run.resume_from` = K > 0 the body is the file's stream minus its first K blocks, as
+/// `relay` sends it (BAT edited, then the file from block K's offset: the skipped part is
+/// never read). The transform then sees only what is sent: `digests` lists the blocks sent,
+/// and `Tally::position` counts from the file's first block (K, then K + 1...).
+pub fn upload(file: File, dst: &Side, run: &Run<'_>) -> Result<(StreamReport, u16)> {
     let total = file
         .metadata()
         .ctx(|| "cannot read the disk file's size".to_string())?
         .len();
-    let source = Counting::new(
-        std::io::BufReader::with_capacity(1 << 20, file),
-        total,
-        counter,
+    let mut at0 = Ranges::new(&file, vec![(0, total)]);
+    let (mut head, _) = read_stream_head(&mut at0, Vec::new())?;
+    let cut = Cut::new(&head, total, run.resume_from)?;
+    head.truncate(cut.head_len() as usize);
+    cut.patch(&mut head, 0);
+    let length = cut.length();
+    let sent = Cut::new(&head, length, 0)?;
+    let rest = Ranges::new(
+        &file,
+        vec![(cut.head_len(), cut.start(0)), (cut.resume_at(), total)],
     );
-    put_import(dst, source, full_stream(total), rate_limit, &mut NullSink)
+    let source = Counting::new(std::io::Cursor::new(head).chain(rest), length, run.counter);
+    let pass = Pass {
+        cut: &sent,
+        keep: Keep::Import,
+        tally: run.tally,
+        base: run.resume_from,
+    };
+    let (mut report, status) = put_import(
+        dst,
+        source,
+        full_stream(length),
+        run.rate_limit,
+        &mut NullSink,
+        &pass,
+    )?;
+    report.resumed_from = run.resume_from;
+    Ok((report, status))
+}
+
+/// Reads byte ranges of a file one after the other (positioned reads: the file's offset is
+/// never used).
+struct Ranges<'a> {
+    file: &'a File,
+    ranges: Vec<(u64, u64)>,
+    at: usize,
+}
+
+impl<'a> Ranges<'a> {
+    fn new(file: &'a File, ranges: Vec<(u64, u64)>) -> Self {
+        Ranges {
+            file,
+            ranges,
+            at: 0,
+        }
+    }
+}
+
+impl Read for Ranges<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(&(s, e)) = self.ranges.get(self.at) {
+            if s >= e {
+                self.at += 1;
+                continue;
+            }
+            let want = buf.len().min((e - s) as usize);
+            let n = self.file.read_at(&mut buf[..want], s)?;
+            if n == 0 {
+                // The file is shorter than its stream says: the parser names what is missing.
+                return Ok(0);
+            }
+            self.ranges[self.at].0 += n as u64;
+            return Ok(n);
+        }
+        Ok(0)
+    }
 }
 
 /// Reports bytes read (and the total) to the caller's counter.

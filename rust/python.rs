@@ -17,7 +17,7 @@ use crate::format::{uuid_from_str, uuid_to_string, DEFAULT_BLOCK_SIZE, SECTOR};
 use crate::image::{self, convert as conv, create as make, Chain, Source, VhdFile};
 use crate::stream::apply::{apply, Target};
 use crate::stream::parse::ParseOptions;
-use crate::stream::{digest, export, transform as tr, StreamReport};
+use crate::stream::{digest, export, transform as tr, StreamReport, Tally};
 
 pyo3::create_exception!(
     _engine,
@@ -77,11 +77,13 @@ pub fn borrow_fd(fd: i32) -> ManuallyDrop<File> {
 }
 
 /// A byte counter a Python thread can read while a coarse call runs without the GIL: how a
-/// caller shows progress, rate and ETA without a per-block callback.
+/// caller shows progress, rate and ETA without a per-block callback. The transfer counters
+/// (`position`, `blocks`, `sent`) say where a cut transfer can resume and what it sent.
 #[pyclass(frozen, module = "xencr._engine")]
 pub struct Progress {
     done: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
+    tally: Arc<Tally>,
 }
 
 #[pymethods]
@@ -91,6 +93,7 @@ impl Progress {
         Progress {
             done: Arc::new(AtomicU64::new(0)),
             total: Arc::new(AtomicU64::new(0)),
+            tally: Arc::new(Tally::default()),
         }
     }
 
@@ -105,6 +108,37 @@ impl Progress {
     fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
+
+    /// Blocks of the stream passed completely, counted in stream order from the first block
+    /// of the whole export (relay, nbd_copy, download, upload).
+    #[getter]
+    fn position(&self) -> u64 {
+        self.tally.position.load(Ordering::Relaxed)
+    }
+
+    /// The blocks the whole stream has, once known (0 before).
+    #[getter]
+    fn blocks(&self) -> u64 {
+        self.tally.blocks.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the output so far (relay, nbd_copy, download, upload).
+    #[getter]
+    fn sent(&self) -> u64 {
+        self.tally.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// The block counters of a caller's `Progress`, for the engine.
+fn tally_of(progress: &Option<Py<Progress>>) -> Option<Arc<Tally>> {
+    progress.as_ref().map(|p| p.get().tally.clone())
+}
+
+/// The keys every resumable call adds to its report.
+fn resume_keys(d: &Bound<'_, PyDict>, r: &StreamReport) -> PyRes<()> {
+    d.set_item("resumed_from", r.resumed_from)?;
+    d.set_item("blocks_sent", r.blocks_sent)?;
+    Ok(())
 }
 
 /// Counts the bytes that pass through a reader or a writer into a `Progress`.
@@ -678,7 +712,7 @@ fn trust_of(spec: Option<String>) -> crate::Result<Option<crate::net::Trust>> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (src_fd, src_host, src_path, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, dst_tls=None, rate_limit=None, require_full_bitmaps=true, unit_digests=false, progress=None))]
+#[pyo3(signature = (src_fd, src_host, src_path, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, dst_tls=None, rate_limit=None, require_full_bitmaps=true, unit_digests=false, progress=None, resume_from=0))]
 #[allow(clippy::too_many_arguments)]
 fn relay<'py>(
     py: Python<'py>,
@@ -694,10 +728,10 @@ fn relay<'py>(
     require_full_bitmaps: bool,
     unit_digests: bool,
     progress: Option<Py<Progress>>,
+    resume_from: u64,
 ) -> PyRes<Bound<'py, PyDict>> {
-    let counters = progress
-        .as_ref()
-        .map(|p| (p.get().done.clone(), p.get().total.clone()));
+    let update = counter_of(&progress);
+    let tally = tally_of(&progress);
     let (r, status) = detached(py, || {
         let src = crate::net::Side {
             fd: src_fd,
@@ -719,23 +753,23 @@ fn relay<'py>(
                 ))
             }
         };
-        let update = |done: u64, total: u64| {
-            if let Some((d, t)) = &counters {
-                d.store(done, Ordering::Relaxed);
-                t.store(total, Ordering::Relaxed);
-            }
+        let run = crate::net::Run {
+            rate_limit,
+            counter: Some(&update),
+            tally: tally.as_deref(),
+            resume_from,
         };
         crate::net::relay(
             &src,
             dst.as_ref(),
-            rate_limit,
+            &run,
             require_full_bitmaps,
-            Some(&update),
             unit_digests.then_some(u64::from(crate::nbd::DEFAULT_UNIT)),
         )
     })?;
     let d = report_to_py(py, &r)?;
     d.set_item("import_status", status)?;
+    resume_keys(&d, &r)?;
     if unit_digests {
         d.set_item("unit_digests", unit_digests_to_py(&r.unit_digests))?;
     }
@@ -747,7 +781,7 @@ fn unit_digests_to_py(v: &[(u64, u128)]) -> Vec<(u64, String)> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (src_fds, export_name, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, src_server_name=None, dst_tls=None, changed=None, unit=crate::nbd::DEFAULT_UNIT, block_size=DEFAULT_BLOCK_SIZE, rate_limit=None, unit_digests=true, progress=None))]
+#[pyo3(signature = (src_fds, export_name, dst_fd=None, dst_host=None, dst_path=None, *, src_tls=None, src_server_name=None, dst_tls=None, changed=None, unit=crate::nbd::DEFAULT_UNIT, block_size=DEFAULT_BLOCK_SIZE, rate_limit=None, unit_digests=true, progress=None, resume_from=0))]
 #[allow(clippy::too_many_arguments)]
 fn nbd_copy<'py>(
     py: Python<'py>,
@@ -765,9 +799,11 @@ fn nbd_copy<'py>(
     rate_limit: Option<u64>,
     unit_digests: bool,
     progress: Option<Py<Progress>>,
+    resume_from: u64,
 ) -> PyRes<Bound<'py, PyDict>> {
     use crate::nbd::{self, Output};
     let update = counter_of(&progress);
+    let tally = tally_of(&progress);
     let r = detached(py, || {
         let sources: Vec<nbd::Source<crate::net::Borrowed>> = src_fds
             .iter()
@@ -793,6 +829,8 @@ fn nbd_copy<'py>(
         opts.block_size = block_size;
         opts.rate_limit = rate_limit;
         opts.unit_digests = unit_digests;
+        opts.resume_from = resume_from;
+        opts.tally = tally;
         let progress: &(dyn Fn(u64, u64) + Sync) = &update;
         match (dst_fd, dst_host, dst_path) {
             (Some(fd), Some(host), Some(path)) => {
@@ -824,6 +862,7 @@ fn nbd_copy<'py>(
     d.set_item("import_status", r.import_status)?;
     d.set_item("structured_replies", r.structured_replies)?;
     d.set_item("block_status", r.block_status)?;
+    resume_keys(&d, &r.stream)?;
     Ok(d)
 }
 
@@ -841,7 +880,7 @@ fn counter_of(progress: &Option<Py<Progress>>) -> impl Fn(u64, u64) + Send + Syn
 }
 
 #[pyfunction]
-#[pyo3(signature = (src_fd, src_host, src_path, path, *, src_tls=None, rate_limit=None, progress=None))]
+#[pyo3(signature = (src_fd, src_host, src_path, path, *, src_tls=None, rate_limit=None, progress=None, resume_from=0))]
 #[allow(clippy::too_many_arguments)]
 fn download<'py>(
     py: Python<'py>,
@@ -852,8 +891,10 @@ fn download<'py>(
     src_tls: Option<String>,
     rate_limit: Option<u64>,
     progress: Option<Py<Progress>>,
+    resume_from: u64,
 ) -> PyRes<Bound<'py, PyDict>> {
     let update = counter_of(&progress);
+    let tally = tally_of(&progress);
     let r = detached(py, || {
         let src = crate::net::Side {
             fd: src_fd,
@@ -861,19 +902,22 @@ fn download<'py>(
             path: src_path,
             tls: trust_of(src_tls)?,
         };
-        // A seed file is never overwritten in place: the caller names a fresh path.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .ctx(|| format!("cannot create {}", path.display()))?;
-        crate::net::download(&src, &mut file, rate_limit, Some(&update))
+        let run = crate::net::Run {
+            rate_limit,
+            counter: Some(&update),
+            tally: tally.as_deref(),
+            resume_from,
+        };
+        crate::net::download(&src, &path, &run)
     })?;
-    report_to_py(py, &r)
+    let d = report_to_py(py, &r)?;
+    d.set_item("resumed_from", r.resumed_from)?;
+    d.set_item("bytes_written", r.bytes_out)?;
+    Ok(d)
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, dst_fd, dst_host, dst_path, *, dst_tls=None, rate_limit=None, progress=None))]
+#[pyo3(signature = (path, dst_fd, dst_host, dst_path, *, dst_tls=None, rate_limit=None, progress=None, resume_from=0))]
 #[allow(clippy::too_many_arguments)]
 fn upload<'py>(
     py: Python<'py>,
@@ -884,8 +928,10 @@ fn upload<'py>(
     dst_tls: Option<String>,
     rate_limit: Option<u64>,
     progress: Option<Py<Progress>>,
+    resume_from: u64,
 ) -> PyRes<Bound<'py, PyDict>> {
     let update = counter_of(&progress);
+    let tally = tally_of(&progress);
     let (r, status) = detached(py, || {
         let dst = crate::net::Side {
             fd: dst_fd,
@@ -894,10 +940,17 @@ fn upload<'py>(
             tls: trust_of(dst_tls)?,
         };
         let file = std::fs::File::open(&path).opening(&path)?;
-        crate::net::upload(file, &dst, rate_limit, Some(&update))
+        let run = crate::net::Run {
+            rate_limit,
+            counter: Some(&update),
+            tally: tally.as_deref(),
+            resume_from,
+        };
+        crate::net::upload(file, &dst, &run)
     })?;
     let d = report_to_py(py, &r)?;
     d.set_item("import_status", status)?;
+    resume_keys(&d, &r)?;
     Ok(d)
 }
 

@@ -13,7 +13,7 @@ footer UUID.
 socket); the engine never closes it.
 """
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 __version__: str
 
@@ -33,7 +33,12 @@ class VhdError(Exception):
     ``bat_out_of_bounds``, ``bat_misaligned``, ``bat_overlap``, ``locator_out_of_bounds``,
     ``truncated``, ``too_large``, ``parent_not_found``, ``parent_mismatch``, ``not_differencing``,
     ``unsupported``, ``bad_range``, ``stream_order``, ``stream_length``, ``partial_bitmap``,
-    ``batmap``, ``merge_state``, ``size_mismatch``, ``http_status``, ``redirect``, ``nbd``, ``io``.
+    ``batmap``, ``merge_state``, ``size_mismatch``, ``http_status``, ``redirect``, ``nbd``, ``io``,
+    ``resume_mismatch``.
+
+    ``resume_mismatch``: :func:`download` with ``resume_from`` was given a partial file that is
+    not the start of this export ("cannot resume into PATH: it holds N bytes, less than the M
+    before block K" / "...: its header or block table differs from the export's").
 
     ``nbd``: the NBD server refused an option or a command, broke the protocol, or closed or
     reset the connection ("NBD server ADDR: WHAT: DETAIL", ``WHAT`` the option or command, e.g.
@@ -52,7 +57,9 @@ class VhdError(Exception):
 
 class Progress:
     """A byte counter that a coarse call updates as it goes; read ``bytes`` from another thread
-    (the call releases the GIL) to show progress, rate and ETA."""
+    (the call releases the GIL) to show progress, rate and ETA. ``position`` and ``blocks`` say
+    where a cut transfer can resume (set by :func:`relay`, :func:`nbd_copy`, :func:`download`
+    and :func:`upload`)."""
 
     def __init__(self) -> None: ...
     @property
@@ -60,6 +67,22 @@ class Progress:
     @property
     def total(self) -> int:
         """The stream's length once the call knows it (0 before); set by :func:`relay`."""
+    @property
+    def position(self) -> int:
+        """Blocks of the stream that have passed completely, counted in stream order (ascending
+        file offset) from the first block of the *whole* export (position 0): their bytes were
+        written in full to the output (a buffered file writer is flushed first), or, for blocks
+        before ``resume_from``, read and digested and deliberately not sent (:func:`upload`
+        never reads those: it starts at ``resume_from``). Only grows. What the receiving end has
+        *stored* may be less (socket buffers, the page cache): resume a little before it."""
+    @property
+    def blocks(self) -> int:
+        """The blocks the whole stream has, once known (0 before)."""
+    @property
+    def sent(self) -> int:
+        """Bytes written to the output so far: the import's connection (:func:`relay`,
+        :func:`nbd_copy`, :func:`upload`) or the file (:func:`download`); what a resumed call
+        leaves out is not counted. Set by those four calls only."""
 
 class StreamReport(TypedDict):
     bytes_in: int
@@ -76,11 +99,20 @@ class StreamReport(TypedDict):
     digest_algorithm: str
     digests: list[tuple[int, str]]
     """(block index, hex digest of the block's data as carried), ascending block index."""
+    resumed_from: NotRequired[int]
+    """:func:`download` (and :func:`relay`, :func:`upload`): the ``resume_from`` given, K (0:
+    the whole stream was sent)."""
+    bytes_written: NotRequired[int]
+    """:func:`download` only: bytes written to the file by this call (from block K's offset
+    on; ``bytes_out`` is the same)."""
+    blocks_sent: NotRequired[int]
+    """:func:`relay` and :func:`upload`: blocks written to the import (N - K)."""
 
 class NbdReport(TypedDict):
     """What :func:`nbd_copy` did: the :class:`StreamReport` fields (``bytes_in``: NBD payload
-    bytes read, holes excluded; ``bytes_out``: the stream's length; ``blocks``: blocks in the
-    stream; ``sectors_written``: sectors whose bitmap bit is set, i.e. what the import writes;
+    bytes read, holes excluded; ``bytes_out``: the length of the stream sent; ``blocks``:
+    blocks read (the whole plan, also those before ``resume_from``); ``sectors_written``:
+    sectors whose bitmap bit is set in the blocks sent, i.e. what the import writes;
     ``digests``: only blocks carried whole), then the NBD side."""
 
     bytes_in: int
@@ -112,6 +144,10 @@ class NbdReport(TypedDict):
     structured_replies: bool
     block_status: bool
     """Whether the server gave ``base:allocation`` (a full without it reads every unit)."""
+    resumed_from: int
+    """The ``resume_from`` given, K: the stream carries the plan's blocks K.. only."""
+    blocks_sent: int
+    """Blocks in the stream sent (N - K; ``blocks`` counts every block read, sent or not)."""
 
 class MergeReport(TypedDict):
     child: str
@@ -242,6 +278,7 @@ def relay(
     require_full_bitmaps: bool = True,
     unit_digests: bool = False,
     progress: Progress | None = None,
+    resume_from: int = 0,
 ) -> dict[str, Any]:
     """XAPI's export to XAPI's import over connected TCP descriptors (the caller's): TLS where
     ``*_tls`` is given (``"verify"``: the system CAs and host name; ``"sha256:..."``/hex: exactly
@@ -255,7 +292,21 @@ def relay(
 
     With ``unit_digests`` the report also has ``unit_digests``: (unit index, digest) for each
     64 KiB unit the stream carries whole (all its sectors set), as :func:`nbd_copy` reports
-    them: a read-back of a target compares at that granularity."""
+    them: a read-back of a target compares at that granularity.
+
+    ``resume_from`` = K > 0 (a destination is required, else ``bad_range``): the import gets
+    the export minus its first K blocks in stream order, for a target VDI that already holds
+    them (XAPI's import writes only the blocks a stream carries): the same bytes up to block
+    0's offset except the BAT, whose entries for those K blocks are unallocated and whose others
+    move down by the bytes removed, then the export's bytes from block K's offset to the end
+    (trailing footer included). ``Content-Length`` is that length, known from the head. The
+    whole export is still read, validated and digested: ``digests`` lists *every* block (the
+    source's digests of the blocks not sent too). ``bytes_out`` is the bytes sent to the
+    import; ``rate_limit`` applies to them. K past the export's N blocks raises ``bad_range``
+    ("resume point K beyond the stream's N blocks") before the import is opened; K = N sends
+    the prologue and the footer only. The report also has ``resumed_from`` (K) and
+    ``blocks_sent`` (N - K; without a destination: N, what would have been sent).
+    ``progress.position`` counts blocks as in :class:`Progress`."""
 
 def nbd_copy(
     src_fds: list[int],
@@ -273,6 +324,7 @@ def nbd_copy(
     rate_limit: int | None = None,
     unit_digests: bool = True,
     progress: Progress | None = None,
+    resume_from: int = 0,
 ) -> NbdReport:
     """Read a disk over NBD into the VHD stream XAPI's import takes.
 
@@ -303,7 +355,15 @@ def nbd_copy(
     counts payload bytes read (``total``: the bytes the units span). Memory is bounded whatever
     the disk: at most ``2 * len(src_fds)`` block buffers (bitmap + ``block_size``), one bit per
     unit, the BAT, and the digest lists (20 bytes per unit read; ``unit_digests=False`` drops
-    the per-unit list)."""
+    the per-unit list).
+
+    ``resume_from`` = K: the stream written carries the plan's blocks K.. only (a target that
+    holds the first K already; a delta stays differencing): its layout is that of those
+    blocks, ``bytes_out`` its length. Blocks before K are still read over NBD and digested
+    (``digests`` and ``unit_digests`` report them as without a resume point); ``sectors_written``
+    counts the blocks sent only. K past the plan's blocks raises ``bad_range`` before the import
+    is opened. ``resumed_from`` and ``blocks_sent`` say what was sent; ``progress.position``
+    counts blocks as in :class:`Progress`."""
 
 def download(
     src_fd: int,
@@ -314,9 +374,23 @@ def download(
     src_tls: str | None = None,
     rate_limit: int | None = None,
     progress: Progress | None = None,
+    resume_from: int = 0,
 ) -> StreamReport:
     """XAPI's export into a new file at ``path`` (never an existing one), validated and digested
-    on the way, then fsynced. The export stream is itself a valid dynamic VHD file."""
+    on the way, then fsynced. The export stream is itself a valid dynamic VHD file.
+
+    ``resume_from`` = K > 0: ``path`` is the partial file of an earlier, cut download of the
+    same export (it must exist) holding at least the stream up to block K's offset. Its head
+    (footer, header, BAT) must be this export's, the footer's UUID and checksum aside (XAPI
+    gives every export a fresh UUID), else ``resume_mismatch`` and the file is left as it was.
+    It is truncated at block K's offset; the export is read from its start (every block
+    validated and digested: ``digests`` lists all of them, also those already in the file);
+    nothing is written before block K's offset, then the rest to the end; then the leading
+    footer is rewritten as this export's, so the file is byte for byte an uncut download of
+    it; fsynced. The blocks before K in the file are *not* re-read here: compare the file with
+    ``digests`` to be sure of them. The report adds ``resumed_from`` (K) and
+    ``bytes_written`` (bytes written by this call). ``progress.position`` counts blocks as in
+    :class:`Progress`."""
 
 def upload(
     path: str,
@@ -327,10 +401,19 @@ def upload(
     dst_tls: str | None = None,
     rate_limit: int | None = None,
     progress: Progress | None = None,
+    resume_from: int = 0,
 ) -> dict[str, Any]:
     """PUT the VHD stream held in the file at ``path`` to XAPI's import, through the validating
     transform (a damaged file fails before its damage is sent). Returns the report plus
-    ``import_status``."""
+    ``import_status``, ``resumed_from`` and ``blocks_sent``.
+
+    ``resume_from`` = K > 0: the body is the file's stream minus its first K blocks, exactly as
+    :func:`relay` sends it (BAT edited, then the file from block K's offset), for a target VDI
+    that holds those blocks already; the skipped part of the file is never read, so the
+    report's ``digests`` list **only the blocks sent** (and ``bytes_in``/``bytes_out`` count
+    the stream sent). K past the file's blocks raises ``bad_range`` before the import is
+    opened. ``progress.position`` starts at K and counts on as blocks pass;
+    ``progress.bytes``/``total`` count the stream sent."""
 
 def transform(
     src: int | str,

@@ -15,6 +15,10 @@
 //! the digests reported (20 bytes per unit read, 20 per whole block). For 4 connections and
 //! 2 MiB blocks: 16 MiB of buffers; a 2 TiB disk adds 4 MiB of plan and 4 MiB of BAT.
 //!
+//! A copy resumed at block K (`Options::resume_from`, after a cut) still reads and digests
+//! every block of the plan, but the stream it writes carries blocks K.. only (`stream::resume`:
+//! the import keeps what the target VDI already holds).
+//!
 //! Several connections are used whether or not the server sets `NBD_FLAG_CAN_MULTI_CONN`:
 //! that flag is about the visibility of writes and flushes across connections, and this
 //! client only reads an export that does not change (a snapshot).
@@ -27,7 +31,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use client::{Client, ExportInfo, ReadReq, TlsSetup};
@@ -38,7 +42,7 @@ use crate::format::{bitmap, DiskType, DEFAULT_BLOCK_SIZE};
 use crate::net::{Side, Trust};
 use crate::stream::digest::block_digest;
 use crate::stream::export::StreamLayout;
-use crate::stream::StreamReport;
+use crate::stream::{StreamReport, Tally};
 
 /// XAPI's CBT granularity.
 pub const DEFAULT_UNIT: u32 = 64 * 1024;
@@ -64,6 +68,11 @@ pub struct Options {
     pub rate_limit: Option<u64>,
     /// Digest every unit read (costs 20 bytes of report per unit).
     pub unit_digests: bool,
+    /// K: the stream sent carries the plan's blocks K.. only (a target that holds the first
+    /// K already); blocks before K are still read and digested.
+    pub resume_from: u64,
+    /// Counts the blocks as they pass, and their number.
+    pub tally: Option<Arc<Tally>>,
 }
 
 impl Options {
@@ -76,6 +85,8 @@ impl Options {
             block_size: DEFAULT_BLOCK_SIZE,
             rate_limit: None,
             unit_digests: true,
+            resume_from: 0,
+            tally: None,
         }
     }
 }
@@ -282,7 +293,15 @@ pub fn copy<T: Read + Write + Send>(
         }
         None => (Plan::all(info.size, unit, bs)?, None),
     };
-    let mut layout = StreamLayout::new(info.size, opts.block_size, plan.blocks.clone(), None);
+    let n_blocks = plan.blocks.len() as u64;
+    if opts.resume_from > n_blocks {
+        return Err(VhdError::BadRange(format!(
+            "resume point {} beyond the stream's {n_blocks} blocks",
+            opts.resume_from
+        )));
+    }
+    let sent = plan.blocks[opts.resume_from as usize..].to_vec();
+    let mut layout = StreamLayout::new(info.size, opts.block_size, sent, None);
     if opts.changed.is_some() {
         // A delta: clear bits mean "as the target already holds", as in XAPI's deltas.
         layout.footer.disk_type = DiskType::Differencing;
@@ -328,6 +347,9 @@ pub fn copy<T: Read + Write + Send>(
     if let Some(p) = progress {
         p(0, unit_bytes);
     }
+    if let Some(t) = &opts.tally {
+        t.set_blocks(n_blocks);
+    }
     let mut unit_digests = Vec::new();
     let written = std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<Result<Filled>>();
@@ -340,6 +362,7 @@ pub fn copy<T: Read + Write + Send>(
         let r = write_stream(
             &job,
             &layout,
+            (opts.resume_from as usize, opts.tally.as_deref()),
             &mut *sink,
             rx,
             &mut report,
@@ -353,6 +376,8 @@ pub fn copy<T: Read + Write + Send>(
     written?;
     report.bytes_in = job.done.load(Ordering::Relaxed);
     report.bytes_out = length;
+    report.resumed_from = opts.resume_from;
+    report.blocks_sent = n_blocks - opts.resume_from;
     Ok(Report {
         stream: report,
         unit: opts.unit,
@@ -507,25 +532,32 @@ fn fill<T: Read + Write>(
 }
 
 /// The writer: the stream's head, then each block in order as the workers deliver it (at
-/// most the pool's buffers wait here), then the footer.
+/// most the pool's buffers wait here), then the footer. `resume.0` = K: the plan's first K
+/// blocks are taken and digested but not written (`layout` holds the blocks from K on);
+/// `resume.1` is told each block once it has passed.
 fn write_stream(
     job: &Job<'_>,
     layout: &StreamLayout,
+    resume: (usize, Option<&Tally>),
     out: &mut dyn Write,
     rx: mpsc::Receiver<Result<Filled>>,
     report: &mut StreamReport,
     unit_digests: &mut Vec<(u64, u128)>,
 ) -> Result<()> {
+    let (skip, tally) = resume;
     let mut at = 0u64;
     let mut put = |b: &[u8], at: &mut u64| -> Result<()> {
         out.write_all(b)
             .ctx(|| format!("cannot send the stream at byte {at}"))?;
         *at += b.len() as u64;
+        if let Some(t) = tally {
+            t.add_sent(b.len() as u64);
+        }
         Ok(())
     };
     put(&layout.prologue(), &mut at)?;
     let mut waiting: BTreeMap<usize, Filled> = BTreeMap::new();
-    for k in 0..layout.blocks.len() {
+    for k in 0..job.plan.blocks.len() {
         let f = loop {
             if let Some(f) = waiting.remove(&k) {
                 break f;
@@ -542,15 +574,20 @@ fn write_stream(
                 }
             }
         };
-        put(&f.buf, &mut at)?;
-        let b = layout.blocks[k];
+        if k >= skip {
+            put(&f.buf, &mut at)?;
+            report.sectors_written += f.sectors;
+        }
+        let b = job.plan.blocks[k];
         report.blocks += 1;
-        report.sectors_written += f.sectors;
         if let Some(d) = f.digest {
             report.digests.push((b, d));
         }
         unit_digests.extend_from_slice(&f.unit_digests);
         job.queue.give_back(f.buf);
+        if let Some(t) = tally {
+            t.passed(k as u64 + 1);
+        }
     }
     put(&layout.footer.to_bytes(), &mut at)?;
     out.flush().ctx(|| "cannot flush the stream".into())?;

@@ -285,6 +285,61 @@ pub fn parse<R: Read>(
     Ok(report)
 }
 
+/// The metadata of a stream from its head (footer, header, BAT: at least `probe_length`'s
+/// `head_len` bytes), validated as `parse` validates it; with `length`, every block is bounded
+/// by it.
+pub fn head_of(prefix: &[u8], length: Option<u64>) -> Result<StreamHead> {
+    let mut r = Forward {
+        inner: prefix,
+        pos: 0,
+        scratch: vec![0u8; 4096],
+    };
+    let opts = ParseOptions {
+        length,
+        require_full_bitmaps: false,
+    };
+    Ok(read_head(&mut r, &opts)?.0)
+}
+
+/// Read a stream's head from `src`, after the `have` bytes of it already read: returns the
+/// bytes read (at least the head: footer, header, BAT) and the stream's total length, from
+/// `probe_length`. A head over 64 MiB is refused (a BAT that size is a 2 TiB disk in 512-byte
+/// blocks, far past XAPI's streams).
+pub fn read_stream_head<R: Read>(src: &mut R, mut have: Vec<u8>) -> Result<(Vec<u8>, u64)> {
+    loop {
+        match probe_length(&have)? {
+            HeadProbe::Complete { total_len, .. } => return Ok((have, total_len)),
+            HeadProbe::NeedMore(n) => {
+                if n > 64 << 20 {
+                    return Err(VhdError::StreamLength {
+                        detail: format!("a stream head of {n} bytes"),
+                    });
+                }
+                let mut at = have.len();
+                have.resize(n as usize, 0);
+                while at < have.len() {
+                    let got = match src.read(&mut have[at..]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(VhdError::io(
+                                format!("cannot read the stream at byte {at}"),
+                                e,
+                            ))
+                        }
+                    };
+                    if got == 0 {
+                        return Err(VhdError::StreamLength {
+                            detail: format!("ended at byte {at} inside its head"),
+                        });
+                    }
+                    at += got;
+                }
+            }
+        }
+    }
+}
+
 /// What the first bytes of a stream say about its length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadProbe {

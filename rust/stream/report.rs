@@ -18,6 +18,10 @@ pub struct StreamReport {
     /// (unit index, digest of the unit's bytes within the disk), for the units a stream
     /// carries whole, when asked (`digest::UnitDigests`); ascending.
     pub unit_digests: Vec<(u64, u128)>,
+    /// A resumed transfer: the stream's first block (stream order) that was sent (0: all).
+    pub resumed_from: u64,
+    /// Blocks written to the output (a resumed transfer leaves out the first `resumed_from`).
+    pub blocks_sent: u64,
 }
 
 impl StreamReport {
@@ -34,6 +38,8 @@ impl StreamReport {
             parent_uuid: None,
             digests: Vec::new(),
             unit_digests: Vec::new(),
+            resumed_from: 0,
+            blocks_sent: 0,
         }
     }
 }

@@ -715,3 +715,84 @@ fn a_stream_read_back_gives_the_same_unit_digests() {
     let back = parse(&stream[..], ParseOptions::default(), &mut sink).unwrap();
     assert_eq!(back.unit_digests, r.unit_digests);
 }
+
+#[test]
+fn a_copy_resumed_at_k_sends_blocks_k_on_and_completes_the_disk() {
+    use std::sync::atomic::Ordering;
+    use xencr_engine::stream::Tally;
+    let disk = sample();
+    let (whole, full) = run(&disk, 2, Behaviour::default(), &Options::new("x"));
+    let whole = whole.unwrap();
+    let n = whole.stream.blocks;
+    assert_eq!(n, 4);
+    let zero = vec![0u8; disk.data.len()];
+    for k in [0, 1, n / 2, n] {
+        let mut opts = Options::new("x");
+        opts.resume_from = k;
+        let tally = Arc::new(Tally::default());
+        opts.tally = Some(tally.clone());
+        let (r, stream) = run(&disk, 2, Behaviour::default(), &opts);
+        let r = r.unwrap();
+        // Every block is still read and digested; only blocks K.. are in the stream.
+        assert_eq!(r.stream.digests, whole.stream.digests);
+        assert_eq!(r.unit_digests, whole.unit_digests);
+        assert_eq!((r.stream.resumed_from, r.stream.blocks_sent), (k, n - k));
+        assert_eq!(r.stream.bytes_out, stream.len() as u64);
+        assert_eq!(tally.position.load(Ordering::Relaxed), n);
+        assert_eq!(tally.blocks.load(Ordering::Relaxed), n);
+        assert_eq!(tally.sent.load(Ordering::Relaxed), stream.len() as u64);
+        let parsed = parse(&stream[..], ParseOptions::default(), &mut NullSink).unwrap();
+        assert_eq!(parsed.blocks, n - k);
+        // The whole stream's first K blocks, then the resumed stream: the disk.
+        let first_k = first_blocks(&full, k as usize, &zero);
+        assert!(applied(&stream, &first_k) == disk.data, "K={k}");
+        if k < n {
+            assert!(first_k != disk.data, "K={k}: the resumed stream is needed");
+        }
+    }
+    let mut opts = Options::new("x");
+    opts.resume_from = n + 1;
+    let (r, _) = run(&disk, 1, Behaviour::default(), &opts);
+    assert_eq!(r.unwrap_err().kind(), "bad_range");
+}
+
+/// `base` with the first `k` blocks (stream order) of `stream` applied: what XAPI's import
+/// wrote before a cut.
+fn first_blocks(stream: &[u8], k: usize, base: &[u8]) -> Vec<u8> {
+    use xencr_engine::stream::parse::BlockSink;
+    use xencr_engine::stream::StreamReport;
+    struct First<'a> {
+        k: usize,
+        seen: usize,
+        raw: &'a mut Vec<u8>,
+    }
+    impl BlockSink for First<'_> {
+        fn block(
+            &mut self,
+            index: u32,
+            bm: &[u8],
+            data: &[u8],
+            _: &mut StreamReport,
+        ) -> xencr_engine::Result<()> {
+            if self.seen < self.k {
+                let base = index as usize * data.len();
+                for s in 0..data.len() / 512 {
+                    let at = base + s * 512;
+                    if xencr_engine::format::bitmap::get(bm, s) && at < self.raw.len() {
+                        self.raw[at..at + 512].copy_from_slice(&data[s * 512..(s + 1) * 512]);
+                    }
+                }
+            }
+            self.seen += 1;
+            Ok(())
+        }
+    }
+    let mut raw = base.to_vec();
+    let mut sink = First {
+        k,
+        seen: 0,
+        raw: &mut raw,
+    };
+    parse(stream, ParseOptions::default(), &mut sink).unwrap();
+    raw
+}

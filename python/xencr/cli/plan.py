@@ -3,6 +3,7 @@ restore point is against its RPO. Neither changes anything on the pools."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from xencr.dr.preview import Mode, failover_preview, render, to_json
 from xencr.monitor.status import gather
 from xencr.replication.jobs import connected
 from xencr.replication.preview import StatusRow, plan
+from xencr.state import StateDB
 from xencr.units import human_bytes, transfer_text
 
 ConfigOpt = Annotated[
@@ -78,8 +80,10 @@ def plan_command(
     if job is None:
         raise CliError("give a JOB to plan, or --failover PLAN")
     cfg = load(config)
-    with connected(cfg, cfg.job(job), interactive=sys.stdin.isatty()) as c:
-        rows = plan(c, vm or None, full=full)
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(connected(cfg, cfg.job(job), interactive=sys.stdin.isatty()))
+        db = stack.enter_context(StateDB(cfg.state_path)) if cfg.state_path.exists() else None
+        rows = plan(c, vm or None, full=full, resumes=db)
     if json_out:
         typer.echo(json.dumps([asdict(r) | {"estimated_bytes": r.estimated_bytes} for r in rows], indent=2))
     else:
@@ -99,6 +103,8 @@ def plan_command(
                     f"  source: purge_snapshot_data destroys ~{human_bytes(r.source_data_freed)} of "
                     "snapshot data after the run (CBT logs kept)"
                 )
+            if r.resume:
+                typer.echo(f"  {r.resume}")
             for p in r.problems:
                 typer.echo(f"  PROBLEM: {p}")
     if any(r.problems for r in rows):

@@ -197,7 +197,8 @@ def run_configured(
                         c.source,
                         [ref for ref, _ in vms],
                         targets,
-                        dataclasses.replace(spec, maps=db),  # restore point disks' block maps
+                        # Restore point disks' block maps; incomplete attempts kept for a resume.
+                        dataclasses.replace(spec, maps=db, resumes=db),
                         force_full=full,
                         progress=progress,
                         monitor=monitor,

@@ -10,7 +10,10 @@ xencr destroys an object only when
     call. An attempt has committed when a replica VM carrying its id is marked complete. The object
     must also be the one xencr made, not a copy of it (`xencr:self`, written right after creation,
     is absent or its own UUID), and be unused: a VM halted and never started, a VDI attached to no
-    VM but that attempt's replica; or
+    VM but that attempt's replica. One such attempt is kept instead while the state database
+    records it as resumable (`resume`: a transfer cut by a kill, a timeout or a dropped link):
+    its replica and disks are set aside for the next try, which resumes them or, when anything
+    it was made of changed, destroys them by this same rule (``keep`` of `survey`); or
 
 (b) **it is a complete restore point that retention expires and that is still exactly as xencr
     left it**: its seal (`xencr:seal`, written by the commit over its UUID, name, description, tags,
@@ -143,6 +146,17 @@ class RestorePoint:
         return all(op in blocked for op in md.PROTECTED_OPS)
 
 
+@dataclass(frozen=True)
+class Incomplete:
+    """An uncommitted attempt's replica set aside for a resume: exactly as its attempt left it
+    (unused, never started, snapshotted or copied; its disks attached to it alone)."""
+
+    attempt: str
+    vm: str  # the replica VM's ref
+    uuid: str
+    disks: dict[str, tuple[str, str]]  # userdevice -> (VDI ref, VDI uuid)
+
+
 @dataclass
 class Survey:
     """One job's objects for one source VM on one target SR, each with its verdict."""
@@ -159,6 +173,9 @@ class Survey:
     # The newest replica xencr made that is detached now (snapshot time, short why): why the next
     # run cannot continue it, when it is newer than every restore point.
     newest_detached: tuple[str, str] | None = None
+    # The attempt `survey`'s ``keep`` named, set aside (not garbage), or why it cannot be.
+    kept: Incomplete | None = None
+    kept_problem: str | None = None
 
     def mark(self, cls: str, ref: str, oc: dict[str, str], **changes: str) -> None:
         current = self.marks.get((cls, ref), dict(oc))
@@ -224,8 +241,9 @@ def _is_copy(rec: dict[str, Any]) -> str | None:
     return me if me is not None and me != rec["uuid"] else None
 
 
-def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> Survey:
-    """Classify every object of this job, source VM and target SR (see the module's rule).
+def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str, keep: str | None = None) -> Survey:
+    """Classify every object of this job, source VM and target SR (see the module's rule);
+    the uncommitted attempt ``keep`` is set aside (`Survey.kept`) when it would be garbage.
     Changes nothing: `clean` acts on the verdicts."""
     p = _Pool(t)
     out = Survey()
@@ -282,10 +300,15 @@ def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> Survey:
         copy = _is_copy(rec)
         if oc.get(md.COMPLETE) != "true":
             why = _attempt_vm_unusable(p, rec, copy)
-            if why is None:
+            kept = keep is not None and oc.get(md.ATTEMPT) == keep
+            if why is None and kept and out.kept is None:
+                out.kept = Incomplete(str(keep), ref, rec["uuid"], {})
+            elif why is None:
                 out.garbage_vms.append((ref, rec))
                 garbage_vms.add(ref)
             else:
+                if kept:
+                    out.kept_problem = f"its replica {rec['uuid']} was {why}"
                 detach(kind, ref, rec, why)
             continue
         why = _point_problem(p, ref, rec, copy)
@@ -324,6 +347,14 @@ def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> Survey:
         snap_of_garbage = rec["is_a_snapshot"] and str(rec["snapshot_of"]) in garbage_vdis
         users = p.users.get(ref, set())
         if (
+            out.kept is not None
+            and attempt == out.kept.attempt
+            and not rec["is_a_snapshot"]
+            and copy is None
+            and users <= {out.kept.vm}
+        ):
+            continue  # the kept replica's disk (`kept_disks` below)
+        if (
             attempt is not None
             and attempt not in committed
             and (cloned or copy is None or snap_of_garbage)
@@ -347,6 +378,16 @@ def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> Survey:
         else:
             why = "not part of an intact restore point"
         detach("VDI", ref, rec, why)
+    if out.kept is not None:
+        disks = {
+            dev: (vdi, p.vdis[vdi]["uuid"])
+            for dev, vdi in p.disks_of(out.kept.vm).items()
+            if vdi in p.vdis
+            and p.vdis[vdi]["other_config"].get(md.ATTEMPT, p.vdis[vdi]["other_config"].get(md.CLONING))
+            == out.kept.attempt
+            and p.users.get(vdi, set()) <= {out.kept.vm}
+        }
+        out.kept = Incomplete(out.kept.attempt, out.kept.vm, out.kept.uuid, disks)
     return out
 
 
@@ -415,12 +456,14 @@ class Cleaned:
     # Why the VM is not replicated here for now: its newest replica was failed over (it runs from
     # it on this target) and no restore point is newer. None: replicate as usual.
     failed_over: str | None = None
+    kept: Incomplete | None = None  # the attempt set aside for a resume (`survey`'s ``keep``)
+    kept_problem: str | None = None  # why the attempt to keep could not be
 
 
 def clean(t: XapiSession, s: Survey) -> Cleaned:
     """Write the survey's marks, destroy the never-committed attempts' objects and finish cut-short
     expiries. A destroy XAPI refuses leaves the object detached (in use), reported, not retried."""
-    out = Cleaned(detached=list(s.detached))
+    out = Cleaned(detached=list(s.detached), kept=s.kept, kept_problem=s.kept_problem)
     taken = s.newest_detached
     newest = s.points[-1].snapshot_time if s.points else ""
     if taken is not None and taken[1].startswith("failed over") and taken[0] > newest:
@@ -539,9 +582,10 @@ def discard(t: XapiSession, replica: str, vdis: list[str]) -> None:
             log.warning("%s %s not destroyed: %s (the next run looks at it again)", cls, ref, err)
 
 
-def tidy(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str) -> Cleaned:
-    """The clean-up at the start of a run (or seed import) for one VM and target SR."""
-    return clean(t, survey(t, job_id, vm_uuid, sr_uuid))
+def tidy(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str, keep: str | None = None) -> Cleaned:
+    """The clean-up at the start of a run (or seed import) for one VM and target SR; the
+    uncommitted attempt ``keep`` (recorded as resumable) is set aside rather than destroyed."""
+    return clean(t, survey(t, job_id, vm_uuid, sr_uuid, keep))
 
 
 # ----------------------------------------------------------------------------- health checks

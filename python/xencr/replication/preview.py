@@ -10,7 +10,7 @@ from typing import Any
 
 from xencr.config import JobConfig
 from xencr.monitor.rpo import job_rpo, protection
-from xencr.replication import ownership
+from xencr.replication import ownership, resume
 from xencr.replication import path as paths
 from xencr.replication import source as srcmod
 from xencr.replication.decide import plan_target
@@ -45,13 +45,22 @@ class TargetPreview:
     sr_free_after: int = 0
     problems: list[str] = field(default_factory=list)
     source_data_freed: int = 0  # purge_snapshot_data: snapshot data the run destroys on the source
+    # An incomplete attempt recorded for this VM and target: "resumes attempt X: disk 0 at 78%..."
+    # or "cleans up incomplete attempt X (why) and starts over" (`resume`).
+    resume: str = ""
 
     @property
     def estimated_bytes(self) -> int:
         return sum(d.estimated_bytes for d in self.disks)
 
 
-def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> list[TargetPreview]:
+def plan(
+    c: Connected,
+    only: list[str] | None = None,
+    *,
+    full: bool = False,
+    resumes: resume.ResumeStore | None = None,
+) -> list[TargetPreview]:
     spec = spec_of(c.job, None)
     src = c.source
     targets = targets_of(c)
@@ -68,19 +77,46 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
         foreign = srcmod.foreign_snapshots(src, vm, c.job.id)
         nets = {src.api.network.get_name_label(src.api.VIF.get_network(v)) for v in rec["VIFs"]}
         for t in targets:
+            row = resumes.resume_of(c.job.id, rec["uuid"], t.sr_uuid) if resumes else None
+            snap, why = None, None
+            if row is not None:
+                s = ownership.survey(t.session, c.job.id, rec["uuid"], t.sr_uuid, keep=row.attempt)
+                devices = {d.userdevice for d in disks}
+                snap, why = resume.judge(src, vm, c.job.id, row, s.kept, s.kept_problem, devices)
+            resuming = snap is not None
             p = plan_target(
                 src,
                 t.session,
                 job_id=c.job.id,
                 vm_uuid=rec["uuid"],
                 sr_uuid=t.sr_uuid,
-                previous=previous,
-                disks=disks,
+                previous=[(r, x) for r, x in previous if r != snap] if resuming else previous,
+                disks=srcmod.disks_of(src, snap) if snap is not None else disks,
                 full_interval=spec.full_interval,
                 force_full=full,
                 xo_snapshots=foreign,
             )
+            if row is not None and snap is not None:
+                try:
+                    chosen = paths.choose(src, p, offered, c.job.transfer)
+                    why = resume.changed(
+                        resume.Shape.parse(row.shape), resume.shape_of(src, t.session, chosen)
+                    )
+                except paths.NbdRequired as err:
+                    why = str(err)
+                resuming = why is None
             tp = TargetPreview(rec["name_label"], rec["uuid"], t.name)
+            if row is not None and resuming:
+                starts = ", ".join(
+                    f"disk {d.userdevice} "
+                    + resume.progress_line(
+                        d, resume.resume_point(d.position, d.stream_bytes // max(1, d.blocks))
+                    )
+                    for d in row.disks
+                )
+                tp.resume = f"resumes incomplete attempt {row.attempt} of snapshot {row.snapshot}: {starts}"
+            elif row is not None:
+                tp.resume = f"cleans up incomplete attempt {row.attempt} ({why}) and starts over"
             if c.job.purge_snapshot_data and offered.nbd is None:
                 tp.source_data_freed = _snapshot_data(src, previous)
             for dp in (paths.predict(src, d, offered, c.job.transfer) for d in p.disks):
@@ -93,6 +129,11 @@ def plan(c: Connected, only: list[str] | None = None, *, full: bool = False) -> 
                     est = changed_blocks(src, dp.disk.vdi, dp.base_source_vdi) * BLOCK
                 else:
                     est = int(src.api.VDI.get_physical_utilisation(dp.disk.vdi))
+                if row is not None and resuming:
+                    rd = next((d for d in row.disks if d.userdevice == dp.disk.userdevice), None)
+                    if rd is not None and rd.blocks:
+                        start = resume.resume_point(rd.position, rd.stream_bytes // rd.blocks)
+                        est = int(rd.stream_bytes * (1 - min(start, rd.blocks) / rd.blocks))
                 tp.disks.append(
                     DiskPreview(
                         dp.disk.userdevice, dp.disk.name, dp.kind, dp.reason, est, dp.path, dp.path_reason

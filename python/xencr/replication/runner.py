@@ -8,6 +8,7 @@ a per-VM deadline and a cancel event cut transfers cleanly (tasks cancelled, rep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,18 +23,25 @@ from typing import Any, Protocol
 from xencr import _engine
 from xencr._engine import VhdError
 from xencr.config import HealthCheckConfig, TransferPath
-from xencr.replication import health, ownership
+from xencr.replication import health, ownership, resume
 from xencr.replication import metadata as md
 from xencr.replication import path as paths
 from xencr.replication import source as srcmod
 from xencr.replication import target as tgt
 from xencr.replication.blockmap import KEY as MAP_KEY
 from xencr.replication.blockmap import BlockMap, MapStore, combine
-from xencr.replication.decide import DiskPlan, SeedPending, plan_target
+from xencr.replication.decide import DiskPlan, SeedPending, TargetPlan, plan_target
 from xencr.service import limits, locks
+from xencr.state import ResumeDisk, ResumeRow
 from xencr.units import human_bytes, transfer_text
 from xencr.xapi.errors import PoolUnreachable, XapiError
-from xencr.xapi.handlers import RedirectRefused, TransferCancelled, TransferError, TransferTimeout
+from xencr.xapi.handlers import (
+    ConnectionCut,
+    RedirectRefused,
+    TransferCancelled,
+    TransferError,
+    TransferTimeout,
+)
 from xencr.xapi.nbd import nbd_copy_vdi
 from xencr.xapi.session import XapiSession
 from xencr.xapi.transfer import (
@@ -76,6 +84,8 @@ class JobSpec:
     transfer: TransferPath = "auto"  # `path`: NBD + CBT where offered, else the stream
     nbd_connections: int = 4
     purge_snapshot_data: bool = False  # after the run, keep only the CBT log of kept snapshots
+    # Where incomplete attempts and their progress are recorded (`resume`); None: never resumed.
+    resumes: resume.ResumeStore | None = field(default=None, compare=False)
 
 
 CANCELLED = "cancelled: shutting down"
@@ -113,6 +123,9 @@ class DiskResult:
     path: str = "stream"  # "stream" or "nbd"
     path_reason: str = ""  # why that path (`path.choose`)
     bytes_read: int = 0  # read from the source (NBD payload; the stream's length otherwise)
+    resumed_from: int = 0  # the stream block the disk was resumed at by a later run (0: none)
+    drops: int = 0  # connections dropped during this attempt and resumed from
+    resumed: str = ""  # "resumed at 78%: 1.6 GiB left" when it was resumed, by this run or a later one
 
 
 @dataclass
@@ -299,12 +312,17 @@ def _replicate_locked(
     # The per-VM timeout covers every target and attempt; transfers are cut when it passes.
     deadline = time.monotonic() + job.vm_timeout if job.vm_timeout else None
     tidied = {}
+    rows = {t.name: _resume_row(job, rec["uuid"], t) for t in targets}
     for t in targets:
         # A health check killed midway left its clone: removed before the survey, which would
         # take a clone not marked yet for a user's copy of a restore point.
         gone = ownership.remove_health_checks(t.session, job.id, rec["uuid"], t.sr_uuid)
-        tidied[t.name] = ownership.tidy(t.session, job.id, rec["uuid"], t.sr_uuid)
+        row = rows[t.name]
+        tidied[t.name] = ownership.tidy(
+            t.session, job.id, rec["uuid"], t.sr_uuid, keep=row.attempt if row else None
+        )
         tidied[t.name].removed[:0] = gone
+    resuming = _resumable(src, vm, rec, targets, job, rows, tidied, progress)
     # A target where the VM was failed over runs it from its replica: replicating it again there
     # would only send a full copy of a stale source beside it. Skipped until failback (or the
     # administrator removes the mark); its base snapshot on the source is kept for the failback.
@@ -335,15 +353,26 @@ def _replicate_locked(
     previous = srcmod.job_snapshots(src, vm, job.id)
     foreign = srcmod.foreign_snapshots(src, vm, job.id)
     nobak = [d.vdi for d in srcmod.disks_of(src, vm, with_nobak=True) if md.NOBAK in d.name]
-    try:
-        snap, when = srcmod.take_snapshot(
-            src, vm, rec, job.id, job.name, job.schedule_id, job.snapshot_mode, nobak, attempt
+    if resuming:
+        # The interrupted attempt's snapshot is sent again, not a new one: its replica holds part
+        # of it already (`resume`); the next run takes a new snapshot as usual.
+        snap = next(iter(resuming.values())).snapshot
+        previous = [(ref, r) for ref, r in previous if ref != snap]
+        when = md.parse_stamp(src.api.VM.get_other_config(snap).get(md.SNAPSHOT_TIME, "")) or datetime.now(
+            UTC
         )
-    except (XapiError, PoolUnreachable) as err:
-        result.error = f"snapshot failed: {_error_line(err)}"
-        for t in targets:
-            obs.finished(result, _tidied(TargetResult(t.name, t.sr_uuid, error=result.error), tidied[t.name]))
-        return
+    else:
+        try:
+            snap, when = srcmod.take_snapshot(
+                src, vm, rec, job.id, job.name, job.schedule_id, job.snapshot_mode, nobak, attempt
+            )
+        except (XapiError, PoolUnreachable) as err:
+            result.error = f"snapshot failed: {_error_line(err)}"
+            for t in targets:
+                obs.finished(
+                    result, _tidied(TargetResult(t.name, t.sr_uuid, error=result.error), tidied[t.name])
+                )
+            return
     snap_rec = src.api.VM.get_record(snap)
     result.snapshot = snap_rec["uuid"]
     result.snapshot_time = when
@@ -365,10 +394,18 @@ def _replicate_locked(
         deadline,
         monitor,
         offered,
+        resuming,
     )
     for t in targets:
         tr = _tidied(TargetResult(t.name, t.sr_uuid), tidied[t.name])
         result.targets.append(tr)
+        if t.name not in resuming and resuming and _holds(t, job, rec["uuid"], snap_rec["uuid"]):
+            tr.outcome = "skipped"
+            tr.error = (
+                f"skipped: already holds the restore point of snapshot {snap_rec['uuid']} (resumed elsewhere)"
+            )
+            obs.finished(result, tr)
+            continue
         _attempts(shared, t, tr)
         _check_health(shared, t, tr)
         obs.finished(result, tr)
@@ -384,6 +421,9 @@ def _replicate_locked(
             continue
         bases = [uuids[p.copy_of] for p in points if p.copy_of in uuids]
         keep.update(bases[-1:])
+        row = _resume_row(job, rec["uuid"], t)
+        if row is not None and row.snapshot in uuids:
+            keep.add(uuids[row.snapshot])  # an attempt kept for a resume sends it again
     if some_skipped:
         # A busy target may be another run of this job, sending a snapshot not ours to judge;
         # the next run that has every target prunes.
@@ -399,6 +439,75 @@ def _replicate_locked(
             if purged:
                 result.source_purged.append(purged)
                 progress(f"{rec['name_label']}: {purged}")
+
+
+@dataclass(frozen=True)
+class Kept:
+    """An incomplete attempt this run resumes on one target (`resume`)."""
+
+    row: ResumeRow
+    replica: ownership.Incomplete
+    snapshot: str  # the source snapshot's ref
+
+
+def _resume_row(job: JobSpec, vm_uuid: str, t: Target) -> ResumeRow | None:
+    return None if job.resumes is None else job.resumes.resume_of(job.id, vm_uuid, t.sr_uuid)
+
+
+def _resumable(
+    src: XapiSession,
+    vm: str,
+    rec: dict[str, Any],
+    targets: list[Target],
+    job: JobSpec,
+    rows: dict[str, ResumeRow | None],
+    tidied: dict[str, ownership.Cleaned],
+    progress: Progress,
+) -> dict[str, Kept]:
+    """The targets whose recorded incomplete attempt this run resumes (all of the same source
+    snapshot); every other recorded attempt is cleaned up now, saying why (`resume`)."""
+    out: dict[str, Kept] = {}
+    for t in targets:
+        row = rows[t.name]
+        if row is None:
+            continue
+        c = tidied[t.name]
+        devices = {d.userdevice for d in srcmod.disks_of(src, vm)}
+        snap, why = resume.judge(src, vm, job.id, row, c.kept, c.kept_problem, devices)
+        others = {k.row.snapshot for k in out.values()}
+        if why is None and others and row.snapshot not in others:
+            why = f"another target resumes snapshot {others.pop()}"
+        if why is None and snap is not None and c.kept is not None:
+            out[t.name] = Kept(row, c.kept, snap)
+        else:
+            _give_up(t, job, rec, row, str(why), c, progress)
+    return out
+
+
+def _give_up(
+    t: Target,
+    job: JobSpec,
+    rec: dict[str, Any],
+    row: ResumeRow,
+    why: str,
+    c: ownership.Cleaned,
+    progress: Progress,
+) -> None:
+    """Clean up an incomplete attempt that will not be resumed (by the usual rule, now that it
+    is no longer kept) and forget its record; the lines say why."""
+    progress(f"{rec['name_label']} -> {t.name}: incomplete attempt {row.attempt} not resumed: {why}")
+    again = ownership.tidy(t.session, job.id, rec["uuid"], t.sr_uuid)
+    c.removed += [f"{line} (not resumed: {why})" for line in again.removed]
+    c.detached += [d for d in again.detached if d not in c.detached]
+    c.kept = None
+    if job.resumes is not None:
+        job.resumes.forget_resume(job.id, rec["uuid"], t.sr_uuid, row.attempt)
+
+
+def _holds(t: Target, job: JobSpec, vm_uuid: str, snap_uuid: str) -> bool:
+    """Whether the target's newest restore point is already of that snapshot."""
+    points = tgt.restore_points(t.session, job.id, vm_uuid, t.sr_uuid)
+    return bool(points) and points[-1].copy_of == snap_uuid
 
 
 def _tidied(tr: TargetResult, c: ownership.Cleaned) -> TargetResult:
@@ -488,6 +597,9 @@ class _VmRun:
     deadline: float | None
     monitor: TransferMonitor | None
     offered: paths.PoolPaths
+    # Per target, the incomplete attempt the next try resumes: found by this run's clean-up, or
+    # kept by a try whose connection dropped (`_to_target` takes it).
+    resuming: dict[str, Kept]
 
 
 def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
@@ -523,6 +635,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
     except paths.NbdRequired as err:
         raise TransferError(f"{rec['name_label']} -> {t.name}: {err}") from None
     stamp = md.stamp(when)
+    kept = _continue(run, t, plan, tr)
     keys = {
         md.JOB: job.id,
         md.SCHEDULE: job.schedule_id,
@@ -530,33 +643,79 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         md.SR: t.sr_uuid,
         md.COPY_OF: snap_rec["uuid"],
         md.SNAPSHOT_TIME: md.precise(when),
-        md.ATTEMPT: ownership.new_attempt(job.id),  # every object this attempt creates carries it
+        # Every object this attempt creates carries it; a resumed attempt keeps its own.
+        md.ATTEMPT: kept.row.attempt if kept else ownership.new_attempt(job.id),
     }
     hold("before-replica")
-    # The snapshot has the disks' moment; startup settings (order, delays, HA priority) are
-    # reset on snapshots, so they come from the VM itself.
-    startup = {
-        k: rec[k] for k in ("order", "start_delay", "shutdown_delay", "ha_restart_priority") if k in rec
-    }
-    replica = tgt.create_replica(ts, snap_rec | startup | {"name_label": rec["name_label"]}, keys)
-    new_vdis: list[str] = []
+    starts: dict[str, int] = {}
+    recorder: resume.Recorder | None = None
+    if kept is not None:
+        replica = kept.replica.vm
+        new_vdis = [kept.replica.disks[dp.disk.userdevice][0] for dp in plan.disks]
+        recorder = (
+            resume.Recorder(job.resumes, job.id, rec["uuid"], t.sr_uuid, kept.row.attempt)
+            if job.resumes
+            else None
+        )
+        for rd in kept.row.disks:
+            if rd.position > 0:
+                starts[rd.userdevice] = resume.resume_point(rd.position, rd.stream_bytes // max(1, rd.blocks))
+    else:
+        # The snapshot has the disks' moment; startup settings (order, delays, HA priority) are
+        # reset on snapshots, so they come from the VM itself.
+        startup = {
+            k: rec[k] for k in ("order", "start_delay", "shutdown_delay", "ha_restart_priority") if k in rec
+        }
+        replica = tgt.create_replica(ts, snap_rec | startup | {"name_label": rec["name_label"]}, keys)
+        new_vdis = []
+    recorded = kept is not None
     try:
-        for dp in plan.disks:
-            disk_keys = {k: v for k, v in keys.items() if k != md.COPY_OF} | {md.FULL_COUNT: str(dp.chain)}
-            vdi = tgt.create_disk(ts, t.sr, dp.disk, dp.base_target_vdi, disk_keys)
-            new_vdis.append(vdi)
-            tgt.attach(ts, replica, vdi, dp.disk)
-        tr.warnings += tgt.copy_vifs(src, vm, ts, replica, t.network_map)
+        if kept is None:
+            for dp in plan.disks:
+                disk_keys = {k: v for k, v in keys.items() if k != md.COPY_OF} | {
+                    md.FULL_COUNT: str(dp.chain)
+                }
+                vdi = tgt.create_disk(ts, t.sr, dp.disk, dp.base_target_vdi, disk_keys)
+                new_vdis.append(vdi)
+                tgt.attach(ts, replica, vdi, dp.disk)
+            tr.warnings += tgt.copy_vifs(src, vm, ts, replica, t.network_map)
+            if job.resumes is not None:
+                # From here on a cut leaves the attempt for a resume rather than for the clean-up.
+                recorder = _record(run, t, plan, keys[md.ATTEMPT], replica, new_vdis)
+                recorded = True
         for dp in plan.disks:
             how = transfer_text(dp.kind, dp.reason) + (f" via {dp.path_reason}" if dp.path_reason else "")
+            if dp.disk.userdevice in starts and kept is not None:
+                how += "; " + _resumed_line(kept.row, dp.disk.userdevice, starts[dp.disk.userdevice])
             progress(f"{rec['name_label']} -> {t.name}: disk {dp.disk.userdevice} {how}")
         hold("before-transfer")
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
             pairs = list(zip(plan.disks, new_vdis, strict=True))
             label = f"{rec['name_label']} -> {t.name}"
             results = list(
-                pool.map(lambda pv: _send(src, t, pv[0], pv[1], job, deadline, monitor, label), pairs)
+                pool.map(
+                    lambda pv: _send(
+                        src,
+                        t,
+                        pv[0],
+                        pv[1],
+                        job,
+                        deadline,
+                        monitor,
+                        label,
+                        starts.get(pv[0].disk.userdevice, 0),
+                        recorder,
+                    ),
+                    pairs,
+                )
             )
+        if kept is not None:
+            for d in results:
+                if d.userdevice in starts:
+                    d.resumed = _resumed_line(kept.row, d.userdevice, d.resumed_from)
+        for d in results:
+            if d.resumed:
+                d.reason += f"; {d.resumed}"
         tr.disks = results
         with ThreadPoolExecutor(max_workers=max(1, job.disk_concurrency)) as pool:
             checks = zip(plan.disks, results, new_vdis, strict=True)
@@ -576,10 +735,25 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
             )
         hold("before-commit")
         tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
+        if job.resumes is not None:
+            job.resumes.forget_resume(job.id, rec["uuid"], t.sr_uuid, keys[md.ATTEMPT])
         hold("after-commit")
-    except BaseException:
+    except BaseException as err:
+        cut = _kept_now(run, t, replica, new_vdis, plan) if recorded and _keep_for_resume(err) else None
+        if cut is not None:
+            # Left with its record: the next try (this run's retry, or the next run) resumes it.
+            run.resuming[t.name] = cut
+            log.info(
+                "%s -> %s: incomplete attempt %s kept for a resume",
+                rec["name_label"],
+                t.name,
+                keys[md.ATTEMPT],
+            )
+            raise
         # In-process failure: nothing of this attempt may remain (a kill is cleaned next run).
         ownership.discard(ts, replica, new_vdis)
+        if job.resumes is not None:
+            job.resumes.forget_resume(job.id, rec["uuid"], t.sr_uuid, keys[md.ATTEMPT])
         raise
     tr.restore_point = str(ts.api.VM.get_uuid(replica))
     seconds = max((d.seconds for d in tr.disks), default=0.0)
@@ -597,6 +771,88 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
             tr.detached.append(left.line())
 
 
+def _continue(run: _VmRun, t: Target, plan: TargetPlan, tr: TargetResult) -> Kept | None:
+    """The incomplete attempt this try resumes on ``t``, if a plan made now has its shape; else
+    it is cleaned up (saying why) and None returned."""
+    kept = run.resuming.pop(t.name, None)
+    if kept is None:
+        return None
+    why = resume.changed(resume.Shape.parse(kept.row.shape), resume.shape_of(run.src, t.session, plan))
+    if why is None and set(kept.replica.disks) != {dp.disk.userdevice for dp in plan.disks}:
+        why = "the replica's disks changed"
+    if why is None:
+        return kept
+    c = ownership.Cleaned()
+    _give_up(t, run.job, run.rec, kept.row, why, c, run.progress)
+    tr.cleaned += c.removed
+    tr.detached += [d.line() for d in c.detached]
+    tr.warnings.append(f"incomplete attempt {kept.row.attempt} not resumed: {why}")
+    return None
+
+
+def _record(
+    run: _VmRun, t: Target, plan: TargetPlan, attempt: str, replica: str, vdis: list[str]
+) -> resume.Recorder:
+    """Record a new attempt as resumable, its disks at position 0."""
+    store, ts = run.job.resumes, t.session
+    assert store is not None
+    disks = tuple(
+        ResumeDisk(dp.disk.userdevice, str(ts.api.VDI.get_uuid(vdi)))
+        for dp, vdi in zip(plan.disks, vdis, strict=True)
+    )
+    row = ResumeRow(
+        job_id=run.job.id,
+        vm_uuid=run.rec["uuid"],
+        target_sr=t.sr_uuid,
+        attempt=attempt,
+        snapshot=run.snap_rec["uuid"],
+        replica=str(ts.api.VM.get_uuid(replica)),
+        shape=resume.shape_of(run.src, ts, plan).text(),
+        disks=disks,
+    )
+    store.record_resume(row)
+    return resume.Recorder(store, run.job.id, run.rec["uuid"], t.sr_uuid, attempt)
+
+
+def _keep_for_resume(err: BaseException) -> bool:
+    """A cut (a timeout, a cancel, a dropped connection, the process stopping) leaves the attempt
+    for a resume; a refusal or a read-back that differs does not (`resume`)."""
+    if isinstance(err, (ReadbackMismatch, RedirectRefused, SeedPending)):
+        return False
+    if isinstance(err, (TransferTimeout, TransferCancelled, KeyboardInterrupt, SystemExit)):
+        return True
+    return _dropped(err)
+
+
+def _dropped(err: BaseException) -> bool:
+    """A connection cut in mid-transfer, by either pool or the network (`handlers.is_cut`)."""
+    return isinstance(err, ConnectionCut)
+
+
+def _kept_now(run: _VmRun, t: Target, replica: str, vdis: list[str], plan: TargetPlan) -> Kept | None:
+    """The attempt just cut, as the next try will resume it; None when no disk got anywhere
+    (nothing to gain: it is discarded as before)."""
+    store = run.job.resumes
+    row = None if store is None else store.resume_of(run.job.id, run.rec["uuid"], t.sr_uuid)
+    if row is None or not any(d.position > 0 for d in row.disks):
+        return None
+    ts = t.session
+    try:
+        disks = {
+            dp.disk.userdevice: (vdi, str(ts.api.VDI.get_uuid(vdi)))
+            for dp, vdi in zip(plan.disks, vdis, strict=True)
+        }
+        uuid = str(ts.api.VM.get_uuid(replica))
+    except (XapiError, PoolUnreachable):
+        return None  # the target does not answer: the next run's survey decides
+    return Kept(row, ownership.Incomplete(row.attempt, replica, uuid, disks), run.snap)
+
+
+def _resumed_line(row: ResumeRow, userdevice: str, start: int) -> str:
+    d = next((d for d in row.disks if d.userdevice == userdevice), None)
+    return "" if d is None else resume.progress_line(d, start)
+
+
 def _send(
     src: XapiSession,
     t: Target,
@@ -606,6 +862,8 @@ def _send(
     deadline: float | None,
     monitor: TransferMonitor | None = None,
     label: str = "",
+    start: int = 0,
+    recorder: resume.Recorder | None = None,
 ) -> DiskResult:
     name = f"{label} disk {dp.disk.userdevice}"
     hook = (lambda total: monitor.begin(name, total)) if monitor else None
@@ -617,12 +875,15 @@ def _send(
         slots.append(limits.Slot("import", t.pool, t.max_imports))
     try:
         with limits.transfer_slots(slots, cancel=job.cancel, deadline=deadline):
-            return _copy(src, t.session, dp, vdi, job, deadline, hook)
+            return _copy(src, t.session, dp, vdi, job, deadline, hook, start, recorder)
     except limits.SlotCancelled as err:
         raise (TransferCancelled if _cancelled(job) else TransferTimeout)(str(err)) from None
     finally:
         if monitor:
             monitor.end(name)
+
+
+MAX_DROPS = 8  # dropped connections resumed per disk and attempt before the attempt fails
 
 
 def _copy(
@@ -633,10 +894,74 @@ def _copy(
     job: JobSpec,
     deadline: float | None,
     hook: Callable[[int], _engine.Progress] | None,
+    start: int = 0,
+    recorder: resume.Recorder | None = None,
 ) -> DiskResult:
-    """One disk by its path (`path.choose`): read over NBD, or XAPI's VHD stream relayed."""
-    r: TransferReport
-    units: list[tuple[int, str]] = []
+    """One disk by its path (`path.choose`), from stream block ``start`` (a resume). A connection
+    that drops is resumed at once from the window before where it was (`resume`), at most
+    `MAX_DROPS` times; the disk's position is recorded meanwhile when a ``recorder`` is given."""
+    at, drops, sent_before = start, 0, 0
+    uuid = str(ts.api.VDI.get_uuid(vdi)) if recorder is not None else ""
+    while True:
+        counter = (hook(0) if hook else None) or _engine.Progress()
+        try:
+            with (
+                recorder.watching(dp.disk.userdevice, uuid, counter) if recorder else contextlib.nullcontext()
+            ):
+                r, read, units = _copy_once(src, ts, dp, vdi, job, deadline, counter, at)
+            break
+        except RETRYABLE as err:
+            if not _dropped(err) or drops >= MAX_DROPS or (_cancelled(job)):
+                raise
+            sent_before += counter.sent
+            drops += 1
+            block = counter.total // max(1, counter.blocks)
+            was, at = at, resume.resume_point(counter.position, block, floor=at)
+            log.warning(
+                "disk %s: %s; resuming at stream block %d of %d (passed %d, started at %d)",
+                dp.disk.userdevice,
+                _error_line(err),
+                at,
+                counter.blocks,
+                counter.position,
+                was,
+            )
+    d = DiskResult(
+        dp.disk.userdevice,
+        dp.disk.name,
+        dp.kind,
+        dp.reason,
+        sent_before + r.bytes_sent,
+        r.blocks,
+        r.seconds,
+        md.digest_of_list(r.digest_algorithm, r.digests),
+        [b for b, _ in r.digests],
+        sent=list(r.digests),
+        algorithm=r.digest_algorithm,
+        block_size=r.block_size,
+        path=dp.path,
+        path_reason=dp.path_reason,
+        bytes_read=read,
+        units=units,
+        resumed_from=start,
+        drops=drops,
+    )
+    if drops:
+        d.resumed = f"resumed after {drops} dropped connection{'s' if drops > 1 else ''}"
+    return d
+
+
+def _copy_once(
+    src: XapiSession,
+    ts: XapiSession,
+    dp: DiskPlan,
+    vdi: str,
+    job: JobSpec,
+    deadline: float | None,
+    counter: _engine.Progress,
+    start: int,
+) -> tuple[TransferReport, int, list[tuple[int, str]]]:
+    """One try of `_copy`: the report, the bytes read from the source, and the NBD unit digests."""
     if dp.path == "nbd":
         n = nbd_copy_vdi(
             src,
@@ -649,41 +974,24 @@ def _copy(
             timeout=job.vm_timeout,
             deadline=deadline,
             cancel=job.cancel,
-            progress=hook,
+            progress=lambda _total: counter,
+            resume_from=start,
         )
-        r, read, units = n, n.bytes_read, list(n.unit_digests)
-    else:
-        r = copy_vdi(
-            src,
-            dp.disk.vdi,
-            ts,
-            vdi,
-            base_vdi=dp.base_source_vdi,
-            rate_limit=job.rate_limit,
-            timeout=job.vm_timeout,
-            deadline=deadline,
-            cancel=job.cancel,
-            progress=hook,
-        )
-        read = r.stream_length
-    return DiskResult(
-        dp.disk.userdevice,
-        dp.disk.name,
-        dp.kind,
-        dp.reason,
-        r.bytes_sent,
-        r.blocks,
-        r.seconds,
-        md.digest_of_list(r.digest_algorithm, r.digests),
-        [b for b, _ in r.digests],
-        sent=list(r.digests),
-        algorithm=r.digest_algorithm,
-        block_size=r.block_size,
-        path=dp.path,
-        path_reason=dp.path_reason,
-        bytes_read=read,
-        units=units,
+        return n, n.bytes_read, list(n.unit_digests)
+    r = copy_vdi(
+        src,
+        dp.disk.vdi,
+        ts,
+        vdi,
+        base_vdi=dp.base_source_vdi,
+        rate_limit=job.rate_limit,
+        timeout=job.vm_timeout,
+        deadline=deadline,
+        cancel=job.cancel,
+        progress=lambda _total: counter,
+        resume_from=start,
     )
+    return r, r.stream_length, []
 
 
 def _read_back_and_map(
@@ -699,16 +1007,18 @@ def _read_back_and_map(
     on a difference, and the attempt is discarded and retried), then keep the disk's block map
     (its base's map with the delta's blocks replaced) and set ``d.map_digest``."""
     where = f"target {target} disk {d.userdevice}"
-    if d.path == "nbd" and (job.verify_import or job.maps is not None):
+    # A resumed disk is always read back: that is what proves the resume point (`resume`).
+    verify = job.verify_import or bool(d.resumed or d.drops)
+    if d.path == "nbd" and (verify or job.maps is not None):
         # An NBD delta carries 64 KiB units, not whole blocks: the blocks it touched are read back
         # whole (a delta export against the base), and the map records what the target holds.
         got = export_digests(
-            ts, vdi, base=dp.base_target_vdi, deadline=deadline, cancel=job.cancel, units=job.verify_import
+            ts, vdi, base=dp.base_target_vdi, deadline=deadline, cancel=job.cancel, units=verify
         )
-        if job.verify_import:
+        if verify:
             _compare_nbd(got, d, where, full=dp.base_target_vdi is None)
         d.sent = got.digests
-    elif job.verify_import:
+    elif verify:
         read_back(ts, vdi, d.sent, base=dp.base_target_vdi, where=where, deadline=deadline, cancel=job.cancel)
     if job.maps is not None:
         base: BlockMap | None = None

@@ -15,6 +15,7 @@ that is not a host of the pool, is refused with one line."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -42,6 +43,25 @@ class TransferTimeout(TransferError):
 
 class TransferCancelled(TransferError):
     """The transfer was cut because its run was cancelled (the daemon is shutting down)."""
+
+
+class ConnectionCut(TransferError):
+    """The connection of a transfer was cut (reset, closed early, timed out) while it ran: what
+    passed before stays where it went, and the transfer can resume from the engine's
+    `_engine.Progress.position` (`replication.resume`)."""
+
+
+# What a cut connection looks like from this side (the pool's reason is in its task).
+_CUT_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
+
+
+def is_cut(err: BaseException) -> bool:
+    """Whether an engine or socket error is a connection cut rather than a refusal or a damaged
+    stream: a reset or broken connection, or a stream that ended before its length (the sender
+    went away)."""
+    if isinstance(err, OSError):
+        return isinstance(err, ConnectionError) or err.errno in _CUT_ERRNOS
+    return getattr(err, "kind", "") == "stream_length" and "ended" in str(err)
 
 
 class RedirectRefused(TransferError):

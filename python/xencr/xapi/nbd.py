@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from xencr import _engine
 from xencr.xapi.handlers import (
+    ConnectionCut,
     DataHost,
     RedirectRefused,
     TransferCancelled,
@@ -22,6 +23,7 @@ from xencr.xapi.handlers import (
     Watchdog,
     data_host,
     follow,
+    is_cut,
     query,
     task_failure,
     tcp,
@@ -122,10 +124,13 @@ def nbd_copy_vdi(
     deadline: float | None = None,
     cancel: threading.Event | None = None,
     progress: Callable[[int], _engine.Progress | None] | None = None,
+    resume_from: int = 0,
 ) -> NbdTransfer:
     """Read ``src_vdi`` over NBD (its ``changed`` 64 KiB units, a CBT bitmap; None: the whole
     allocated disk) into ``dst_vdi``'s import. The first host `VDI.get_nbd_info` names that
-    accepts the connections serves them all. The import follows one redirect, as `copy_vdi`."""
+    accepts the connections serves them all. The import follows one redirect, as `copy_vdi`.
+    With ``resume_from`` K, the import is sent only the blocks from the K-th of the stream on
+    (the earlier ones are still read and digested: `replication.resume`)."""
     hosts = endpoints(src, src_vdi)
     if not hosts:
         raise TransferError(f"{src.endpoint.where}: VDI {src_vdi} is not served over NBD (no NBD network)")
@@ -146,6 +151,7 @@ def nbd_copy_vdi(
                 deadline,
                 cancel,
                 progress,
+                resume_from,
             )
         except _ImportRedirected as r:
             if redirected:
@@ -176,6 +182,7 @@ def _copy_once(
     deadline: float | None,
     cancel: threading.Event | None,
     progress: Callable[[int], _engine.Progress | None] | None,
+    resume_from: int,
 ) -> NbdTransfer:
     if cancel is not None and cancel.is_set():
         raise TransferCancelled(f"transfer of {src_vdi} cancelled before it started")
@@ -214,6 +221,7 @@ def _copy_once(
                 unit=CBT_UNIT,
                 rate_limit=rate_limit,
                 progress=counter,
+                resume_from=resume_from,
             )
         except (_engine.VhdError, OSError) as err:
             watchdog.check(f"transfer of {src_vdi}")
@@ -222,11 +230,14 @@ def _copy_once(
                 raise _ImportRedirected(str(getattr(err, "location", ""))) from None
             if kind == "http_status":
                 raise task_failure(dst, dst_task) or TransferError(f"import into {dst_vdi}: {err}") from None
+            if kind == "nbd" and "dropped the connection" in str(err):  # the engine's words for a cut
+                raise ConnectionCut(f"{at.label}: VDI {src_vdi}: {err}") from None
             if kind == "nbd":
                 raise TransferError(f"{at.label}: VDI {src_vdi}: {err}") from None
-            raise task_failure(dst, dst_task, wait=2.0) or TransferError(
-                f"transfer of {src_vdi}: {err}"
-            ) from None
+            reason = task_failure(dst, dst_task, wait=2.0)
+            if is_cut(err):  # resumable (`replication.resume`): the pool's reason, when it has one
+                raise ConnectionCut(f"transfer of {src_vdi}: connection cut: {reason or err}") from None
+            raise reason or TransferError(f"transfer of {src_vdi}: {err}") from None
         finally:
             watchdog.cancel()
         imported = wait_task(dst, dst_task, timeout, deadline, cancel)

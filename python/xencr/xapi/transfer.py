@@ -24,6 +24,7 @@ from typing import Any
 
 from xencr import _engine
 from xencr.xapi.handlers import (
+    ConnectionCut,
     DataHost,
     RedirectRefused,
     TransferCancelled,
@@ -32,6 +33,7 @@ from xencr.xapi.handlers import (
     connect,
     data_host,
     follow,
+    is_cut,
     query,
     read_head,
     send_request,
@@ -93,8 +95,11 @@ def copy_vdi(
     deadline: float | None = None,
     cancel: threading.Event | None = None,
     progress: Callable[[int], _engine.Progress | None] | None = None,
+    resume_from: int = 0,
 ) -> TransferReport:
-    """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``. Past
+    """Stream ``src_vdi`` (delta against ``base_vdi`` when given) into ``dst_vdi``; with
+    ``resume_from`` K, the import is sent the export's stream without its first K blocks (read
+    and digested all the same: `replication.resume`). Past
     ``deadline`` (a `time.monotonic()` value) the connections are cut and `TransferTimeout`
     raised; when ``cancel`` is set, likewise with `TransferCancelled`. Either way both pools'
     tasks are cancelled and destroyed. ``progress(total)`` may return an engine byte counter for
@@ -108,7 +113,18 @@ def copy_vdi(
     while True:
         try:
             return _copy_once(
-                src, src_vdi, dst, dst_vdi, at, base_vdi, rate_limit, timeout, deadline, cancel, progress
+                src,
+                src_vdi,
+                dst,
+                dst_vdi,
+                at,
+                base_vdi,
+                rate_limit,
+                timeout,
+                deadline,
+                cancel,
+                progress,
+                resume_from,
             )
         except _Redirected as r:
             session = src if r.side == "export" else dst
@@ -133,6 +149,7 @@ def _copy_once(
     deadline: float | None,
     cancel: threading.Event | None,
     progress: Callable[[int], _engine.Progress | None] | None,
+    resume_from: int = 0,
 ) -> TransferReport:
     """One try of `copy_vdi` at the data hosts ``at`` (per side: where, and the path a redirect
     gave, or "" for the usual one)."""
@@ -169,6 +186,7 @@ def _copy_once(
                 dst_tls=dst_at.tls,
                 rate_limit=rate_limit,
                 progress=counter,
+                resume_from=resume_from,
             )
         except (_engine.VhdError, OSError) as err:
             watchdog.check(f"transfer of {src_vdi}")
@@ -182,9 +200,10 @@ def _copy_once(
                 vdi = dst_vdi if side == "import" else src_vdi
                 raise task_failure(session, task) or TransferError(f"{what} {vdi}: {err}") from None
             # Closing the import connection mid-body makes the pool fail its import task.
-            raise task_failure(dst, dst_task, wait=2.0) or TransferError(
-                f"transfer of {src_vdi}: {err}"
-            ) from None
+            reason = task_failure(dst, dst_task, wait=2.0)
+            if is_cut(err):  # resumable (`replication.resume`): the pool's reason, when it has one
+                raise ConnectionCut(f"transfer of {src_vdi}: connection cut: {reason or err}") from None
+            raise reason or TransferError(f"transfer of {src_vdi}: {err}") from None
         finally:
             watchdog.cancel()
         imported = wait_task(dst, dst_task, timeout, deadline, cancel)
