@@ -56,7 +56,7 @@ def write_config(tmp: Path, jobs: int, every: int) -> Path:
 def fill(cfg: Config, vms: int, every: int, days: int, now: datetime) -> int:
     """The synthetic history; the number of tasks written."""
     clock = [now]
-    db = StateDB(cfg.state_path, clock=lambda: clock[0])
+    db = StateDB(cfg.state, clock=lambda: clock[0])
     jobs = list(cfg.jobs.values())
     per_job = vms // len(jobs)
     runs = days * 86400 // every
@@ -126,12 +126,12 @@ def main() -> None:
         print(
             f"state: {args.vms} VMs in {args.jobs} jobs, every {args.every} for {args.days}d: "
             f"{tasks} tasks written in {time.perf_counter() - t:.1f}s"
-            f" ({cfg.state_path.stat().st_size >> 20} MiB)"
+            f" ({cfg.state.local_path.stat().st_size >> 20} MiB)"
         )
         jobs = list(cfg.jobs.values())
 
         def rows() -> StatusReport:
-            with StateDB(cfg.state_path) as db:
+            with StateDB(cfg.state) as db:
                 return StatusReport(now, [(j.name, r) for j in jobs for r in status_from_history(j, db, now)])
 
         t_rows, report = timed(rows, args.repeat)

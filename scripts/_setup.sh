@@ -38,6 +38,14 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver libpango-1.0-0 libpangoft2-1.0-0
 fi
 
+# The state database's tests run against a real PostgreSQL too: scripts/test.sh starts a throwaway
+# cluster of Debian's server (initdb + pg_ctl in a temp directory, tests/pgcluster.py).
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  say "installing postgresql (the state database's tests on PostgreSQL)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"

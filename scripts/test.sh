@@ -14,7 +14,18 @@ run .venv/bin/ruff format --check python tests
 run .venv/bin/mypy
 say "pytest"
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+# A throwaway PostgreSQL for the state tests (tests/conftest.py reads XENCR_TEST_PG), stopped and
+# removed on any exit. Directly under /tmp: as root, the server runs as the postgres user.
+pgdir="$(mktemp -d /tmp/xencr-pg-XXXXXX)"
+cleanup() {
+  .venv/bin/python tests/pgcluster.py stop "$pgdir" || true
+  rm -rf "$pgdir" "$log"
+}
+trap cleanup EXIT
+say "starting a throwaway PostgreSQL in $pgdir"
+pgenv="$(.venv/bin/python tests/pgcluster.py start "$pgdir")"
+eval "$pgenv"
+export XENCR_TEST_PG XENCR_TEST_PG_PASSWORD
 set +e
 .venv/bin/python -m pytest -q "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -46,6 +46,7 @@ SmtpSecurity = Literal["none", "starttls", "tls"]
 SMTP_SECURITY: tuple[SmtpSecurity, ...] = ("none", "starttls", "tls")
 SMTP_PASSWORD_ENV = "XENCR_SMTP_PASSWORD"
 STATUS_PASSWORD_ENV = "XENCR_STATUS_PASSWORD"
+STATE_PASSWORD_ENV = "XENCR_STATE_PASSWORD"
 
 
 class ConfigError(Exception):
@@ -550,12 +551,126 @@ class PlanConfig:
         return [VmSelector.parse(v) for v in self.vms]
 
 
+STATE_ENGINES = ("sqlite", "postgresql")
+
+
+@dataclass(frozen=True)
+class StateLocation:
+    """Where the state database is: an SQLite file (``path``, the default), or a PostgreSQL
+    database (``url``: ``postgresql+psycopg://user@host:port/dbname[?options]``, never with a
+    password). PostgreSQL's password comes, when the server asks for one, from the environment
+    variable ``password_env``, else from ``password_file`` (mode 0600), else from libpq's own
+    sources (``~/.pgpass``); it is read when the database is opened (`password`), never kept here.
+    ``local_dir``: where this host keeps the files that live beside the state (``locks/``,
+    ``hosts/``): the SQLite file's directory, or for PostgreSQL the data directory."""
+
+    path: Path | None = None
+    url: str | None = None
+    password_env: str = STATE_PASSWORD_ENV
+    password_file: Path | None = None
+    local_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("a state location is a path or a URL")
+        if self.url is not None:
+            object.__setattr__(self, "url", postgresql_url(self.url))
+        if self.local_dir is None:
+            local = self.path.parent if self.path is not None else default_state_path().parent
+            object.__setattr__(self, "local_dir", local)
+
+    @property
+    def engine(self) -> str:
+        """``sqlite`` or ``postgresql`` (`STATE_ENGINES`)."""
+        return "sqlite" if self.path is not None else "postgresql"
+
+    def describe(self) -> str:
+        """The location for people: the SQLite path, or ``PostgreSQL user@host:port/dbname``
+        (no password, no options)."""
+        if self.path is not None:
+            return str(self.path)
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        return f"PostgreSQL {parts.netloc}{parts.path}"
+
+    def exists(self) -> bool:
+        """Whether there may be history to read: the SQLite file exists; a PostgreSQL database is
+        taken to (opening it says otherwise)."""
+        return self.path.exists() if self.path is not None else True
+
+    @property
+    def local_path(self) -> Path:
+        """A path whose directory is `local_dir`, for the helpers that place files beside the state
+        (`service.locks.lock_dir`, `xapi.members.hosts_path`): the SQLite file itself."""
+        assert self.local_dir is not None
+        return self.path if self.path is not None else self.local_dir / "state.postgresql"
+
+    def password(self) -> Secret | None:
+        """PostgreSQL's password from `password_env` or `password_file` (None: neither set; libpq
+        looks in ~/.pgpass). A :class:`credentials.CredentialError` names a file it cannot use."""
+        value = os.environ.get(self.password_env) or None
+        if value is None and self.password_file is not None:
+            try:
+                value = credentials.read_password_file(self.password_file, _STATE)
+            except credentials.CredentialError as err:
+                text = str(err).replace(f" of pool '{_STATE}'", " of the state database")
+                raise credentials.CredentialError(text) from None
+        return Secret(value) if value is not None else None
+
+    def password_source(self) -> str:
+        """Where `password` would come from now: ``env X``, ``file P``, or ``libpq (~/.pgpass)``."""
+        if os.environ.get(self.password_env):
+            return f"env {self.password_env}"
+        if self.password_file is not None:
+            return f"file {self.password_file}"
+        return "libpq (~/.pgpass, or none)"
+
+
+_STATE = "\0state"  # a pool name no pool can have, to strip from credential messages
+_PG_SCHEMES = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+
+
+def is_database_url(text: str) -> bool:
+    """Whether a ``state`` value names a database server (``scheme://``) rather than a file."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text.strip()) is not None
+
+
+def postgresql_url(text: str) -> str:
+    """``postgresql://user@host:port/db`` in the form the state database connects with
+    (``postgresql+psycopg://...``). A :class:`ValueError` (which never repeats a password) for
+    another scheme or driver, a URL without host or database, or one that carries a password."""
+    text = text.strip()
+    scheme, _, rest = text.partition("://")
+    scheme = _PG_SCHEMES.get(scheme.lower(), scheme.lower())
+    if scheme != "postgresql+psycopg":
+        raise ValueError(
+            f"unsupported database URL scheme {scheme!r}: expected postgresql:// (psycopg 3 driver)"
+        )
+    _, _, password = credentials.split_url_credentials(text)
+    query = rest.partition("?")[2]
+    if password is not None or re.search(r"(^|&)password=", query):
+        raise ValueError(
+            f"the URL carries a password; remove it and set {STATE_PASSWORD_ENV} (or the variable "
+            "named by password_env), or password_file (mode 0600) in [state]"
+        )
+    parts = urlsplit(f"{scheme}://{rest}")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ValueError(f"invalid port in {text!r}") from None
+    if not parts.hostname and "host=" not in query:
+        raise ValueError(f"no host in {text!r}: expected postgresql://user@host[:port]/dbname")
+    if parts.path.strip("/") == "":
+        raise ValueError(f"no database name in {text!r}: expected postgresql://user@host[:port]/dbname")
+    return f"{scheme}://{rest}"
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
     pools: dict[str, PoolConfig]
     jobs: dict[str, JobConfig]
-    state_path: Path
+    state: StateLocation
     smtp: SmtpConfig | None = None
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     plans: dict[str, PlanConfig] = field(default_factory=dict)
@@ -1001,6 +1116,43 @@ def _read_smtp(path: Path, t: _Table) -> SmtpConfig:
 _SMTP = "\0smtp"  # a pool name no pool can have, to strip from credential messages
 
 
+def _read_state(path: Path, top: _Table) -> StateLocation:
+    """``state = "PATH"`` (SQLite) or ``state = "postgresql://user@host/db"``, or a ``[state]``
+    table: ``path`` or ``url``, with ``password_env``, ``password_file``, ``local_dir``."""
+    if isinstance(top.data.get("state"), dict):
+        t = top.sub("state")
+        where, raw = ("url", t.text("url", None)) if "url" in t.data else ("path", t.text("path", None))
+        if "url" in t.data and "path" in t.data:
+            raise t.error("path", "give 'url' (PostgreSQL) or 'path' (SQLite), not both")
+        if "password" in t.data:
+            t.taken.add("password")
+            raise t.error("password", f"is not read from the file: set {STATE_PASSWORD_ENV} or password_file")
+        password_env: str = t.get("password_env", str, STATE_PASSWORD_ENV)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", password_env):
+            raise t.error("password_env", f"invalid environment variable name {password_env!r}")
+        password_file = t.text("password_file", None)
+        local_dir = t.text("local_dir", None)
+        t.finish()
+    else:
+        t, where, raw = top, "state", top.text("state", None)
+        password_env, password_file, local_dir = STATE_PASSWORD_ENV, None, None
+    extra: dict[str, Any] = {
+        "password_env": password_env,
+        "password_file": _resolve_path(path.parent, password_file) if password_file else None,
+        "local_dir": _resolve_path(path.parent, local_dir) if local_dir else None,
+    }
+    if raw is None:
+        return StateLocation(path=default_state_path(), **extra)
+    if not is_database_url(raw):
+        if where == "url":
+            raise t.error("url", "expected postgresql://user@host[:port]/dbname (a file goes in 'path')")
+        return StateLocation(path=_resolve_path(path.parent, raw), **extra)
+    try:
+        return StateLocation(url=postgresql_url(raw), **extra)
+    except ValueError as err:
+        raise t.error(where, str(err)) from None
+
+
 def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
     listen = t.get("metrics_listen", str, None)
     if listen is not None:
@@ -1156,8 +1308,7 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"invalid TOML: {err}", path=path) from None
     top = _Table(path, "", data)
-    state_text = top.text("state", None)
-    state_path = _resolve_path(path.parent, state_text) if state_text else default_state_path()
+    state = _read_state(path, top)
     pools_t = top.sub("pools", {})
     pools = {name: _read_pool(path, name, pools_t.sub(name), warn) for name in pools_t.data}
     pools_t.taken.update(pools)
@@ -1178,7 +1329,7 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
         path=path,
         pools=pools,
         jobs=jobs,
-        state_path=state_path,
+        state=state,
         smtp=smtp,
         daemon=daemon,
         plans=plans,
@@ -1211,8 +1362,19 @@ SAMPLE_CONFIG = """\
 # Every key is checked when the file is read: an unknown key is an error, not ignored.
 # Durations: "90s", "10m", "2h", "1d", "1h30m". Rates: "10MiB/s", "500KB/s", "1GB/s", "100Mbit/s".
 
-# Run history (SQLite). Default: ~/.local/share/xencr/state.sqlite. Relative to this file.
+# Run history and the other records (the state database). Default: the SQLite file
+# ~/.local/share/xencr/state.sqlite; a relative path is relative to this file.
 # state = "~/.local/share/xencr/state.sqlite"
+# PostgreSQL instead (several xencr hosts sharing one state; `xencr state migrate --to URL`
+# copies an SQLite state there first), without the password:
+#   state = "postgresql://xencr@db.example.com:5432/xencr"
+# The password comes from $XENCR_STATE_PASSWORD, else from libpq's ~/.pgpass; to name another
+# variable or a password file (mode 0600), use a [state] table instead of the line above:
+#   [state]
+#   url = "postgresql://xencr@db.example.com:5432/xencr?sslmode=verify-full"
+#   password_env = "XENCR_STATE_PASSWORD"
+#   password_file = "/etc/xencr/state.password"
+#   local_dir = "/var/lib/xencr"   # this host's lock files and pool host lists
 
 # ---------------------------------------------------------------------------------------------
 # The daemon (`xencr daemon`).

@@ -89,7 +89,7 @@ def run(keep: str | None = None, say: Callable[[str], None] = print) -> bool:
             r1 = run_configured(cfg, JOB, progress=progress)
             for line in summary_lines(r1):
                 say(line)
-            with connect(cfg.pool("site-a"), interactive=False, state_path=cfg.state_path) as src:
+            with connect(cfg.pool("site-a"), interactive=False, state_path=cfg.state.local_path) as src:
                 for name in ("vm0", "vm1"):
                     vm = src.api.VM.get_by_name_label(name)[0]
                     vbd = next(v for v in src.api.VM.get_VBDs(vm) if src.api.VBD.get_type(v) == "Disk")
@@ -111,8 +111,8 @@ def _verify(cfg: Config, report: RunReport, say: Callable[[str], None]) -> bool:
     ok = True
     job_id = cfg.job(JOB).id
     with (
-        connect(cfg.pool("site-a"), interactive=False, state_path=cfg.state_path) as src,
-        connect(cfg.pool("site-b"), interactive=False, state_path=cfg.state_path) as dst,
+        connect(cfg.pool("site-a"), interactive=False, state_path=cfg.state.local_path) as src,
+        connect(cfg.pool("site-b"), interactive=False, state_path=cfg.state.local_path) as dst,
     ):
         sr_uuid = next(t.sr_uuid for v in report.vms for t in v.targets)
         say("== restore points on site-b")

@@ -90,7 +90,7 @@ def test_sample_with_every_commented_option_enabled_loads(tmp_path: Path) -> Non
     a = cfg.pools["site-a"]
     assert a.fingerprint == "3f2a5b0c71e49d1288af603bc7d2194ea50f6ce83197b42d5ef00a83c61b7d9c"
     assert a.password_file == str(tmp_path / "home/.config/xencr/site-a.password")
-    assert cfg.state_path == tmp_path / "home/.local/share/xencr/state.sqlite"
+    assert cfg.state.path == tmp_path / "home/.local/share/xencr/state.sqlite"
     assert cfg.jobs["web"].id == "..."
     web = cfg.jobs["web"]
     assert (web.rpo, web.webhook, web.email_to) == (
@@ -137,7 +137,7 @@ def test_defaults(tmp_path: Path) -> None:
         None,
     )
     assert s.rpo_seconds == 600
-    assert cfg.state_path == tmp_path / "xdg-data/xencr/state.sqlite"
+    assert cfg.state.path == tmp_path / "xdg-data/xencr/state.sqlite"
     assert (a.max_exports, a.max_imports) == (2, 2)
     assert (job.report_when, job.webhook, job.email_to, job.rpo) == ("failure", None, [], None)
     assert cfg.smtp is None
@@ -171,7 +171,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         'url = "https://a.example"', 'url = "https://a.example"\npassword_file = "secrets/a"'
     )
     cfg = load_text(tmp_path, text)
-    assert cfg.state_path == tmp_path / "run/state.sqlite"
+    assert cfg.state.path == tmp_path / "run/state.sqlite"
     assert cfg.pools["site-a"].password_file == str(tmp_path / "secrets/a")
 
 

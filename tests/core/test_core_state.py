@@ -6,12 +6,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from xencr.config import StateLocation
 from xencr.state import MIGRATIONS, SCHEMA_VERSION, RunRow, StateDB, StateError, TaskRow
 
 T0 = datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
@@ -34,8 +36,10 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def db(tmp_path: Path, clock: FakeClock) -> StateDB:
-    return StateDB(tmp_path / "deep" / "dir" / "state.sqlite", clock=clock)
+def db(state_where: StateLocation, clock: FakeClock) -> Iterator[StateDB]:
+    """A fresh database on each engine (SQLite, PostgreSQL: tests/conftest.py)."""
+    with StateDB(state_where, clock=clock) as db:
+        yield db
 
 
 def test_migrations_from_empty(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
 
 def test_fires_enabled_schedules_and_records_next_fires(running: Callable[..., Running]) -> None:
     r = running()
-    with StateDB(r.daemon.config.state_path) as db:
+    with StateDB(r.daemon.config.state.path) as db:
         fires = db.fires()
     ten, night = r.daemon.config.job("ten"), r.daemon.config.job("nightly")
     assert fires == {
@@ -153,7 +153,7 @@ def test_fires_enabled_schedules_and_records_next_fires(running: Callable[..., R
     call = r.runs.next()
     assert (call.job, call.schedule_id, call.trigger) == ("ten", "ten", "schedule")
     assert call.cancel is r.daemon.cancel
-    with StateDB(r.daemon.config.state_path) as db:
+    with StateDB(r.daemon.config.state.path) as db:
         assert db.fires()[(ten.id, "ten")] == (
             datetime(2026, 3, 8, 0, 0, tzinfo=UTC),
             datetime(2026, 3, 8, 0, 10, tzinfo=UTC),
@@ -275,7 +275,7 @@ def test_a_restart_keeps_last_fires_and_clears_unscheduled_ones(
     ten, night = r.daemon.config.job("ten"), r.daemon.config.job("nightly")
     text = config_text(tmp_path).replace("[jobs.nightly]", "[jobs.nightly]\nenabled = false")
     running(text)
-    with StateDB(r.daemon.config.state_path) as db:
+    with StateDB(r.daemon.config.state.path) as db:
         fires = db.fires()
     first_fire = datetime(2026, 3, 8, 0, 0, tzinfo=UTC)
     assert fires[(ten.id, "ten")] == (first_fire, first_fire)  # the new daemon's clock starts at T0 again

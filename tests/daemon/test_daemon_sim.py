@@ -88,7 +88,7 @@ def test_best_effort_skips_the_vm_in_flight_and_runs_the_idle_one(
 ) -> None:
     cfg = write_config(tmp_path, sim.urls, job="be", vms=["vm0", "vm1"], every="10m")
     config = load_config(cfg)
-    state, job = config.state_path, config.job("be")
+    state, job = config.state.path, config.job("be")
     s, t = session(sim.urls[0]), session(sim.urls[1])
     # A year ahead (status trusts a recorded next fire only when it is still to come), at :05.
     start = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(days=365)
@@ -207,7 +207,7 @@ class Process:
 def test_daemon_process_metrics_reload_refusal_and_sigterm(sim: RunningSimulator, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, sim.urls, job="svc", vms=["vm0"], every="3s", daemon="grace = 1")
     config = load_config(cfg)
-    state, job = config.state_path, config.job("svc")
+    state, job = config.state.path, config.job("svc")
     s, t = session(sim.urls[0]), session(sim.urls[1])
     p = Process(cfg)
     try:

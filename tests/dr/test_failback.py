@@ -32,7 +32,7 @@ def test_failback_sends_the_changed_blocks_and_the_job_continues_as_deltas(
     vm0 = s.api.VM.get_by_name_label("vm0")[0]
     r = cli.invoke(app, ["failover", "back", "--yes", "--config", str(cfg)])
     assert r.exit_code == 0, r.output
-    with StateDB(config.state_path) as db:
+    with StateDB(config.state.path) as db:
         (row,) = db.failover_rows("back")
     dr_vm = b.api.VM.get_by_uuid(row.vm)
     assert b.api.VM.get_power_state(dr_vm) == "Running"
@@ -65,7 +65,7 @@ def test_failback_sends_the_changed_blocks_and_the_job_continues_as_deltas(
 
     # Step 1's imports, as the primary pool counted them, read when the step is recorded.
     step1: dict[str, dict[str, int]] = {}
-    with StateDB(config.state_path) as db, dr_sessions(config, pools_of(config), interactive=False) as dr:
+    with StateDB(config.state.path) as db, dr_sessions(config, pools_of(config), interactive=False) as dr:
 
         def say(line: str) -> None:
             if line.endswith("failback step copied"):
@@ -133,7 +133,7 @@ def test_failback_after_a_planned_failover(pools: Pools, tmp_path: Path) -> None
     r = cli.invoke(app, ["failover", "round", "--planned", "--yes", "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert s.api.VM.get_power_state(vm1) == "Halted"
-    with StateDB(config.state_path) as db:
+    with StateDB(config.state.path) as db:
         (row,) = db.failover_rows("round")
     dr_vm = b.api.VM.get_by_uuid(row.vm)
     disk0 = next(
@@ -147,7 +147,7 @@ def test_failback_after_a_planned_failover(pools: Pools, tmp_path: Path) -> None
     assert s.api.VM.get_power_state(vm1) == "Running"
     assert b.api.VM.get_power_state(dr_vm) == "Halted"
     assert disk_hashes(s, vm1) == disk_hashes(b, dr_vm)
-    with StateDB(config.state_path) as db:
+    with StateDB(config.state.path) as db:
         fb = db.failbacks("round")[row.vm_uuid]
     assert fb.step == "done"
     (v,) = json.loads(r.stdout)["vms"]

@@ -121,7 +121,7 @@ vms = ["vm2"]
     assert code == 1 and err == "xencr: error: plan three: 1 VM(s) failed their gate", (out, err)
     assert [e["vm"] for e in t.api.sim.start_log()[mark:]] == [rp_uuid[n] for n in ("vm0", "vm1", "vm2")]
     assert t.api.VM.get_other_config(rp["vm2"])["xencr:failed_over"].endswith(" three")
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         states = {r.vm_name: (r.state, r.vm) for r in db.failover_rows("three")}
     assert states == {
         "vm0": ("passed", rp_uuid["vm0"]),
@@ -195,7 +195,7 @@ vms = ["vm1"]
     )
     try:
         deadline = time.monotonic() + 30
-        state_path = load_config(cfg).state_path
+        state_path = load_config(cfg).state.path
         # Killed while it waits the first group's delay: vm0 started and passed, vm1 not yet.
         while time.monotonic() < deadline:
             with StateDB(state_path) as db:
@@ -273,9 +273,9 @@ def test_bad_input_is_one_line_and_changes_nothing(pools: Pools, tmp_path: Path)
     assert code == 1 and len(err.splitlines()) == 1, (out, err)
     assert "not enough memory on pool b: VM vm1 needs 200.0 GiB" in err, err
     assert err.endswith("nothing changed"), err
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         assert db.failover_rows("bad") == [] and db.failover_rows("none") == []
-    with StateDB(load_config(cfg_mem).state_path) as db:
+    with StateDB(load_config(cfg_mem).state.path) as db:
         assert db.failover_rows("mem") == []
     r = cli.invoke(app, ["failover", "bad", "--config", str(cfg)], input="")
     assert r.exit_code == 1
@@ -302,7 +302,7 @@ def test_a_hook_gets_the_started_vm(pools: Pools, tmp_path: Path) -> None:
     _run(cfg, "jb")
     code, lines, err = _failover(cfg, "hooked")
     assert code == 0, (lines, err)
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         (row,) = db.failover_rows("hooked")
     b = pools.session(1)
     vm = b.api.VM.get_by_uuid(row.vm)

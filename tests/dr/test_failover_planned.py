@@ -89,7 +89,7 @@ def test_plan_planned_only_previews(pools: Pools, tmp_path: Path, running: XapiS
     assert lines[0] == "plan move: planned failover of 2 VM(s), nothing changed"
     assert [running.api.VM.get_power_state(_vm(running, n)) for n in ("vm0", "vm1")] == ["Running"] * 2
     assert _replicas(b) == before and len(b.api.sim.start_log()) == mark
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         assert db.planned("move") is None and db.failover_rows("move") == []
 
 
@@ -125,7 +125,7 @@ def test_a_source_vm_refusing_to_shut_down_stops_the_plan(
     assert len(b.api.sim.start_log()) == mark
     for blocked, other in _replicas(b).values():
         assert "start" in blocked and "xencr:failed_over" not in other
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         row = db.planned("move")
         assert row is not None and db.failover_rows("move") == []
     assert (row.step, row.outcome, row.halted) == ("shutdown", "aborted", (vm1,))
@@ -157,7 +157,7 @@ def test_planned_failover_carries_the_last_writes(pools: Pools, tmp_path: Path, 
             s.api.sim.write(s.api.VDI.get_uuid(s.api.VBD.get_VDI(vbd)), 65536, 65536, f"last/{name}")
 
     mark = len(b.api.sim.start_log())
-    with StateDB(config.state_path) as db, dr_sessions(config, pools_of(config), interactive=False) as dr:
+    with StateDB(config.state.path) as db, dr_sessions(config, pools_of(config), interactive=False) as dr:
         runs = len(db.runs("jb"))
         report = planned_failover(config, config.plan("move"), db, dr, say=say)
         rows = {r.vm_name: r for r in db.failover_rows("move")}
@@ -185,7 +185,7 @@ def test_planned_failover_carries_the_last_writes(pools: Pools, tmp_path: Path, 
         # The final delta did not have the last write: only the last delta carried it.
         assert disk_hashes(b, b.api.VM.get_by_uuid(final)) != halted
     # Run again: the recorded failover is continued, nothing run, shut down or started twice.
-    with StateDB(config.state_path) as db, dr_sessions(config, pools_of(config), interactive=False) as dr:
+    with StateDB(config.state.path) as db, dr_sessions(config, pools_of(config), interactive=False) as dr:
         again = planned_failover(config, config.plan("move"), db, dr)
         assert len(db.runs("jb")) == runs + 2
     assert again.resumed and again.failover.start.ok
@@ -230,6 +230,6 @@ def test_sigterm_during_the_shutdown_stops_with_the_restart_lines(
     assert s.api.VM.get_power_state(_vm(s, "vm1")) == "Halted"
     assert s.api.VM.get_power_state(s.api.VM.get_by_uuid(vm0)) == "Running"  # never asked
     assert len(b.api.sim.start_log()) == mark
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         row = db.planned("term")
     assert row is not None and (row.step, row.outcome, row.halted) == ("shutdown", "aborted", (vm1,))

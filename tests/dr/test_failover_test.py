@@ -66,7 +66,7 @@ def test_a_booted_test_failover_leaves_the_pool_as_it_was(pools: Pools, tmp_path
     assert len(out["cleaned"]) == 2 + 2 + 1, out["cleaned"]  # 2 clones, their 2 disks, the network
     after = _pool(b)
     assert after == before
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         run = db.run(out["run"])
         # Its per-VM record, for the status page and `xencr report` (start group and time, gate).
         record = rehearsals.load(db, run.id)

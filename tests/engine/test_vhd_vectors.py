@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VECTORS_SRC
 from vhdtest import SPEC_CHAIN, XO_BLOCK_GRANULAR, file_sha256, norm, parse_inspect, vector_cases
 
+from conftest import VECTORS_SRC
 from xencr import _engine as eng
 
 CASES = vector_cases(VECTORS_SRC)

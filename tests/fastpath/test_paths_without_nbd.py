@@ -25,7 +25,7 @@ def test_auto_falls_back_to_the_stream_saying_why(pools: Pools, tmp_path: Path) 
     assert report.outcome == "success"
     (disk,) = report.vms[0].targets[0].disks
     assert (disk.path, disk.path_reason) == ("stream", "stream: no NBD network on pool a")
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         (task,) = db.tasks(db.runs("j")[-1].id)
     assert task.paths == {"0": "stream: no NBD network on pool a"}
 

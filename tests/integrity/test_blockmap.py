@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from xencr.config import StateLocation
 from xencr.replication.blockmap import BlockMap, MapError, combine, differing
 from xencr.state import MAP_GRACE, MIGRATIONS, SCHEMA_VERSION, StateDB
 from xencr.xapi.transfer import zero_digest
@@ -56,9 +57,9 @@ def test_combine_and_the_zero_rule() -> None:
         combine(full, [], algorithm=ALG, block_size=SIZE * 2)
 
 
-def test_maps_in_the_state_database(tmp_path: Path) -> None:
+def test_maps_in_the_state_database(state_where: StateLocation) -> None:
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
-    db = StateDB(tmp_path / "s.sqlite", clock=lambda: now[0])
+    db = StateDB(state_where, clock=lambda: now[0])
     a = BlockMap(ALG, SIZE, {0: _h(1)})
     b = BlockMap(ALG, SIZE, {0: _h(2)})
     assert db.put_map(a) == a.digest and db.put_map(b) == b.digest

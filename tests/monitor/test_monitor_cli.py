@@ -72,7 +72,7 @@ def fill(cfg_path: Path, now: datetime, *, daemon: bool = True) -> dict[str, int
     cfg = load_config(cfg_path)
     web = cfg.jobs["web"]
     t = [now - timedelta(hours=2)]
-    db = StateDB(cfg.state_path, clock=lambda: t[0])
+    db = StateDB(cfg.state.path, clock=lambda: t[0])
     r1 = db.start_run(web.id, "web", "ten", "schedule")
     for vm in ("1", "2"):
         task = db.start_task(r1, f"vm-{vm}", f"web-{vm}", "sr-b")
@@ -195,7 +195,7 @@ def test_status_next_run_without_a_daemon(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     fill(cfg_path, now, daemon=False)
     cfg = load_config(cfg_path)
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         r = db.start_run(cfg.jobs["db"].id, "db", None, "manual")
         db.finish_task(db.start_task(r, "vm-9", "db-9", "sr-b"), "success", snapshot_time=now)
         db.finish_run(r, "success")
@@ -211,7 +211,7 @@ def test_status_next_run_without_a_daemon(tmp_path: Path) -> None:
     # Its target is named by the SR's UUID in the config: shown as the job names it.
     assert (row["target"], row["target_sr"]) == ("b/sr-b", "sr-b")
 
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         db.set_fire(cfg.jobs["web"].id, "ten", last=None, next=now - timedelta(hours=1))
     code, out, _ = run("status", "web", "--config", str(cfg_path))
     assert code == 0

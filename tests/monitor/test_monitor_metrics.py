@@ -78,7 +78,7 @@ def test_exposition_after_recorded_runs(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     web, dbjob = cfg.jobs["web"], cfg.jobs["db"]
     clock = Clock()
-    with StateDB(cfg.state_path, clock=clock) as db:
+    with StateDB(cfg.state.path, clock=clock) as db:
         fill(db, clock, web.id, dbjob.id)
         now = T0 + timedelta(minutes=25)
         text = render(db, cfg, now)
@@ -142,7 +142,7 @@ def test_counters_survive_restarts_and_renames(tmp_path: Path) -> None:
     """The counters are the history's: a new process (or a renamed job, same id) sees them all."""
     cfg = config(tmp_path)
     clock = Clock()
-    with StateDB(cfg.state_path, clock=clock) as db:
+    with StateDB(cfg.state.path, clock=clock) as db:
         fill(db, clock, cfg.jobs["web"].id, cfg.jobs["db"].id)
     renamed = config(tmp_path, job_extra=f'id = "{cfg.jobs["web"].id}"')
     text = renamed.path.read_text().replace("[jobs.web", "[jobs.frontend")
@@ -150,7 +150,7 @@ def test_counters_survive_restarts_and_renames(tmp_path: Path) -> None:
     from xencr.config import parse_config
 
     renamed = parse_config(text, renamed.path)
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         f = families(render(db, renamed, T0 + timedelta(hours=1)))
     assert value(f, "xencr_tasks_total", job="frontend", outcome="success") == 4
     assert value(f, "xencr_tasks_total", job="web", outcome="success") is None
@@ -163,14 +163,14 @@ def test_empty_and_missing_database(tmp_path: Path) -> None:
     assert value(f, "xencr_tasks_total", job="web", outcome="failure") == 0
     assert value(f, "xencr_bytes_sent_total", job="db", kind="delta") == 0
     assert "xencr_rpo_breached" not in f and "xencr_last_run_timestamp_seconds" not in f
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         assert families(render(db, cfg, T0)) == f
 
 
 def test_disabled_jobs_keep_counters_but_no_rpo_series(tmp_path: Path) -> None:
     cfg = config(tmp_path, job_extra="enabled = false")
     clock = Clock()
-    with StateDB(cfg.state_path, clock=clock) as db:
+    with StateDB(cfg.state.path, clock=clock) as db:
         fill(db, clock, cfg.jobs["web"].id, cfg.jobs["db"].id)
         f = families(render(db, cfg, T0 + timedelta(hours=5)))
     assert {lab["job"] for lab, _ in f["xencr_rpo_breached"]} == {"db"}
@@ -179,7 +179,7 @@ def test_disabled_jobs_keep_counters_but_no_rpo_series(tmp_path: Path) -> None:
 
 def test_label_values_are_escaped(tmp_path: Path) -> None:
     cfg = config(tmp_path)
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         r = db.start_run(cfg.jobs["web"].id, "web", None, "manual")
         name = 'web "quoted" \\ back\nslash'
         t = db.start_task(r, "vm-x", name, "sr")
@@ -192,7 +192,7 @@ def test_rpo_breaches_and_horizon(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     web = cfg.jobs["web"]
     clock = Clock()
-    with StateDB(cfg.state_path, clock=clock) as db:
+    with StateDB(cfg.state.path, clock=clock) as db:
         assert job_rpo(web) == 600 and job_rpo(cfg.jobs["db"]) == 3600
         assert breaches(db, web, T0) == []  # nothing recorded: nothing known
         fill(db, clock, web.id, cfg.jobs["db"].id)

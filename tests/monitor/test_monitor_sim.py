@@ -93,7 +93,7 @@ def test_after_real_runs(sim: RunningSimulator, tmp_path: Path) -> None:
     assert kinds == {"vm0": "delta", "vm1": "delta"}
 
     now = datetime.now(UTC)
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         runs = db.runs()
         tasks = [t for r in runs for t in db.tasks(r.id)]
         text = render(db, cfg, now)

@@ -82,7 +82,7 @@ def test_a_lock_refusal_is_one_line_naming_the_holder(pools: Pools, tmp_path: Pa
     config = load_config(cfg)
     sr_uuid, _ = _sr(pools)
     vm_uuid = pools.session(0).api.VM.get_uuid(pools.session(0).api.VM.get_by_name_label("vm1")[0])
-    held = locks.try_lock(locks.lock_dir(config.state_path), vm_uuid, sr_uuid, "nightly", job_id="x")
+    held = locks.try_lock(locks.lock_dir(config.state.local_path), vm_uuid, sr_uuid, "nightly", job_id="x")
     assert held is not None
     with held:
         code, out, err = xencr("run", JOB, "--config", str(cfg))

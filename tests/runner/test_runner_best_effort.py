@@ -46,13 +46,13 @@ def cfg(pools: Pools, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run_of(cfg: Path, report: RunReport) -> RunRow:
     """The state database's run that produced ``report`` (the newest started before it)."""
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         return next(r for r in reversed(db.runs(report.job)) if r.started_at <= report.started)
 
 
 def _tasks(cfg: Path, report: RunReport) -> dict[str, TaskRow]:
     """The tasks of the run that produced ``report``, by VM name."""
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         return {t.vm_name: t for t in db.tasks(_run_of(cfg, report).id)}
 
 
@@ -143,7 +143,7 @@ def test_a_second_process_holds_the_vm_target(pools: Pools, cfg: Path, tmp_path:
             rf"\(pid {proc.pid}\) since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ"
         )
         assert len(refusals) == 1 and re.fullmatch(pattern, refusals[0]), refusals
-        with StateDB(config.state_path) as db:
+        with StateDB(config.state.path) as db:
             run = db.runs(OTHER)[-1]
             (task,) = db.tasks(run.id)
         assert run.outcome == "skipped" and task.outcome == "skipped"
@@ -180,7 +180,7 @@ def test_sigterm_stops_xencr_run_cleanly(pools: Pools, cfg: Path) -> None:
     assert proc.returncode == 1, (out, err)
     assert "xencr: stopping" in err and f"vm0 -> b/{_sr_name(pools, cfg)}: interrupted: {CANCELLED}" in out
     assert snapshot(pools) == before, "nothing half-sent on the target, no extra snapshot, no task"
-    with StateDB(load_config(cfg).state_path) as db:
+    with StateDB(load_config(cfg).state.path) as db:
         run = db.runs(JOB)[-1]
         (task,) = db.tasks(run.id)
     assert (run.outcome, task.outcome, task.error) == ("interrupted", "interrupted", CANCELLED)

@@ -185,7 +185,7 @@ def test_page_in_chromium(filled: Path, tmp_path: Path) -> None:
 
             # A new restore point of web-2: the page shows it without a reload.
             marker = driver.execute_script("window.__kept = 1; return window.__kept;")
-            with StateDB(cfg.state_path) as db:
+            with StateDB(cfg.state.path) as db:
                 r = db.start_run(cfg.jobs["web"].id, "web", "ten", "manual")
                 t = db.start_task(r, "uuid-web-2", "web-2", "sr-b", "b/SR1")
                 db.finish_task(

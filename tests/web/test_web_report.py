@@ -191,7 +191,7 @@ def test_test_failover_email(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     path.write_text(text)
     cfg = load_config(path)
     state = fill(cfg, now_utc())
-    with StateDB(cfg.state_path) as db:
+    with StateDB(cfg.state.path) as db:
         record = rehearsals.load(db, state.test_run)
     assert record is not None and record.ok
     sent: list[EmailMessage] = []

@@ -88,7 +88,7 @@ def fill(cfg: Config, now: datetime) -> State:
     db-1 fine. Plan site-b: a test failover yesterday that passed, in two groups."""
     web, db_job = cfg.jobs["web"], cfg.jobs["db"]
     clock = [now]
-    db = StateDB(cfg.state_path, clock=lambda: clock[0])
+    db = StateDB(cfg.state.path, clock=lambda: clock[0])
 
     def at(t: datetime) -> None:
         clock[0] = t

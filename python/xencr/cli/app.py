@@ -22,6 +22,7 @@ from xencr.cli.run import run_command
 from xencr.cli.seed import seed_app
 from xencr.cli.service import service_app
 from xencr.cli.sim import sim_app
+from xencr.cli.state import state_app
 from xencr.cli.vhd import vhd_app
 from xencr.cli.web import report_command, serve_status_command
 
@@ -52,6 +53,7 @@ app.add_typer(seed_app, name="seed")
 app.command("verify")(verify_command)
 app.add_typer(vhd_app, name="vhd")
 app.add_typer(sim_app, name="sim")
+app.add_typer(state_app, name="state")
 
 
 def _version(value: bool) -> None:

@@ -21,7 +21,7 @@ from xencr.dr.native.found import Found, LunSource
 from xencr.dr.native.recover import RecoverError, RecoverReport, RecoverRequest, probe_only, recover
 from xencr.monitor.metrics import render_metadata, write_textfile
 from xencr.replication.jobs import connect
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import XapiSession
 
@@ -48,7 +48,7 @@ YesOption = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmat
 
 
 def _session(cfg: Config, pool: str) -> XapiSession:
-    return connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path)
+    return connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state.local_path)
 
 
 @metadata_app.command("enable")
@@ -263,7 +263,7 @@ def recover_command(
     )
     if not test:
         confirm(f"recovery on pool {pool}", yes)
-    with _session(cfg, pool) as t, StateDB(cfg.state_path) as db:
+    with _session(cfg, pool) as t, open_state(cfg) as db:
         try:
             report = recover(t, db, request, say=lambda line: typer.echo(line, err=json_out))
         except RecoverError as err:
@@ -311,7 +311,7 @@ def failback_command(
         tuple(shlex.split(mirror_command)) if mirror_command else (),
     )
     confirm(f"failback from pool {from_pool} to pool {to_pool}", yes)
-    with _session(cfg, from_pool) as back, _session(cfg, to_pool) as home, StateDB(cfg.state_path) as db:
+    with _session(cfg, from_pool) as back, _session(cfg, to_pool) as home, open_state(cfg) as db:
         try:
             out = failback(back, home, db, request, say=lambda line: typer.echo(line, err=json_out))
         except FailbackError as err:

@@ -20,7 +20,7 @@ from xencr.dr.planned import SHUTDOWN_TIMEOUT, PlannedAbort, planned_failover, p
 from xencr.dr.testrun import cleanup, rehearse
 from xencr.monitor import rehearsals
 from xencr.monitor.notify import notify_test
-from xencr.state import StateDB
+from xencr.state import open_state
 
 
 def _json(r: FailoverReport) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def _rehearse(name: str, boot: bool, keep: bool, json_out: bool, config: Path | 
     plan = cfg.plan(name)
     say = (lambda _: None) if json_out else typer.echo
     with (
-        StateDB(cfg.state_path) as db,
+        open_state(cfg) as db,
         dr_sessions(cfg, [p.pool for p in choose.places(cfg)], interactive=sys.stdin.isatty()) as dr,
     ):
         try:
@@ -192,7 +192,7 @@ def _failover(
     confirm(f"failover of plan {name}", yes)
     say = (lambda _: None) if json_out else typer.echo
     with (
-        StateDB(cfg.state_path) as db,
+        open_state(cfg) as db,
         dr_sessions(cfg, [p.pool for p in choose.places(cfg)], interactive=sys.stdin.isatty()) as dr,
     ):
         try:
@@ -232,7 +232,7 @@ def _planned(
     confirm(f"planned failover of plan {name} (its source VMs are shut down)", yes)
     say = (lambda _: None) if json_out else typer.echo
     with (
-        StateDB(cfg.state_path) as db,
+        open_state(cfg) as db,
         dr_sessions(cfg, pools_of(cfg), interactive=sys.stdin.isatty()) as dr,
         stopping_cleanly() as cancel,
     ):
@@ -298,7 +298,7 @@ def _failback(name: str, vms: list[str], yes: bool, json_out: bool, config: Path
     plan = cfg.plan(name)
     confirm(f"failback of plan {name} (the DR VMs are shut down, the original VMs' disks replaced)", yes)
     say = (lambda _: None) if json_out else typer.echo
-    with StateDB(cfg.state_path) as db, dr_sessions(cfg, pools_of(cfg), interactive=sys.stdin.isatty()) as dr:
+    with open_state(cfg) as db, dr_sessions(cfg, pools_of(cfg), interactive=sys.stdin.isatty()) as dr:
         try:
             r = failback(cfg, plan, db, dr, vms=vms, say=say)
         except (FailoverError, FailbackAbort) as err:

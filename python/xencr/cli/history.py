@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from xencr.cli.common import ConfigOption, JsonFlag, load, print_json, reported, usage_error
-from xencr.config import ConfigError, format_duration
+from xencr.config import ConfigError, StateLocation, format_duration
 from xencr.monitor.history import parse_since, run_json, runs_with_tasks
 from xencr.state import RunRow, StateDB, TaskRow
 from xencr.units import human_bytes, transfer_text
@@ -81,7 +81,9 @@ def history_command(
     config: ConfigOption = None,
     state: Annotated[
         Path | None,
-        typer.Option("--state", metavar="PATH", help="State database (default: the config's `state`)."),
+        typer.Option(
+            "--state", metavar="PATH", help="State database file (SQLite; default: the config's `state`)."
+        ),
     ] = None,
 ) -> None:
     """Show past runs, oldest first, each with its tasks (one per VM and target): outcome, full or
@@ -97,20 +99,22 @@ def history_command(
     job_ref = job
     if state is None:
         cfg = load(config)
-        state = cfg.state_path
+        where = cfg.state
         if job is not None:
             # Through the config, a renamed job still finds its runs (by id).
             try:
                 job_ref = cfg.job(job).id
             except ConfigError:
                 job_ref = job  # a job since removed from the config: by name or id in the history
-    if not state.exists():
+    else:
+        where = StateLocation(path=state)
+    if not where.exists():
         if json:
             print_json([])
         else:
-            typer.echo(f"no runs recorded yet ({state})")
+            typer.echo(f"no runs recorded yet ({where.describe()})")
         return
-    with StateDB(state) as db:
+    with StateDB(where) as db:
         db.mark_interrupted()  # a run whose process died shows as interrupted, not running
         found = runs_with_tasks(db, job_ref, since_t)
         if json:

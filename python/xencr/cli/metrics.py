@@ -12,7 +12,7 @@ import typer
 from xencr.cli.common import ConfigOption, load, reported
 from xencr.cli.errors import CliError
 from xencr.monitor.metrics import render, write_textfile
-from xencr.state import StateDB
+from xencr.state import open_state
 
 
 @reported
@@ -35,8 +35,8 @@ def metrics_command(
     """
     cfg = load(config)
     now = datetime.now(UTC)
-    if cfg.state_path.exists():
-        with StateDB(cfg.state_path) as db:
+    if cfg.state.exists():
+        with open_state(cfg) as db:
             text = render(db, cfg, now)
     else:
         text = render(None, cfg, now)  # nothing recorded yet: zeros, and no database created

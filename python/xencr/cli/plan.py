@@ -21,7 +21,7 @@ from xencr.dr.preview import Mode, failover_preview, render, to_json
 from xencr.monitor.status import gather
 from xencr.replication.jobs import connected
 from xencr.replication.preview import StatusRow, plan
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.units import human_bytes, transfer_text
 
 ConfigOpt = Annotated[
@@ -82,7 +82,7 @@ def plan_command(
     cfg = load(config)
     with contextlib.ExitStack() as stack:
         c = stack.enter_context(connected(cfg, cfg.job(job), interactive=sys.stdin.isatty()))
-        db = stack.enter_context(StateDB(cfg.state_path)) if cfg.state_path.exists() else None
+        db = stack.enter_context(open_state(cfg)) if cfg.state.exists() else None
         rows = plan(c, vm or None, full=full, resumes=db)
     if json_out:
         typer.echo(json.dumps([asdict(r) | {"estimated_bytes": r.estimated_bytes} for r in rows], indent=2))

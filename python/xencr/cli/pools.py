@@ -272,7 +272,7 @@ def test_command(
     Example:  xencr pool test site-a
     """
     cfg = load(config)
-    with connect(cfg.pool(name), interactive=sys.stdin.isatty(), state_path=cfg.state_path) as s:
+    with connect(cfg.pool(name), interactive=sys.stdin.isatty(), state_path=cfg.state.local_path) as s:
         pool = s.api.pool.get_all()[0]
         master = s.api.pool.get_master(pool)
         major, minor = s.api.host.get_API_version_major(master), s.api.host.get_API_version_minor(master)

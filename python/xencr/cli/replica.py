@@ -20,7 +20,7 @@ from xencr.replication import ownership
 from xencr.replication.jobs import connect
 from xencr.replication.target import make_plain
 from xencr.replication.verify import Sample, verify_replica
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.units import human_bytes
 from xencr.xapi.errors import XapiError
 from xencr.xapi.session import XapiSession
@@ -55,7 +55,7 @@ def _target_pools(cfg: Config) -> list[str]:
 def _find(cfg: Config, replica: str) -> tuple[XapiSession, dict[str, Any]]:
     """A replica by UUID or name on any target pool (the caller logs the session out)."""
     for pool in _target_pools(cfg):
-        s = connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path)
+        s = connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state.local_path)
         for rec in _replicas(s):
             if replica in (rec["uuid"], rec["name_label"]):
                 return s, rec
@@ -78,7 +78,7 @@ def list_command(
     job_id = cfg.job(job).id if job else None
     rows = []
     for pool in _target_pools(cfg):
-        with connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path) as s:
+        with connect(cfg.pool(pool), interactive=sys.stdin.isatty(), state_path=cfg.state.local_path) as s:
             replicas = [r for r in _replicas(s) if not job_id or r["other_config"].get(md.JOB) == job_id]
             verdicts = _detached(s, replicas)
             for rec in replicas:
@@ -227,7 +227,7 @@ def verify_command(
     cfg = load(config)
     s, rec = _find(cfg, replica)
     with s, contextlib.ExitStack() as stack:
-        maps = stack.enter_context(StateDB(cfg.state_path)) if cfg.state_path.exists() else None
+        maps = stack.enter_context(open_state(cfg)) if cfg.state.exists() else None
         source = None
         if against_source:
             job_id = rec["other_config"].get(md.JOB, "")
@@ -235,7 +235,7 @@ def verify_command(
             if job is None:
                 raise CliError(f"replica {rec['uuid']}: its job {job_id!r} is not in the configuration")
             source = stack.enter_context(
-                connect(cfg.pool(job.pool), interactive=sys.stdin.isatty(), state_path=cfg.state_path)
+                connect(cfg.pool(job.pool), interactive=sys.stdin.isatty(), state_path=cfg.state.local_path)
             )
         checks = verify_replica(s, rec["ref"], maps, sample=chosen, source=source)
     if json_out:

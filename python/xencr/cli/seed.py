@@ -153,12 +153,12 @@ def link_command(
         # A run of this VM to this SR (started here) must not clean up half-written keys.
         vm_uuid = p.source_vm_rec["uuid"]
         lock = (
-            try_lock(lock_dir(cfg.state_path), vm_uuid, p.sr_uuid, "seed link", job_id=job_id)
+            try_lock(lock_dir(cfg.state.local_path), vm_uuid, p.sr_uuid, "seed link", job_id=job_id)
             if cfg
             else None
         )
         if cfg and lock is None:
-            busy = holder(lock_dir(cfg.state_path), vm_uuid, p.sr_uuid)
+            busy = holder(lock_dir(cfg.state.local_path), vm_uuid, p.sr_uuid)
             raise CliError(f"refused, nothing written: the VM is being replicated to this SR by {busy}")
         try:
             seedlink.apply(steps, lambda line: typer.echo(f"wrote: {line}", err=True))
@@ -247,10 +247,14 @@ def import_command(
     with connect(p, interactive=sys.stdin.isatty()) as ts, LiveTransfers() as live:
         sr_ref, sr_uuid = resolve_sr(ts, sr, pool)
         lock = try_lock(
-            lock_dir(cfg.state_path), m.vm_uuid, sr_uuid, f"seed import of {m.job_name}", job_id=m.job_id
+            lock_dir(cfg.state.local_path),
+            m.vm_uuid,
+            sr_uuid,
+            f"seed import of {m.job_name}",
+            job_id=m.job_id,
         )
         if lock is None:
-            busy = holder(lock_dir(cfg.state_path), m.vm_uuid, sr_uuid)
+            busy = holder(lock_dir(cfg.state.local_path), m.vm_uuid, sr_uuid)
             raise CliError(f"{m.vm_name} -> {sr}: refused: being replicated by {busy}")
         with lock:
             rp = import_seed(

@@ -29,7 +29,7 @@ def dr_sessions(config: Config, pools: Iterable[str], *, interactive: bool) -> I
         for name in dict.fromkeys(pools):
             try:
                 out.sessions[name] = connect(
-                    config.pool(name), interactive=interactive, state_path=config.state_path
+                    config.pool(name), interactive=interactive, state_path=config.state.local_path
                 )
             except (PoolUnreachable, XapiError, CredentialError, OSError) as err:
                 out.unreachable[name] = str(err) or type(err).__name__

@@ -14,7 +14,7 @@ from xencr.dr.native import metadata
 from xencr.dr.native.metadata import MetadataSr
 from xencr.replication.jobs import Connected, connected, resolve_sr
 from xencr.replication.preview import StatusRow, status, status_from_history
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.xapi.errors import PoolUnreachable, XapiError
 
 # The pool cannot be asked: status falls back on what the history recorded.
@@ -63,7 +63,7 @@ def gather(
     dead processes are closed as interrupted first (as every command does); a missing state
     database is no history, not one to create."""
     out = StatusReport(now or datetime.now(UTC))
-    db = StateDB(config.state_path) if config.state_path.exists() else None
+    db = open_state(config) if config.state.exists() else None
     try:
         if db is not None:
             db.mark_interrupted()

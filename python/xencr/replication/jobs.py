@@ -30,7 +30,7 @@ from xencr.replication.runner import (
 from xencr.replication.select import is_candidate
 from xencr.schedule import rate_at
 from xencr.service.locks import lock_dir
-from xencr.state import StateDB
+from xencr.state import StateDB, open_state
 from xencr.xapi import members
 from xencr.xapi.errors import PoolUnreachable, XapiError
 from xencr.xapi.session import Endpoint, XapiSession
@@ -83,7 +83,7 @@ def connected(config: Config, job: JobConfig, *, interactive: bool) -> Iterator[
         for name in [job.pool, *(t.pool for t in job.targets)]:
             if name not in sessions:
                 sessions[name] = connect(
-                    config.pool(name), interactive=interactive, state_path=config.state_path
+                    config.pool(name), interactive=interactive, state_path=config.state.local_path
                 )
         yield Connected(config, job, sessions)
     finally:
@@ -180,11 +180,11 @@ def run_configured(
     spec = dataclasses.replace(
         spec_of(job, schedule_id),
         cancel=cancel,
-        lock_dir=lock_dir(config.state_path),
+        lock_dir=lock_dir(config.state.local_path),
         source_pool=job.pool,
         max_exports=config.pool(job.pool).max_exports,
     )
-    with StateDB(config.state_path) as db:
+    with open_state(config) as db:
         db.mark_interrupted()
         run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
         try:

@@ -28,7 +28,7 @@ from xencr.config import Config, ConfigError, JobConfig
 from xencr.replication.runner import RunReport
 from xencr.schedule import Clock, Scheduler, SystemClock
 from xencr.schedule.scheduler import Entry
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.web import server as web
 
 # Longest sleep with nothing scheduled: the loop still wakes for signals at once.
@@ -255,7 +255,7 @@ class Daemon:
         reload) also takes the last fires recorded before and clears the next fire of pairs no
         longer scheduled, so status does not promise runs that will not happen."""
         try:
-            with StateDB(self.config.state_path) as db:
+            with open_state(self.config) as db:
                 nexts = self.scheduler.next_fires()
                 if tidy:
                     for key, (last, nxt) in db.fires().items():
@@ -295,10 +295,9 @@ class Daemon:
         from xencr.monitor.metrics import render
 
         config = self.config
-        path = config.state_path
-        if not path.exists():
+        if not config.state.exists():
             return render(None, config, datetime.now(UTC))
-        with StateDB(path) as db:
+        with open_state(config) as db:
             return render(db, config, datetime.now(UTC))
 
     def _write_textfile(self) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from xencr.config import Config, JobConfig, format_duration
 from xencr.monitor.rpo import job_rpo
-from xencr.state import PointRow, RunRow, StateDB, TaskRow
+from xencr.state import PointRow, RunRow, StateDB, TaskRow, open_state
 from xencr.units import human_bytes, transfer_text
 from xencr.web import charts
 from xencr.web.html import document, e
@@ -310,8 +310,8 @@ def job_part(a: JobAudit, *, heading: str = "Job") -> str:
 
 def job_report(config: Config, job: JobConfig, since: datetime, now: datetime) -> str:
     """The self-contained report of one job (an empty history is an empty report)."""
-    if config.state_path.exists():
-        with StateDB(config.state_path) as db:
+    if config.state.exists():
+        with open_state(config) as db:
             a = audit(db, job, since, now)
     else:
         a = JobAudit(job, job_rpo(job), since, now)

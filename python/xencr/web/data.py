@@ -12,7 +12,7 @@ from xencr.config import Config, JobConfig
 from xencr.monitor.rpo import job_rpo
 from xencr.monitor.status import StatusReport
 from xencr.replication.preview import StatusRow
-from xencr.state import PointRow, StateDB, TaskRow
+from xencr.state import PointRow, StateDB, TaskRow, open_state
 from xencr.web.plans import PlanView, plan_view
 from xencr.web.series import AgeStep, RunBar, run_bars, worst_ages
 
@@ -87,7 +87,7 @@ def page(config: Config, jobs: list[JobConfig], status: StatusReport, *, since: 
     by_job: dict[str, list[StatusRow]] = {j.name: [] for j in jobs}
     for name, r in status.rows:
         by_job.setdefault(name, []).append(r)
-    db = StateDB(config.state_path) if config.state_path.exists() else None
+    db = open_state(config) if config.state.exists() else None
     try:
         out.jobs = [job_view(db, j, by_job[j.name], out.since, now) for j in jobs]
         out.plans = [plan_view(db, config, p) for p in config.plans.values()]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xencr.config import Config
 from xencr.monitor import rehearsals
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.web import audit
 from xencr.web.html import document, e
 from xencr.web.plans import PlanView, plan_section
@@ -30,9 +30,9 @@ def report_html(config: Config, name: str, since: datetime, now: datetime) -> st
     if job is None and plan is None:
         known = ", ".join([*config.jobs, *config.plans]) or "none"
         raise ReportError(f"no job or plan {name!r} (jobs and plans: {known})")
-    if not config.state_path.exists():
-        raise ReportError(f"no history recorded yet ({config.state_path})")
-    with StateDB(config.state_path) as db:
+    if not config.state.exists():
+        raise ReportError(f"no history recorded yet ({config.state.describe()})")
+    with open_state(config) as db:
         db.mark_interrupted()  # a run whose process died shows as interrupted, not running
         if job is not None:
             return document(

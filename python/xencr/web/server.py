@@ -38,7 +38,7 @@ from xencr.config import Config, ConfigError, JobConfig, StatusConfig
 from xencr.credentials import CredentialError, Secret
 from xencr.monitor.history import parse_since, run_json, runs_with_tasks
 from xencr.monitor.status import UNREACHABLE, StatusReport, gather
-from xencr.state import StateDB
+from xencr.state import open_state
 from xencr.web import data
 from xencr.web.plans import plan_json, plan_view
 from xencr.web.render import page_html
@@ -243,16 +243,16 @@ class Source:
 
     def history_json(self, since: datetime, job: str | None) -> list[dict[str, Any]]:
         config = self._load()
-        if not config.state_path.exists():
+        if not config.state.exists():
             return []
         ref = config.job(job).id if job is not None and job in config.jobs else job
-        with StateDB(config.state_path) as db:
+        with open_state(config) as db:
             return [run_json(r, tasks) for r, tasks in runs_with_tasks(db, ref, since)]
 
     def plans_json(self) -> list[dict[str, Any]]:
         config = self._load()
         now = datetime.now(UTC)
-        db = StateDB(config.state_path) if config.state_path.exists() else None
+        db = open_state(config) if config.state.exists() else None
         try:
             return [plan_json(plan_view(db, config, p), now) for p in config.plans.values()]
         finally:
