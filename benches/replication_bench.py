@@ -22,7 +22,10 @@ Measured (each xencr figure is a real `xencr run JOB --json` child process, stre
   simulator has the other.
 - Peak RSS of `xencr run` for fulls of sparse disks of growing size (target flat, <= 64 MiB), and
   what the Python heap holds (tracemalloc).
-- Resume figures: a placeholder until resume exists.
+- Resume: a full of a disk whose blocks are all written, uninterrupted, then cut at 80% of its
+  stream by a dropped export connection (resumed within the run), then SIGKILLed at ~80% and
+  completed by the next run: total bytes sent / the stream's length (target <= 1.05) and the
+  time to completion against the uninterrupted full (`--only resume` runs this part alone).
 
 Python sources are compiled once into a bytecode cache in the work directory (as an installed
 package has them): the environment may forbid writing bytecode, which would otherwise add the
@@ -40,6 +43,7 @@ import random
 import selectors
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +63,9 @@ from xencr import _engine  # noqa: E402
 from xencr.config import load_config  # noqa: E402
 from xencr.replication.blockmap import combine  # noqa: E402
 from xencr.replication.metadata import digest_of_list  # noqa: E402
+from xencr.replication.resume import WINDOW  # noqa: E402
 from xencr.replication.target import restore_points  # noqa: E402
+from xencr.state import ResumeRow, StateDB  # noqa: E402
 from xencr.xapi.handlers import query, wait_task  # noqa: E402
 from xencr.xapi.session import Endpoint, XapiSession  # noqa: E402
 from xencr.xapi.transfer import zero_digest  # noqa: E402
@@ -70,6 +76,8 @@ GB = 1e9  # throughput and CPU per GB: decimal, as network figures are
 BLOCK = 2 * MIB
 PASSWORD = "bench-password"
 RSS_TARGET_MIB = 64
+RESUME_TARGET = 1.05  # total bytes sent / stream length, for an interrupted and resumed full
+PHASES = ("transfer", "rss", "resume")
 TASK_TIMEOUT = 600.0
 
 
@@ -257,6 +265,11 @@ class Options:
     workdir: Path | None
     keep: bool
     command: str
+    only: tuple[str, ...] = PHASES
+    resume_repeat: int = 2
+    drop_at: float = 0.8
+    kill_at: float = 0.8
+    kill_rate: int = 0  # bytes/s of the source pool's transfers during the run to be killed (0: none)
 
 
 @dataclass
@@ -388,7 +401,7 @@ def commit_snapshot(bx: Bench, job: str, restore_point: str) -> str:
 
 
 def job_vm(job: str) -> str:
-    return {"bench": "vm0", "rss": "vm1"}[job]
+    return {"bench": "vm0", "rss": "vm1", "resume": "vm2"}[job]
 
 
 def grow(s: XapiSession, vdi: str, size: int) -> None:
@@ -484,11 +497,15 @@ def curl_pipeline(
 
 def check_replica(bx: Bench, run: Run) -> None:
     """The restore point's disk holds what the source snapshot holds."""
-    replica = disk_of(bx.b, bx.b.api.VM.get_by_uuid(run.restore_point))
+    same_content(bx, run.snapshot, run.restore_point)
+
+
+def same_content(bx: Bench, snapshot: str, restore_point: str) -> None:
+    replica = disk_of(bx.b, bx.b.api.VM.get_by_uuid(restore_point))
     if bx.b.api.sim.hash(bx.b.api.VDI.get_uuid(replica)) != bx.a.api.sim.hash(
-        bx.a.api.VDI.get_uuid(snapshot_disk(bx, run.snapshot))
+        bx.a.api.VDI.get_uuid(snapshot_disk(bx, snapshot))
     ):
-        raise BenchError(f"restore point {run.restore_point} does not hash as its source snapshot")
+        raise BenchError(f"restore point {restore_point} does not hash as its source snapshot {snapshot}")
 
 
 # ------------------------------------------------------------------------------ phases
@@ -513,6 +530,7 @@ class Results:
     per_block: dict[str, float] = field(default_factory=dict)
     engine: list[float] = field(default_factory=list)  # the engine's mtime at start and end
     load: list[tuple[float, float, float]] = field(default_factory=list)
+    resume: Resumes | None = None
 
 
 def phase_fulls(bx: Bench, r: Results) -> None:
@@ -773,6 +791,223 @@ def per_block_bytes(n: int = 65536) -> dict[str, float]:
     return {"held": held / n, "peak": held / n + transient} | part
 
 
+# ------------------------------------------------------------------------------ resume
+
+
+@dataclass(frozen=True)
+class Full:
+    """One full of the ``resume`` job (`bench_run.py` in a child process): its process figures,
+    what its report says of the disk (`DiskResult`'s fields), and what the target pool itself
+    counted of the last import into the replica disk (`sim.import_stats`; -1: not counted)."""
+
+    proc: Proc
+    disk: dict[str, Any]
+    snapshot: str
+    restore_point: str
+    imported: int
+
+    @property
+    def sent(self) -> int:
+        """Bytes sent to the target, every try of the disk included."""
+        return int(self.disk["bytes_sent"])
+
+    @property
+    def stream(self) -> int:
+        return int(self.disk["bytes_read"])
+
+
+@dataclass(frozen=True)
+class Killed:
+    """A full SIGKILLed mid-stream: its wall and CPU seconds from its start to the kill, the
+    position its attempt had recorded (blocks of the stream passed) when it was killed, and how
+    much the target pool had written of its import."""
+
+    seconds: float
+    cpu: float
+    position: int
+    blocks: int
+    stream_bytes: int
+    written: int  # the staging disk's VHD file on the target once its import had ended (bytes)
+
+    @property
+    def recorded(self) -> float:
+        """The share of the stream its last record says it had passed."""
+        return self.position / self.blocks
+
+    @property
+    def sent(self) -> int:
+        """Its bytes sent, as the target pool wrote them: the staging disk's file (a full's stream
+        is that file's layout); the pool's import count is kept only for imports that complete,
+        and the killed process cannot say. Bytes still in the sockets' buffers are not in it."""
+        return self.written
+
+    @property
+    def fraction(self) -> float:
+        return self.written / self.stream_bytes
+
+
+@dataclass
+class Resumes:
+    size: int
+    plain: list[Full] = field(default_factory=list)
+    unchecked: list[Full] = field(default_factory=list)  # uninterrupted, verify_import = false
+    dropped: list[tuple[int, Full]] = field(default_factory=list)  # (export cut after n bytes, run)
+    # (killed run, the run resuming it): killed right after a record of its position / by the clock
+    killed: list[tuple[Killed, Full]] = field(default_factory=list)
+    clock_killed: list[tuple[Killed, Full]] = field(default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        """The uninterrupted full's wall seconds (median)."""
+        return med([f.proc.seconds for f in self.plain])
+
+
+def resume_argv(bx: Bench, *, checked: bool = True) -> list[str]:
+    cfg = bx.cfg_checked if checked else bx.cfg
+    return [sys.executable, str(ROOT / "benches" / "bench_run.py"), str(cfg), "resume", "--full"]
+
+
+def resume_full(bx: Bench, what: str, *, checked: bool = True) -> Full:
+    """A full of the ``resume`` job to its end (``checked``: with the shipped default,
+    ``verify_import = true``); its restore point must hash as its snapshot."""
+    proc = measured(resume_argv(bx, checked=checked), env=bx.env, what=what)
+    report = json.loads(proc.out.strip().splitlines()[-1])
+    vm = report["vms"][0]
+    tr = vm["targets"][0]
+    (disk,) = tr["disks"]
+    if disk["path"] != "stream":
+        raise BenchError(f"{what}: disk went by {disk['path']}, not the stream path")
+    same_content(bx, vm["snapshot"], tr["restore_point"])
+    replica = bx.b.api.VDI.get_uuid(disk_of(bx.b, bx.b.api.VM.get_by_uuid(tr["restore_point"])))
+    stats = bx.b.api.sim.import_stats(replica)
+    return Full(proc, disk, str(vm["snapshot"]), str(tr["restore_point"]), int(stats.get("bytes_in", -1)))
+
+
+def resume_row(bx: Bench, db: StateDB) -> ResumeRow | None:
+    """The attempt of the ``resume`` job the state database keeps for a resume, if any."""
+    vm_uuid = bx.a.api.VM.get_uuid(bx.a.api.VM.get_by_name_label("vm2")[0])
+    return db.resume_of(bx.job_ids["resume"], vm_uuid, bx.sr_uuid)
+
+
+def killed_full(bx: Bench, *, by_clock: bool) -> Killed:
+    """Start a full of the ``resume`` job and SIGKILL it once its stream has passed ``kill_at``:
+    as soon as its recorded position says so (the record is then fresh), or ``by_clock``, at the
+    moment the rate between its last two records says it gets there (between two records, as a
+    kill at any moment would be). The source pool's transfers are limited to ``kill_rate``
+    meanwhile, when given. The attempt it leaves is what the next run resumes."""
+    o = bx.opts
+    if o.kill_rate:
+        bx.a.api.sim.fault_rate(str(o.kill_rate))
+    try:
+        with StateDB(bx.work / "state.sqlite") as db, tempfile.TemporaryFile() as err:
+            t = time.perf_counter()
+            p = subprocess.Popen(resume_argv(bx), stdout=subprocess.DEVNULL, stderr=err, env=bx.env)
+            try:
+                seen: list[tuple[float, int]] = []  # (when first seen, recorded position)
+                while True:
+                    now = time.perf_counter()
+                    row = resume_row(bx, db)
+                    d = row.disks[0] if row is not None and row.disks else None
+                    if d is not None and d.blocks:
+                        goal = o.kill_at * d.blocks
+                        if d.position >= goal:
+                            break
+                        if not seen or d.position != seen[-1][1]:
+                            seen.append((now, d.position))
+                        if by_clock and len(seen) >= 2:
+                            (t0, p0), (t1, p1) = seen[-2:]
+                            eta = t1 + (goal - p1) * (t1 - t0) / (p1 - p0)
+                            if eta < now + 1.0:  # before the next record: go by the clock
+                                time.sleep(max(0.0, eta - now))
+                                break
+                    if p.poll() is not None:
+                        err.seek(0)
+                        tail = " | ".join(err.read().decode(errors="replace").strip().splitlines()[-3:])
+                        raise BenchError(
+                            f"the full to be killed ended (exit status {p.returncode}) before "
+                            f"{o.kill_at:.0%} of its stream: {tail or 'nothing said'}"
+                        )
+                    if now - t > TASK_TIMEOUT:
+                        raise BenchError(f"the full to be killed never got to {o.kill_at:.0%} of its stream")
+                    time.sleep(0.05)
+                os.kill(p.pid, signal.SIGKILL)
+                seconds = time.perf_counter() - t
+                _, status, usage = os.wait4(p.pid, 0)
+                p.returncode = os.waitstatus_to_exitcode(status)
+                if p.returncode != -signal.SIGKILL:
+                    raise BenchError(f"the full to be killed ended by itself (exit status {p.returncode})")
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            left = resume_row(bx, db)  # what the next run reads: recorded no later than the kill
+    finally:
+        if o.kill_rate:
+            bx.a.api.sim.fault_clear()
+    if left is None or not left.disks:
+        raise BenchError("the killed full left no attempt recorded")
+    (d,) = left.disks
+    # The import ends (failed) once the pool sees the connection closed; then its file is measured.
+    deadline = time.monotonic() + 60
+    while any(t["status"] == "pending" for t in bx.b.api.task.get_all_records().values()):
+        if time.monotonic() > deadline:
+            raise BenchError("the killed full's import task never ended on the target pool")
+        time.sleep(0.1)
+    written = int(bx.b.api.VDI.get_physical_utilisation(bx.b.api.VDI.get_by_uuid(d.vdi)))
+    return Killed(seconds, usage.ru_utime + usage.ru_stime, d.position, d.blocks, d.stream_bytes, written)
+
+
+def phase_resume(bx: Bench, r: Results) -> None:
+    """vm2's disk, every block written: uninterrupted fulls, fulls whose export is cut at
+    ``drop_at`` of the stream (resumed within the run), and fulls SIGKILLed at ``kill_at``, each
+    completed by the next run. Every restore point is hash-checked; no attempt may stay recorded."""
+    o = bx.opts
+    vdi = source_disk(bx, "vm2")
+    grow(bx.a, vdi, o.size)
+    write_blocks(bx.a, vdi, list(range(o.size // BLOCK)), "resume")
+    res = Resumes(o.size)
+    r.resume = res
+    for i in range(o.resume_repeat):
+        full = resume_full(bx, "uninterrupted full")
+        if full.disk["drops"] or full.disk["resumed"]:
+            raise BenchError(f"the uninterrupted full was resumed: {full.disk['reason']}")
+        res.plain.append(full)
+        bx.log(f"resume: uninterrupted full {i + 1}/{o.resume_repeat}: {full.proc.seconds:.2f}s wall")
+        full = resume_full(bx, "uninterrupted full without read-back", checked=False)
+        res.unchecked.append(full)
+        bx.log(f"resume: the same without read-back: {full.proc.seconds:.2f}s wall")
+    stream = res.plain[0].stream
+    for i in range(o.resume_repeat):
+        cut = int(stream * o.drop_at)
+        bx.a.api.sim.fault_drop_after("export", str(cut))
+        try:
+            full = resume_full(bx, f"full with its export cut after {cut} bytes")
+        finally:
+            bx.a.api.sim.fault_clear()
+        if full.disk["drops"] != 1:
+            raise BenchError(
+                f"the export cut after {cut} bytes: {full.disk['drops']} dropped connections resumed, "
+                f"not 1 ({full.disk['reason']})"
+            )
+        res.dropped.append((cut, full))
+        bx.log(f"resume: drop {i + 1}/{o.resume_repeat}: {full.proc.seconds:.2f}s wall, {full.sent} bytes")
+    for by_clock, into in ((False, res.killed), (True, res.clock_killed)):
+        for i in range(o.resume_repeat):
+            killed = killed_full(bx, by_clock=by_clock)
+            full = resume_full(bx, "the full after a killed one")
+            if not str(full.disk["resumed"]).startswith("resumed at"):
+                raise BenchError(f"the full after a killed one did not resume it: {full.disk['reason']}")
+            with StateDB(bx.work / "state.sqlite") as db:
+                if resume_row(bx, db) is not None:
+                    raise BenchError("an attempt is still recorded after the resumed full")
+            into.append((killed, full))
+            bx.log(
+                f"resume: kill {'by the clock' if by_clock else 'on a record'} {i + 1}/{o.resume_repeat} "
+                f"at {killed.fraction:.0%} (recorded {killed.recorded:.0%}) after {killed.seconds:.2f}s, "
+                f"resumed in {full.proc.seconds:.2f}s: {full.disk['resumed']}"
+            )
+
+
 # ------------------------------------------------------------------------------ the table
 
 
@@ -831,7 +1066,6 @@ def stamp(t: float) -> str:
 
 def table(bx: Bench, r: Results) -> str:
     o = bx.opts
-    fixed = med([e.proc.cpu for e in r.empty])
     out: list[str] = []
     add = out.append
     load = " -> ".join(f"{la[0]:.2f}" for la in r.load)
@@ -849,9 +1083,13 @@ def table(bx: Bench, r: Results) -> str:
     add(
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; 1-minute "
         f"load average {load} (start -> end): the machine is shared, every figure was taken under that "
-        f"load. Tree {head or '?'}{' with uncommitted changes' if dirty_tree else ''}. Median (min-max) of "
-        f"{o.repeat} runs ({o.slow_repeat} for slow hardware). Stream path; the simulator in a process of "
-        "its own."
+        f"load. Tree {head or '?'}{' with uncommitted changes' if dirty_tree else ''}. "
+        + (
+            f"Median (min-max) of {o.repeat} runs ({o.slow_repeat} for slow hardware). "
+            if "transfer" in o.only
+            else f"Parts run: {', '.join(o.only)}. "
+        )
+        + "Stream path; the simulator in a process of its own."
     )
     if len(set(r.engine)) > 1:
         add("")
@@ -859,6 +1097,23 @@ def table(bx: Bench, r: Results) -> str:
             f"**Warning: the engine (`_engine.abi3.so`) was rebuilt during this run** ("
             f"{' -> '.join(stamp(t) for t in r.engine)}): figures before and after may differ by build."
         )
+    if "transfer" in o.only:
+        out.extend(transfer_tables(o, r))
+    if "rss" in o.only:
+        out.extend(rss_tables(o, r))
+    if "resume" in o.only:
+        add("")
+        add("### Resume figures")
+        add("")
+        out.extend(resume_table(o, r.resume))
+    return "\n".join(out)
+
+
+def transfer_tables(o: Options, r: Results) -> list[str]:
+    """Time against curl, CPU per GB, where the CPU and the wall time go."""
+    fixed = med([e.proc.cpu for e in r.empty])
+    out: list[str] = []
+    add = out.append
     add("")
     add("### Time: xencr's disk transfer against curl GET (to tmpfs) then curl PUT of the same export")
     add("")
@@ -954,6 +1209,13 @@ def table(bx: Bench, r: Results) -> str:
             "`Async.*` and task waits include the pool's work (snapshots; the simulator coalesces a "
             "chain when a snapshot is destroyed); nested calls are counted in both rows."
         )
+    return out
+
+
+def rss_tables(o: Options, r: Results) -> list[str]:
+    """Peak RSS, and what it is made of."""
+    out: list[str] = []
+    add = out.append
     add("")
     add(
         f"### Peak RSS of `xencr run --full` (stream path): sparse disks, "
@@ -996,11 +1258,126 @@ def table(bx: Bench, r: Results) -> str:
             f"{floor:.0f} MiB floor, {RSS_TARGET_MIB} MiB is passed at about {limit:,.0f} allocated blocks "
             f"({limit * BLOCK / GIB:.0f} GiB allocated in one disk): flat only below that."
         )
-    add("")
-    add("### Resume figures")
-    add("")
-    add("not measured: resume not implemented yet")
-    return "\n".join(out)
+    return out
+
+
+def resume_table(o: Options, res: Resumes | None) -> list[str]:
+    if res is None or not res.plain:
+        return ["not measured"]
+    stream, wall = res.plain[0].stream, res.wall
+    out = [
+        f"Disk {res.size / MIB:.0f} MiB, every block written: a full's stream is {stream / MIB:.0f} MiB. "
+        "Each run is a full (`run_configured(..., full=True)`, `benches/bench_run.py` in a child process), "
+        "stream path, `verify_import = true` unless said: a resumed disk is read back whatever that says, "
+        "so the uninterrupted fulls read back too. `sent` is what xencr sent to the target, every try of "
+        f"the disk included; a resume sends again at most a window of {WINDOW / MIB:.0f} MiB. `wall`: each "
+        "whole process, against the uninterrupted full with read-back. Target: sent / stream <= "
+        f"{RESUME_TARGET}. Median (min-max) of {len(res.plain)} runs each.",
+        "",
+        "| case | interrupted at | sent MiB | sent / stream | wall s | wall / uninterrupted | CPU s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(
+        case: str,
+        at: str,
+        sent: Sequence[int],
+        seconds: Sequence[float],
+        cpu: Sequence[float],
+        *,
+        bold: bool = False,
+    ) -> None:
+        """One row: ``sent`` bytes, wall and CPU seconds, one of each per repeat."""
+        b = "**" if bold else ""
+        out.append(
+            f"| {case} | {at} | {spread([x / MIB for x in sent], '{:.0f}')} | "
+            f"{b}{spread([x / stream for x in sent], '{:.3f}')}{b} | "
+            f"{spread(seconds)} | {b}{spread([x / wall for x in seconds])}{b} | {spread(cpu)} |"
+        )
+
+    def runs_row(case: str, at: str, runs: Sequence[Full], *, bold: bool = False) -> None:
+        row(
+            case,
+            at,
+            [f.sent for f in runs],
+            [f.proc.seconds for f in runs],
+            [f.proc.cpu for f in runs],
+            bold=bold,
+        )
+
+    runs_row("uninterrupted full", "", res.plain)
+    if res.unchecked:
+        runs_row("uninterrupted full, no read-back (`verify_import = false`)", "", res.unchecked)
+    if res.dropped:
+        at = spread([c / stream * 100 for c, _ in res.dropped], "{:.0f}") + "% of the stream"
+        runs_row(
+            "export connection dropped, resumed in the same run", at, [f for _, f in res.dropped], bold=True
+        )
+    for how, pairs in (("on a record", res.killed), ("by the clock", res.clock_killed)):
+        if not pairs:
+            continue
+        ks = [k for k, _ in pairs]
+        at = (
+            spread([k.fraction * 100 for k in ks], "{:.0f}")
+            + "% (recorded "
+            + spread([k.recorded * 100 for k in ks], "{:.0f}")
+            + "%)"
+        )
+        row(
+            f"SIGKILL {how}: the killed run, until the kill",
+            at,
+            [k.sent for k in ks],
+            [k.seconds for k in ks],
+            [k.cpu for k in ks],
+        )
+        runs_row(f"SIGKILL {how}: the next run, resuming", "", [f for _, f in pairs])
+        row(
+            f"SIGKILL {how}: both runs",
+            "",
+            [k.sent + f.sent for k, f in pairs],
+            [k.seconds + f.proc.seconds for k, f in pairs],
+            [k.cpu + f.proc.cpu for k, f in pairs],
+            bold=True,
+        )
+    out.append("")
+    if res.dropped:
+        cut, f = res.dropped[0]
+        out.append(
+            f"Drop: the source pool cut the export after {cut} bytes (`sim.fault_drop_after`, "
+            f"{o.drop_at:.0%} of the stream); the run resumed the disk from the window before the position "
+            f"it had passed ({f.disk['reason']}). The target pool counted {f.imported} bytes in the second "
+            f"import (`sim.import_stats`), xencr {f.sent - f.imported} in the first, which failed (the pool "
+            "counts only imports that complete)."
+        )
+    if res.killed or res.clock_killed:
+        k, f = (res.killed or res.clock_killed)[0]
+        if res.dropped:
+            out.append("")
+        rate = (
+            f"the source pool's transfers limited to {o.kill_rate / MIB:.0f} MiB/s until the kill, so the "
+            "killed run's time is not what it would take unlimited"
+            if o.kill_rate
+            else "no rate limit"
+        )
+        out.append(
+            f"SIGKILL ({rate}): a run records its position (blocks written in full to the import's "
+            "connection) every 4 MiB it moves (`resume.RECORD_STEP`, looked at every 50 ms); "
+            "the bench reads the record every 50 ms. `on a record`: "
+            f"killed as soon as a record said {o.kill_at:.0%} was passed, so the record is fresh (the case "
+            f"the resume point is built for); `by the clock`: killed when the rate between the last two "
+            f"records says {o.kill_at:.0%} is reached, between two records as a kill at any moment is, so "
+            "what passed since the last record is sent again as well. `interrupted at`: what the target "
+            "pool had written of the killed import (its staging disk's file, whose layout is the stream's) "
+            "over the stream, and the last record. The killed run's `sent` is that file: the pool keeps "
+            "its import count only for imports that complete; bytes that were still in the sockets' "
+            "buffers are not in it. The next run (`--full` again, no limit) said e.g. "
+            f'"{f.disk["resumed"]}" (killed at {k.fraction:.0%}, recorded block {k.position} of '
+            f"{k.blocks}); the pool counted {f.imported} bytes in its import, xencr {f.sent}. `wall` of both "
+            "runs: the killed process from its start to the kill plus the resuming process, against one "
+            "uninterrupted full; starting over from zero would cost about one uninterrupted full after the "
+            "kill instead of the resuming run."
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------ main
@@ -1027,11 +1404,11 @@ def bench(opts: Options) -> Iterator[Bench]:
         pw.write_text(PASSWORD)
         os.chmod(pw, 0o600)
         state = work / "sim"
-        biggest = opts.size + max(opts.rss_sizes)
+        biggest = 2 * opts.size + max(opts.rss_sizes)  # vm0, vm2 (resume), vm1 (RSS)
         subprocess.run(
             [
                 *xencr_argv(),
-                *("sim", "init", "--state", str(state), "--pools", "2", "--vms", "2"),
+                *("sim", "init", "--state", str(state), "--pools", "2", "--vms", "3"),
                 *("--disk-mib", str(min([opts.size, *opts.rss_sizes]) // MIB)),
                 *("--sr-gib", str(max(16, 6 * biggest // GIB + 8)), "--password-file", str(pw)),
             ],
@@ -1047,7 +1424,7 @@ def bench(opts: Options) -> Iterator[Bench]:
         sessions.append(b)
         sr = str(b.api.pool.get_default_SR(b.api.pool.get_all()[0]))
         sr_uuid = str(b.api.SR.get_uuid(sr))
-        jobs = (("bench", "vm0"), ("rss", "vm1"))
+        jobs = (("bench", "vm0"), ("rss", "vm1"), ("resume", "vm2"))
         cfg = write_config(
             work / "plain",
             sim.urls,
@@ -1099,14 +1476,18 @@ def run_all(opts: Options) -> str:
     r.engine.append(engine_mtime())
     with bench(opts) as bx:
         bx.log(f"work directory {bx.work}; pools {' '.join(bx.sim.urls)}")
-        vdi = source_disk(bx, "vm0")
-        grow(bx.a, vdi, opts.size)
-        write_blocks(bx.a, vdi, pick(opts.size, opts.fill, 1), "fill")
-        phase_fulls(bx, r)
-        last = phase_deltas(bx, r)
-        last = phase_slow(bx, r, last)
-        phase_profile(bx, r, last)
-        phase_rss(bx, r)
+        if "transfer" in opts.only:
+            vdi = source_disk(bx, "vm0")
+            grow(bx.a, vdi, opts.size)
+            write_blocks(bx.a, vdi, pick(opts.size, opts.fill, 1), "fill")
+            phase_fulls(bx, r)
+            last = phase_deltas(bx, r)
+            last = phase_slow(bx, r, last)
+            phase_profile(bx, r, last)
+        if "rss" in opts.only:
+            phase_rss(bx, r)
+        if "resume" in opts.only:
+            phase_resume(bx, r)
         r.load.append(os.getloadavg())
         r.engine.append(engine_mtime())
         return table(bx, r)
@@ -1123,6 +1504,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--rss-fill", type=float, default=0.125, help="share of their blocks allocated (evenly spread)"
     )
+    ap.add_argument(
+        "--only",
+        default=",".join(PHASES),
+        help=f"parts to run, comma-separated among {', '.join(PHASES)} (default: all)",
+    )
+    ap.add_argument("--resume-repeat", type=int, default=2, help="runs of each resume case (default 2)")
+    ap.add_argument(
+        "--drop-at", type=float, default=0.8, help="share of the stream after which the export is cut"
+    )
+    ap.add_argument(
+        "--kill-at", type=float, default=0.8, help="share of the stream's blocks recorded before the kill"
+    )
+    ap.add_argument(
+        "--kill-rate",
+        default="0",
+        help="limit the source pool's transfers to this many bytes/s (e.g. 100M) until the kill (0: none)",
+    )
     ap.add_argument("--no-profile", action="store_true", help="skip the perf profile")
     ap.add_argument("--no-pin", action="store_true", help="skip the slow-hardware (pinned) runs")
     ap.add_argument("--workdir", type=Path, help="parent of the work directory (default: TMPDIR)")
@@ -1130,8 +1528,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke check")
     args = ap.parse_args(argv)
+    only = tuple(p for p in PHASES if p in args.only.split(","))
+    if not only or set(args.only.split(",")) - set(PHASES):
+        ap.error(f"--only: comma-separated among {', '.join(PHASES)}")
     if args.quick:
         args.size, args.rss_sizes, args.repeat, args.slow_repeat = "32M", "16M,64M", 1, 1
+        args.resume_repeat = 1
+        # A 32 MiB stream passes in well under the second between two records of its position.
+        args.kill_rate = args.kill_rate if parse_size(args.kill_rate) else "8M"
     opts = Options(
         size=parse_size(args.size),
         fill=args.fill,
@@ -1144,6 +1548,11 @@ def main(argv: list[str] | None = None) -> None:
         pin=not args.no_pin,
         workdir=args.workdir,
         keep=args.keep,
+        only=only,
+        resume_repeat=max(1, args.resume_repeat),
+        drop_at=args.drop_at,
+        kill_at=args.kill_at,
+        kill_rate=parse_size(args.kill_rate),
         command=shlex.join(
             [".venv/bin/python", "benches/replication_bench.py", *(sys.argv[1:] if argv is None else argv)]
         ),

@@ -3,7 +3,7 @@
 **What is kept.** An attempt whose transfers began is recorded in the state database (`resumes`:
 its id, the source snapshot, the replica, its inputs as a `Shape`) and, about once a second, how
 far each disk's stream has passed (`_engine.Progress.position`: blocks in stream order, each
-written in full to the import's connection). When the attempt ends uncommitted because a
+written in full to the import's connection; see `RECORD_STEP`). When the attempt ends uncommitted because a
 connection dropped, its timeout passed, the run was cancelled or the process was killed, its
 replica and disks stay on the target with that record, instead of being destroyed (`ownership`,
 rule (a), keeps exactly the attempt the record names). Any other failure (a refusal, a read-back
@@ -24,7 +24,8 @@ when the connection dropped is never acknowledged: bytes written to a socket may
 hosts' buffers and in the import's pipeline. So the resume point is the recorded position less
 a window of `WINDOW` bytes (64 MiB, 32 blocks of 2 MiB): those blocks are sent again, and bytes
 sent again per interruption are bounded by the window whatever the disk's size. A recorded
-position is itself at most a second old (it only lags the truth, which errs the safe way).
+position lags the truth by at most `RECORD_STEP` bytes or a second (which errs the safe way:
+a kill re-sends that much more).
 
 **What proves it.** The resumed stream is read from the start of the export (an export cannot
 seek), so the engine digests every block of the source again, including those not sent; before
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -52,7 +54,13 @@ from xencr.xapi.errors import XapiError
 from xencr.xapi.session import XapiSession
 
 WINDOW = 64 * 1024 * 1024  # bytes sent again after an interruption, at most
-RECORD_EVERY = 1.0  # seconds between two records of a disk's position
+# A disk's position is recorded once it has moved by RECORD_STEP bytes, or a second after it last
+# was if it moved at all, looked at every RECORD_POLL seconds: a kill re-sends what passed since the
+# last record on top of the window, so that stays a fraction of it (at 200 MiB/s: 4 MiB + 10 MiB,
+# 20 small writes a second).
+RECORD_STEP = 4 * 1024 * 1024
+RECORD_POLL = 0.05
+RECORD_EVERY = 1.0
 
 
 def window_blocks(block_size: int) -> int:
@@ -211,8 +219,13 @@ class Recorder:
         stop = threading.Event()
 
         def loop() -> None:
-            while not stop.wait(RECORD_EVERY):
-                self.record(userdevice, vdi, counter)
+            last, at = counter.position, time.monotonic()
+            while not stop.wait(RECORD_POLL):
+                pos = counter.position
+                step = max(1, RECORD_STEP // max(1, counter.total // max(1, counter.blocks)))
+                if pos - last >= step or (pos != last and time.monotonic() - at >= RECORD_EVERY):
+                    self.record(userdevice, vdi, counter)
+                    last, at = pos, time.monotonic()
 
         worker = threading.Thread(target=loop, name=f"xencr-resume-{userdevice}", daemon=True)
         worker.start()
