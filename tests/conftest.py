@@ -27,11 +27,16 @@ from xencr.config import StateLocation
 from xencr.state import StateDB
 
 
+# Read once, as the session starts: the server fixture may first be asked for inside a test whose
+# fixtures isolate the environment (its password variables removed).
+_GIVEN = os.environ.get(PG_ENV), os.environ.get(PG_PASSWORD_ENV, "")
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    given = os.environ.get(PG_ENV)
+    given, password = _GIVEN
     if given:
-        yield PgServer(given, os.environ.get(PG_PASSWORD_ENV, ""))
+        yield PgServer(given, password)
         return
     if os.environ.get(NO_PG_ENV) == "1":
         pytest.skip(f"{NO_PG_ENV}=1: the tests that need PostgreSQL are not run")
