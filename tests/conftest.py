@@ -26,7 +26,6 @@ from pgtest import NO_PG_ENV, PG_ENV, PG_PASSWORD_ENV, PgServer, pg_location
 from xencr.config import StateLocation
 from xencr.state import StateDB
 
-
 # Read once, as the session starts: the server fixture may first be asked for inside a test whose
 # fixtures isolate the environment (its password variables removed).
 _GIVEN = os.environ.get(PG_ENV), os.environ.get(PG_PASSWORD_ENV, "")
