@@ -302,18 +302,3 @@ def test_a_unit_the_target_garbles_is_never_committed(pools: Pools, a: XapiSessi
     [warning] = tr.warnings
     assert warning.endswith("disk 0: read back differs from what was read over NBD: blocks [1]"), warning
     assert replica_hash(pools, report) == a.api.sim.hash(live_disk(a, "vm4"))
-
-
-def test_a_dropped_import_resumes_an_nbd_transfer(pools: Pools, a: XapiSession, tmp_path: Path) -> None:
-    """The NBD path resumes like the stream (`replication.resume`): the import cut mid-stream
-    goes on into the same staging disk, and the replica is the snapshot's."""
-    cfg = job_config(tmp_path, pools, "j", ["vm0"])
-    run(cfg)
-    write_units(a, "vm0", list(range(0, 120, 2)), "drop")
-    pools.session(1).api.sim.fault_drop_after("import", str(3 * 1024 * 1024))
-    report, d = run(cfg)
-    assert d.path == "nbd", d.reason
-    assert d.drops == 1 and "resumed after 1 dropped connection" in d.reason, d.reason
-    snap = a.api.VM.get_by_uuid(report.vms[0].snapshot)
-    vbd = next(v for v in a.api.VM.get_VBDs(snap) if a.api.VBD.get_type(v) == "Disk")
-    assert replica_hash(pools, report) == a.api.sim.hash(a.api.VDI.get_uuid(a.api.VBD.get_VDI(vbd)))
