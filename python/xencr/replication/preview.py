@@ -108,10 +108,7 @@ def plan(
             tp = TargetPreview(rec["name_label"], rec["uuid"], t.name)
             if row is not None and resuming:
                 starts = ", ".join(
-                    f"disk {d.userdevice} "
-                    + resume.progress_line(
-                        d, resume.resume_point(d.position, d.stream_bytes // max(1, d.blocks))
-                    )
+                    f"disk {d.userdevice} " + resume.progress_line(d, resume.recorded_start(d))
                     for d in row.disks
                 )
                 tp.resume = f"resumes incomplete attempt {row.attempt} of snapshot {row.snapshot}: {starts}"
@@ -132,7 +129,7 @@ def plan(
                 if row is not None and resuming:
                     rd = next((d for d in row.disks if d.userdevice == dp.disk.userdevice), None)
                     if rd is not None and rd.blocks:
-                        start = resume.resume_point(rd.position, rd.stream_bytes // rd.blocks)
+                        start = resume.recorded_start(rd)
                         est = int(rd.stream_bytes * (1 - min(start, rd.blocks) / rd.blocks))
                 tp.disks.append(
                     DiskPreview(

@@ -74,6 +74,12 @@ def resume_point(position: int, block_size: int, floor: int = 0) -> int:
     return max(floor, position - window_blocks(block_size), 0)
 
 
+def recorded_start(d: ResumeDisk) -> int:
+    """Where a recorded disk resumes: the window before its position (block length from its
+    stream's length and block count)."""
+    return resume_point(d.position, d.stream_bytes // max(1, d.blocks))
+
+
 class ResumeStore(Protocol):
     """Where attempts and their progress are recorded (`state.StateDB`)."""
 

@@ -659,7 +659,7 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         )
         for rd in kept.row.disks:
             if rd.position > 0:
-                starts[rd.userdevice] = resume.resume_point(rd.position, rd.stream_bytes // max(1, rd.blocks))
+                starts[rd.userdevice] = resume.recorded_start(rd)
     else:
         # The snapshot has the disks' moment; startup settings (order, delays, HA priority) are
         # reset on snapshots, so they come from the VM itself.
