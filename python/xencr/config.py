@@ -460,6 +460,18 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """This host as a worker of a cluster (``xencr daemon`` with a PostgreSQL state): its name in
+    the database (default ``<hostname>-<pid>``), the configured pools it may touch (empty: all),
+    how long its claims last without a heartbeat, and how many tasks it runs at once."""
+
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    pools: list[str] = field(default_factory=list)
+    lease: int = 30  # seconds
+    slots: int = 4
+
+
+@dataclass(frozen=True)
 class StatusConfig:
     """The status page (`xencr serve-status`, and the daemon's listener): where it listens, the
     TLS certificate and key and the basic-auth user it needs off loopback (the password from
@@ -675,6 +687,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     plans: dict[str, PlanConfig] = field(default_factory=dict)
     status: StatusConfig = field(default_factory=StatusConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def plan(self, name: str) -> PlanConfig:
         """A failover plan by name; a :class:`ConfigError` naming the known plans otherwise."""
@@ -1171,6 +1184,25 @@ def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
     )
 
 
+def _read_worker(t: _Table, pools: Mapping[str, PoolConfig]) -> WorkerConfig:
+    name = t.text("name", None)
+    if name is not None and (name != name.strip() or any(c in name for c in ",\n\t")):
+        raise t.error("name", f"invalid worker name {name!r}: no spaces around it, no comma")
+    names = t.strings("pools", [])
+    for i, p in enumerate(names):
+        if p not in pools:
+            raise t.error(f"pools[{i}]", f"unknown pool '{p}' (pools: {', '.join(pools) or 'none'})")
+    lease = t.converted("lease", parse_duration, minimum=2)
+    slots = t.integer("slots", WorkerConfig.slots, 1)
+    t.finish()
+    return WorkerConfig(
+        **({"name": name} if name is not None else {}),
+        pools=list(dict.fromkeys(names)),
+        lease=WorkerConfig.lease if lease is None else lease,
+        slots=slots,
+    )
+
+
 def _read_status(path: Path, t: _Table) -> StatusConfig:
     listen: str = t.text("listen", StatusConfig.listen).strip()
     host, colon, port = listen.rpartition(":")
@@ -1324,6 +1356,7 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
             raise jobs_t.error(job.name, f"same id as job '{owners[job.id]}'")
         owners[job.id] = job.name
     plans = _read_plans(top, jobs)
+    worker = _read_worker(top.sub("worker", {}), pools)
     top.finish()
     return Config(
         path=path,
@@ -1334,6 +1367,7 @@ def parse_config(text: str, path: Path, *, warn: Callable[[str], None] | None = 
         daemon=daemon,
         plans=plans,
         status=status,
+        worker=worker,
     )
 
 
@@ -1383,6 +1417,15 @@ SAMPLE_CONFIG = """\
 grace = "60s"                   # on SIGTERM, transfers still running after this are cancelled
 # metrics_listen = "127.0.0.1:9464"                       # serve Prometheus /metrics here
 # metrics_textfile = "/var/lib/node_exporter/xencr.prom"  # node-exporter textfile, after each run
+
+# ---------------------------------------------------------------------------------------------
+# With a PostgreSQL state, `xencr daemon` on several hosts shares the work: each is a worker.
+
+[worker]
+# name = "dr1"                  # default: <hostname>-<pid>
+# pools = ["site-a", "site-b"]  # the pools this worker may touch (default: all)
+# lease = "30s"                 # its claims lapse this long after its last heartbeat
+# slots = 4                     # tasks (one VM of one job) it runs at once
 
 # ---------------------------------------------------------------------------------------------
 # The status page: `xencr serve-status`, and the daemon's metrics_listen beside /metrics.

@@ -106,7 +106,8 @@ def test_a_newer_revision_is_refused(state_where: StateLocation) -> None:
     with pytest.raises(StateError) as err:
         StateDB(state_where)
     assert str(err.value) == (
-        f"{state_where.describe()}: written by a newer xencr (revision 9999_later, this one knows up to 0001)"
+        f"{state_where.describe()}: written by a newer xencr "
+        f"(revision 9999_later, this one knows up to {migrations.HEAD})"
     )
 
 
@@ -215,7 +216,7 @@ def test_password_from_a_file_and_its_mode(
     assert out.splitlines()[:3] == [
         f"postgresql: {fresh_pg.describe()}",
         f"password from: file {secret}",
-        "schema revision: 0001",
+        f"schema revision: {migrations.HEAD}",
     ]
     assert "runs" in out and pg_password not in out + err + caplog.text
     os.chmod(secret, 0o644)
@@ -235,5 +236,8 @@ def test_state_info_on_sqlite(tmp_path: Path) -> None:
         db.finish_run(db.start_run("j", "web", None, "manual"), "success")
     code, out, _ = cli("state", "info", "--config", str(cfg))
     lines = out.splitlines()
-    assert code == 0 and lines[:2] == [f"sqlite: {tmp_path / 's.sqlite'}", "schema revision: 0001"]
+    assert code == 0 and lines[:2] == [
+        f"sqlite: {tmp_path / 's.sqlite'}",
+        f"schema revision: {migrations.HEAD}",
+    ]
     assert lines[3].split() == ["block_maps", "0"] and ["runs", "1"] in [line.split() for line in lines]

@@ -31,6 +31,7 @@ from xencr.state import (
     ResumeDisk,
     ResumeRow,
     StateDB,
+    migrate,
 )
 from xencr.state.copy import sums
 from xencr.xapi.session import Endpoint, XapiSession
@@ -208,7 +209,7 @@ def test_migrate_to_postgresql_loses_nothing(
     assert (shown["engine"], shown["location"], shown["revision"]) == (
         "postgresql",
         target.describe(),
-        "0001",
+        migrate.HEAD,
     )
     assert shown["password_from"] == "env XENCR_STATE_PASSWORD"
     assert shown["tables"] == {s.table: s.rows for s in source_sums}

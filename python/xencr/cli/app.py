@@ -25,6 +25,7 @@ from xencr.cli.sim import sim_app
 from xencr.cli.state import state_app
 from xencr.cli.vhd import vhd_app
 from xencr.cli.web import report_command, serve_status_command
+from xencr.cli.worker import worker_app
 
 app = typer.Typer(
     name="xencr",
@@ -54,6 +55,7 @@ app.command("verify")(verify_command)
 app.add_typer(vhd_app, name="vhd")
 app.add_typer(sim_app, name="sim")
 app.add_typer(state_app, name="state")
+app.add_typer(worker_app, name="worker")
 
 
 def _version(value: bool) -> None:

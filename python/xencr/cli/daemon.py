@@ -15,7 +15,7 @@ import typer
 from xencr.cli.common import ConfigOption, load, reported, usage_error
 from xencr.cli.live import LiveTransfers
 from xencr.config import Config
-from xencr.replication.jobs import run_configured
+from xencr.replication.jobs import Placement, run_configured
 from xencr.replication.runner import RunReport
 from xencr.service.daemon import Daemon, parse_listen
 
@@ -24,10 +24,12 @@ def run_logging_transfers(
     config: Config,
     job_ref: str,
     *,
+    only: list[str] | None = None,
     schedule_id: str | None = None,
     trigger: str = "manual",
     progress: Callable[[str], None] = lambda _: None,
     cancel: threading.Event | None = None,
+    placement: Placement | None = None,
 ) -> RunReport:
     """``run_configured`` with a progress line per disk in flight, at least every 30 s and every
     10 %, among the run's progress events: a journal shows a long transfer is alive."""
@@ -35,11 +37,13 @@ def run_logging_transfers(
         return run_configured(
             config,
             job_ref,
+            only=only,
             schedule_id=schedule_id,
             trigger=trigger,
             progress=progress,
             monitor=live,
             cancel=cancel,
+            placement=placement,
         )
 
 

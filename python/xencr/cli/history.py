@@ -37,6 +37,8 @@ def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
         head += f"  (schedule {run.schedule_id})"
     else:
         head += f"  ({run.trigger}" + (f", schedule {run.schedule_id})" if run.schedule_id else ")")
+    if run.worker:
+        head += f"  on worker {run.worker}"
     lines = [head]
     if run.error:
         lines.append(f"  error: {run.error}")
@@ -47,6 +49,8 @@ def run_lines(run: RunRow, tasks: list[TaskRow]) -> list[str]:
         if t.outcome not in ("running", "skipped", "interrupted") or t.bytes_sent:
             what += f"  {human_bytes(t.bytes_sent)}"
         what += f"  {_took(t.duration)}"
+        if t.worker and t.worker != run.worker:
+            what += f"  on worker {t.worker}"
         lines.append(what)
         lines += [
             f"    disk {disk}: {transfer_text(disk_kind(t.transfer, reason), reason)}"

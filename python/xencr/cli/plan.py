@@ -15,6 +15,7 @@ import typer
 
 from xencr.cli.common import ConfigOption, load, print_json, reported, warn
 from xencr.cli.errors import CliError, describe
+from xencr.coordination.view import unserved_line
 from xencr.dr import choose
 from xencr.dr.connect import dr_sessions
 from xencr.dr.preview import Mode, failover_preview, render, to_json
@@ -159,6 +160,10 @@ def status_line(job: str, r: StatusRow, now: datetime) -> str:
         line += f", {r.detached} detached object(s) left alone (xencr replica list)"
     if r.health_check is not None:
         line += f", health check {r.health_check}"
+    if r.worker:
+        line += f", by worker {r.worker}"
+    if r.unserved_since is not None:
+        line += f", waiting since {r.unserved_since:%Y-%m-%d %H:%M:%SZ} for a worker that may touch its pools"
     if r.source == "history":
         line += " [from history]"
     if r.breach:
@@ -199,3 +204,6 @@ def status_command(
     for pool in sorted(report.metadata):
         for m in report.metadata[pool]:
             typer.echo(m.line())
+    names = {j.id: j.name for j in cfg.jobs.values()}
+    for t in report.unserved:
+        typer.echo(unserved_line(t, names.get(t.job_id, t.job_id)))

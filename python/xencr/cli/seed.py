@@ -16,13 +16,14 @@ from xencr.cli.common import ConfigOption, load, reported, warn
 from xencr.cli.errors import CliError
 from xencr.cli.live import LiveTransfers
 from xencr.config import Config, ConfigError, PoolConfig
+from xencr.coordination import locker_for
 from xencr.credentials import Secret, split_url_credentials
 from xencr.replication.jobs import connect, connected, resolve_sr, selected_vms
 from xencr.seed import link as seedlink
 from xencr.seed.export import export_seed
 from xencr.seed.load import import_seed
 from xencr.seed.manifest import read as read_manifest
-from xencr.service.locks import holder, lock_dir, try_lock
+from xencr.service.locks import Locker
 from xencr.units import human_bytes
 from xencr.xapi.session import XapiSession
 
@@ -152,19 +153,17 @@ def link_command(
             return
         # A run of this VM to this SR (started here) must not clean up half-written keys.
         vm_uuid = p.source_vm_rec["uuid"]
-        lock = (
-            try_lock(lock_dir(cfg.state.local_path), vm_uuid, p.sr_uuid, "seed link", job_id=job_id)
-            if cfg
-            else None
-        )
-        if cfg and lock is None:
-            busy = holder(lock_dir(cfg.state.local_path), vm_uuid, p.sr_uuid)
-            raise CliError(f"refused, nothing written: the VM is being replicated to this SR by {busy}")
-        try:
+        with contextlib.ExitStack() as stack:
+            if cfg:
+                locker = stack.enter_context(locker_for(cfg))
+                lock = locker.try_lock(vm_uuid, p.sr_uuid, "seed link", job_id=job_id)
+                if lock is None:
+                    busy = _holder(locker, vm_uuid, p.sr_uuid)
+                    raise CliError(
+                        f"refused, nothing written: the VM is being replicated to this SR by {busy}"
+                    )
+                stack.callback(lock.release)
             seedlink.apply(steps, lambda line: typer.echo(f"wrote: {line}", err=True))
-        finally:
-            if lock is not None:
-                lock.release()
     layout = "Xen Orchestra's" if xo else "xencr's"
     typer.echo(
         f"linked: VM {p.target_rec['uuid']} on SR {p.sr_uuid} is the replica of snapshot"
@@ -244,24 +243,29 @@ def import_command(
         network_map = next((t.network_map for t in j.targets if t.pool == pool), {})
     except ConfigError:
         warn(f"job {m.job_name} ({m.job_id}) is not in {cfg.path}: the restore point is made for it anyway")
-    with connect(p, interactive=sys.stdin.isatty()) as ts, LiveTransfers() as live:
+    with (
+        connect(p, interactive=sys.stdin.isatty()) as ts,
+        LiveTransfers() as live,
+        contextlib.ExitStack() as stack,
+    ):
         sr_ref, sr_uuid = resolve_sr(ts, sr, pool)
-        lock = try_lock(
-            lock_dir(cfg.state.local_path),
-            m.vm_uuid,
-            sr_uuid,
-            f"seed import of {m.job_name}",
-            job_id=m.job_id,
-        )
+        locker = stack.enter_context(locker_for(cfg))
+        lock = locker.try_lock(m.vm_uuid, sr_uuid, f"seed import of {m.job_name}", job_id=m.job_id)
         if lock is None:
-            busy = holder(lock_dir(cfg.state.local_path), m.vm_uuid, sr_uuid)
+            busy = _holder(locker, m.vm_uuid, sr_uuid)
             raise CliError(f"{m.vm_name} -> {sr}: refused: being replicated by {busy}")
-        with lock:
-            rp = import_seed(
-                ts, sr_ref, sr_uuid, directory, m, network_map=network_map,
-                say=_say, monitor=live,
-            )  # fmt: skip
+        stack.callback(lock.release)
+        rp = import_seed(
+            ts, sr_ref, sr_uuid, directory, m, network_map=network_map,
+            say=_say, monitor=live,
+        )  # fmt: skip
     typer.echo(
         f"restore point {rp.uuid} of {m.vm_name} on SR {sr_uuid}, linked to job {m.job_name}:"
         " its next run is a delta"
     )
+
+
+def _holder(locker: Locker, vm_uuid: str, sr_uuid: str) -> str:
+    """One phrase naming who holds the lock of (VM, SR)."""
+    h = locker.read_holder(vm_uuid, sr_uuid)
+    return h.describe() if h is not None else "another run (holder unknown)"

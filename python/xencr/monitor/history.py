@@ -56,6 +56,7 @@ def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
         "finished": when(run.finished_at),
         "seconds": seconds(run.duration),
         "error": run.error,
+        "worker": run.worker,  # the cluster worker that ran it (None: a host alone)
         "tasks": [
             {
                 "id": t.id,
@@ -78,6 +79,7 @@ def run_json(run: RunRow, tasks: list[TaskRow]) -> dict[str, Any]:
                 "health_check": t.health_check,  # "passed: ..." / "failed: ...", None: not checked
                 # disk -> its block map's digest: the content `xencr verify` checks the disk against
                 "maps": dict(t.maps),
+                "worker": t.worker,
             }
             for t in tasks
         ],

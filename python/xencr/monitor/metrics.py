@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from xencr.config import Config
+from xencr.coordination.view import cluster_view
 from xencr.dr.native.metadata import MetadataSr
 from xencr.monitor.rpo import protection
 from xencr.state import RUN_OUTCOMES, JobTotals, RunRow, StateDB
@@ -46,7 +47,8 @@ class Exposition:
 
     def add(self, name: str, labels: Labels, value: float) -> None:
         text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        self._families[name][2].append(f"{name}{{{text}}} {_number(value)}")
+        series = f"{name}{{{text}}}" if text else name
+        self._families[name][2].append(f"{series} {_number(value)}")
 
     def text(self) -> str:
         lines = []
@@ -110,6 +112,33 @@ def _declare_all(e: Exposition) -> None:
     e.declare("xencr_health_check_failures_total", "counter", "Health checks of the job that failed.")
 
 
+def _declare_cluster(e: Exposition) -> None:
+    e.declare(
+        "xencr_worker_up",
+        "gauge",
+        "1 when the worker's heartbeat is within its lease and it has not stopped (PostgreSQL state).",
+    )
+    e.declare("xencr_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat.")
+    e.declare("xencr_worker_tasks_running", "gauge", "Tasks (one VM of one job) the worker has claimed.")
+    e.declare(
+        "xencr_tasks_unserved",
+        "gauge",
+        "Pending tasks whose pools no live worker may touch: they wait for a worker that is not there.",
+    )
+
+
+def _cluster(e: Exposition, db: StateDB) -> None:
+    """The workers sharing the PostgreSQL state, and the tasks none of them may take."""
+    _declare_cluster(e)
+    view = cluster_view(db)
+    for w in view.workers:
+        labels = {"worker": w.row.name}
+        e.add("xencr_worker_up", labels, int(w.alive))
+        e.add("xencr_worker_heartbeat_age_seconds", labels, round(w.heartbeat_age, 3))
+        e.add("xencr_worker_tasks_running", labels, w.tasks_running)
+    e.add("xencr_tasks_unserved", {}, len(view.unserved))
+
+
 def _job_names(config: Config, totals: Iterable[JobTotals]) -> dict[str, str]:
     """job id -> label: the configured name (a renamed job keeps its series' history under the
     new name), else the name its newest run recorded."""
@@ -171,6 +200,8 @@ def render(db: StateDB | None, config: Config, now: datetime) -> str:
         e.add("xencr_orphans_cleaned_total", jl, t.cleaned if t else 0)
         if t is not None:
             e.add("xencr_last_run_timestamp_seconds", jl, t.last_started.timestamp())
+    if db is not None and config.state.engine == "postgresql":
+        _cluster(e, db)
     return e.text()
 
 

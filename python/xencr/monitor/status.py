@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from xencr.config import Config, JobConfig
+from xencr.coordination import queue
+from xencr.coordination.queue import QueueRow
 from xencr.dr.native import metadata
 from xencr.dr.native.metadata import MetadataSr
 from xencr.replication.jobs import Connected, connected, resolve_sr
@@ -32,6 +34,8 @@ class StatusReport:
     unreachable: list[tuple[str, Exception]] = field(default_factory=list)  # job name, why
     # XenServer native DR: the SRs each pool asked replicates its metadata to (`dr.native`).
     metadata: dict[str, list[MetadataSr]] = field(default_factory=dict)
+    # A cluster's (PostgreSQL state) pending tasks that no live worker may take.
+    unserved: list[QueueRow] = field(default_factory=list)
 
     def json(self) -> list[dict[str, Any]]:
         """What `xencr status --json` prints."""
@@ -83,10 +87,25 @@ def gather(
                 out.unreachable.append((j.name, err))
                 found = status_from_history(j, db, out.now) if db is not None else []
             out.rows += [(j.name, r) for r in found]
+        if db is not None and config.state.engine == "postgresql":
+            out.unserved = queue.unserved(db)
+            _mark_unserved(out, {j.name: j.id for j in jobs})
     finally:
         if db is not None:
             db.close()
     return out
+
+
+def _mark_unserved(out: StatusReport, ids: dict[str, str]) -> None:
+    """Each row's oldest unserved task (of its VM, or of its whole job not yet resolved)."""
+    for i, (name, r) in enumerate(out.rows):
+        fires = [
+            t.fire_at
+            for t in out.unserved
+            if t.job_id == ids.get(name) and t.vm_uuid in (r.vm_uuid, queue.WHOLE_JOB)
+        ]
+        if fires:
+            out.rows[i] = (name, replace(r, unserved_since=min(fires)))
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -113,6 +132,8 @@ def status_json(job: str, r: StatusRow) -> dict[str, Any]:
         "source": r.source,
         "detached": r.detached,
         "health_check": health_json(r.health_check),
+        "worker": r.worker,  # the cluster worker of the newest task (None: a host alone)
+        "unserved_since": _iso(r.unserved_since),  # waiting for a worker that may touch its pools
     }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xencr.config import Config, ConfigError, JobConfig, PoolConfig, ScheduleConfig
+from xencr.coordination import holding
 from xencr.credentials import resolve_password
 from xencr.monitor import notify, rpo
 from xencr.replication.runner import (
@@ -29,7 +30,8 @@ from xencr.replication.runner import (
 )
 from xencr.replication.select import is_candidate
 from xencr.schedule import rate_at
-from xencr.service.locks import lock_dir
+from xencr.service import limits
+from xencr.service.locks import FileLocker, Locker, lock_dir
 from xencr.state import StateDB, open_state
 from xencr.xapi import members
 from xencr.xapi.errors import PoolUnreachable, XapiError
@@ -128,6 +130,42 @@ def selected_vms(c: Connected, only: list[str] | None = None) -> list[tuple[str,
     return sorted(chosen, key=lambda x: (x[1]["name_label"], x[1]["uuid"]))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a run happens when a cluster worker runs it (`service.cluster`): the worker named on
+    its run and tasks, the database leases and slots it holds them by, how long its state
+    database waits for a restarting server, and who is told the run's id once recorded."""
+
+    worker: str
+    locker: Locker
+    slots: limits.SlotProvider
+    patience: float = 0.0
+    on_run: Callable[[int], None] = lambda run_id: None
+
+
+def job_vms(config: Config, job: JobConfig) -> list[tuple[str, str]]:
+    """(uuid, name) of the VMs the job selects now, asked of its source pool alone."""
+    session = connect(config.pool(job.pool), interactive=False, state_path=config.state.local_path)
+    try:
+        return [
+            (rec["uuid"], rec["name_label"])
+            for _, rec in selected_vms(Connected(config, job, {job.pool: session}))
+        ]
+    finally:
+        session.logout()
+
+
+def record_unstarted(
+    config: Config, job: JobConfig, schedule_id: str, err: BaseException, *, worker: str | None = None
+) -> None:
+    """A scheduled run that could not start (its VMs could not be asked for): a failed run with
+    its one-line error in the history and the metrics, and the job's report, as `run_configured`
+    records a run that failed while connecting."""
+    with open_state(config, worker=worker) as db:
+        db.finish_run(db.start_run(job.id, job.name, schedule_id, "schedule"), "failure", _error_line(err))
+        _notify(config, job, db, _failed_payload(job, err))
+
+
 def rate_of(sched: ScheduleConfig, now: datetime | None = None) -> int | None:
     """The bandwidth limit of a run of ``sched`` starting ``now``: its rate window then, else its
     rate (fixed for the run: a window opening or closing meanwhile applies from the next run)."""
@@ -166,6 +204,7 @@ def run_configured(
     progress: Progress = lambda _: None,
     monitor: TransferMonitor | None = None,
     cancel: threading.Event | None = None,
+    placement: Placement | None = None,
 ) -> RunReport:
     """Run a job once and record it. VMs or targets still being replicated by another run are
     skipped (recorded, not failures). ``cancel``, when set, stops the run cleanly: transfers in
@@ -175,19 +214,33 @@ def run_configured(
     The run is recorded from the moment it starts connecting: a password refused, a pool
     unreachable, an SR or a ``--vm`` not found is a failed run with its one-line error in the
     history and the metrics. A job or schedule that does not exist is not a run of anything:
-    only the raised error says so."""
+    only the raised error says so.
+
+    The per-VM/target locks and the transfer slots are this host's (flock files, in-process
+    counters) with an SQLite state, the database's with PostgreSQL (`xencr.coordination`: held
+    by ``placement``'s worker in a cluster, else by this process for the run's length)."""
     job = config.job(job_ref)
     spec = dataclasses.replace(
         spec_of(job, schedule_id),
         cancel=cancel,
-        lock_dir=lock_dir(config.state.local_path),
         source_pool=job.pool,
         max_exports=config.pool(job.pool).max_exports,
     )
-    with open_state(config) as db:
+    worker = placement.worker if placement is not None else None
+    patience = placement.patience if placement is not None else 0.0
+    with open_state(config, worker=worker, patience=patience) as db, contextlib.ExitStack() as held:
+        if placement is not None:
+            spec = dataclasses.replace(spec, locker=placement.locker, slots=placement.slots)
+        elif config.state.engine == "postgresql":
+            h = held.enter_context(holding(db, config.worker))
+            spec = dataclasses.replace(spec, locker=h.locker, slots=h.slots)
+        else:
+            spec = dataclasses.replace(spec, locker=FileLocker(lock_dir(config.state.local_path)))
         db.mark_interrupted()
         run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
         try:
+            if placement is not None:
+                placement.on_run(run_id)
             with connected(config, job, interactive=interactive) as c:
                 targets = targets_of(c)
                 vms = selected_vms(c, only)

@@ -183,6 +183,9 @@ class StatusRow:
     source: str = "pool"  # "pool": restore points as the target holds them; "history": as recorded
     detached: int = 0  # objects of the job on the target that xencr leaves alone (`ownership`)
     health_check: str | None = None  # the newest health check: "passed: ..." / "failed: ..."
+    worker: str | None = None  # the cluster worker of the newest task (None: one host, or none yet)
+    # A cluster's pending task of this VM that no live worker may take: the fire it waits since.
+    unserved_since: datetime | None = None
 
     @property
     def breach(self) -> bool:
@@ -248,6 +251,7 @@ def status(c: Connected, db: StateDB | None, now: datetime | None = None) -> lis
                     next_run=upcoming,
                     detached=len(found.detached),
                     health_check=checks.get((rec["uuid"], t.sr_uuid)),
+                    worker=last.worker if last else None,
                 )
             )
     return rows
@@ -282,6 +286,7 @@ def status_from_history(job: JobConfig, db: StateDB, now: datetime | None = None
                 source="history",
                 detached=p.detached,
                 health_check=checks.get((p.vm_uuid, p.target_sr)),
+                worker=p.last.worker,
             )
         )
     return rows

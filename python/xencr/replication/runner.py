@@ -72,7 +72,11 @@ class JobSpec:
     retries: int = 1  # further attempts of a target after a data-path failure
     # Set to stop the run: transfers are cut, nothing new starts, tasks end "interrupted".
     cancel: threading.Event | None = field(default=None, compare=False)
-    lock_dir: Path | None = None  # per VM/target locks shared with other runs (None: no locking)
+    # Per VM/target locks shared with other runs (None: no locking): flock files on one host,
+    # database leases across hosts (`service.locks.Locker`).
+    locker: locks.Locker | None = field(default=None, compare=False)
+    # Where the pools' transfer slots are counted: this process, or every worker of a cluster.
+    slots: limits.SlotProvider = field(default=limits.IN_PROCESS, compare=False)
     source_pool: str = ""  # the source pool's name, for its export limit
     max_exports: int | None = None  # disk exports from the source pool at once (None: no limit)
     # Read each disk back from the target before the commit and compare it with what was sent.
@@ -241,7 +245,7 @@ def replicate_vm(
             result.targets.append(tr)
             obs.finished(result, tr)
         return result
-    held: list[locks.Lock] = []
+    held: list[locks.Held] = []
     try:
         active, skipped = _lock_targets(rec, targets, job, held)
         for tr in skipped:
@@ -272,23 +276,24 @@ class _NoObserver:
 
 
 def _lock_targets(
-    rec: dict[str, Any], targets: list[Target], job: JobSpec, held: list[locks.Lock]
+    rec: dict[str, Any], targets: list[Target], job: JobSpec, held: list[locks.Held]
 ) -> tuple[list[Target], list[TargetResult]]:
     """Take the lock of each target (appended to ``held``); the targets got, and a skipped
     result for each target another run holds."""
-    if job.lock_dir is None:
+    if job.locker is None:
         return list(targets), []
     active, skipped = [], []
     for t in targets:
-        lock = locks.try_lock(job.lock_dir, rec["uuid"], t.sr_uuid, job.name, job_id=job.id)
+        lock = job.locker.try_lock(rec["uuid"], t.sr_uuid, job.name, job_id=job.id)
         if lock is not None:
             held.append(lock)
             active.append(t)
             continue
-        h = locks.read_holder(job.lock_dir, rec["uuid"], t.sr_uuid)
+        h = job.locker.read_holder(rec["uuid"], t.sr_uuid)
         who = h.describe() if h is not None else "another run (holder unknown)"
         same = h is not None and (h.job_id == job.id if h.job_id else h.job_name == job.name)
-        reason = SAME_JOB_BUSY if same else f"skipped: being replicated by {who}"
+        busy = SAME_JOB_BUSY + (f" on worker {h.worker}" if h is not None and h.worker else "")
+        reason = busy if same else f"skipped: being replicated by {who}"
         skipped.append(TargetResult(t.name, t.sr_uuid, outcome="skipped", error=reason, holder=who))
     return active, skipped
 
@@ -734,6 +739,10 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
                 vdi, oc | {md.DIGEST: d.digest, md.BLOCKS: md.ranges(d.block_indices)} | mapped
             )
         hold("before-commit")
+        if job.locker is not None and not job.locker.still_held(rec["uuid"], t.sr_uuid):
+            # A lease lapsed (this worker lost the database for longer than it lasts): another
+            # worker may be at this VM and target now; only one attempt may ever commit.
+            raise TransferCancelled(f"{rec['name_label']} -> {t.name}: lock lost before the commit")
         tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
         if job.resumes is not None:
             job.resumes.forget_resume(job.id, rec["uuid"], t.sr_uuid, keys[md.ATTEMPT])
@@ -867,14 +876,14 @@ def _send(
 ) -> DiskResult:
     name = f"{label} disk {dp.disk.userdevice}"
     hook = (lambda total: monitor.begin(name, total)) if monitor else None
-    # The pools' transfer slots (per-pool limits across this process's runs) for this disk.
+    # The pools' transfer slots (per-pool limits across runs, or across workers) for this disk.
     slots = []
     if job.max_exports is not None:
         slots.append(limits.Slot("export", job.source_pool, job.max_exports))
     if t.max_imports is not None:
         slots.append(limits.Slot("import", t.pool, t.max_imports))
     try:
-        with limits.transfer_slots(slots, cancel=job.cancel, deadline=deadline):
+        with job.slots.transfer_slots(slots, cancel=job.cancel, deadline=deadline):
             return _copy(src, t.session, dp, vdi, job, deadline, hook, start, recorder)
     except limits.SlotCancelled as err:
         raise (TransferCancelled if _cancelled(job) else TransferTimeout)(str(err)) from None

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Protocol
+
+# Tests only (never documented for users): the daemon reads its time from this file.
+CLOCK_FILE_ENV = "XENCR_TEST_CLOCK_FILE"
 
 # Sleep in slices so a clock stepped by NTP or a resumed laptop is noticed within a minute.
 _SLICE = 60.0
@@ -87,3 +92,33 @@ class FakeClock:
         earlier calls; False after ``timeout``."""
         with self._cond:
             return self._cond.wait_for(lambda: self._sleepers > 0 and self._waits > since, timeout)
+
+
+class FileClock:
+    """Time read from a file holding one ISO 8601 instant, which a test rewrites (atomically) to
+    move the clocks of several daemon processes at once; ``wait_until`` looks at it every
+    ``poll`` seconds."""
+
+    def __init__(self, path: Path, *, poll: float = 0.05) -> None:
+        self.path = path
+        self.poll = poll
+
+    def now(self) -> datetime:
+        text = self.path.read_text(encoding="utf-8").strip()
+        t = datetime.fromisoformat(text)
+        if t.tzinfo is None:
+            raise ValueError(f"{self.path}: the test clock needs an aware time, not {text!r}")
+        return t.astimezone(UTC)
+
+    def wait_until(self, t: datetime, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            if self.now() >= t:
+                return True
+            stop.wait(self.poll)
+        return False
+
+
+def clock_from_env() -> Clock | None:
+    """The test clock named by $XENCR_TEST_CLOCK_FILE, if set."""
+    path = os.environ.get(CLOCK_FILE_ENV)
+    return FileClock(Path(path)) if path else None

@@ -12,6 +12,11 @@ flight is recorded ``skipped`` by the new run). Signals only set events; the loo
 
 Logs are one ``key=value`` line per event on the given stream (stdout: journald keeps them),
 built only from our own fields and error messages, which never carry a password.
+
+With a PostgreSQL state the daemon is a worker of a cluster (`service.cluster`,
+`xencr.coordination`): a due schedule's fire is claimed once cluster-wide and its (job, VM) tasks
+queued; ``[worker] slots`` threads run the tasks this worker claims, one run per task. The stop
+is the same (grace, then cancel); the tasks it cancels go back to the queue for another worker.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from xencr.config import Config, ConfigError, JobConfig
+from xencr.replication.jobs import run_configured
 from xencr.replication.runner import RunReport
 from xencr.schedule import Clock, Scheduler, SystemClock
+from xencr.schedule.clock import clock_from_env
 from xencr.schedule.scheduler import Entry
+from xencr.service.cluster import ClusterWork
+from xencr.service.cluster import TaskRun as RunFunction
 from xencr.state import open_state
 from xencr.web import server as web
 
@@ -35,25 +44,6 @@ from xencr.web import server as web
 _IDLE = timedelta(days=1)
 # After the cancel, how long to wait for workers before leaving anyway (they are daemon threads).
 _CANCEL_WAIT = 120.0
-
-
-class RunFunction(Protocol):
-    def __call__(
-        self,
-        config: Config,
-        job_ref: str,
-        *,
-        schedule_id: str | None = ...,
-        trigger: str = ...,
-        progress: Callable[[str], None] = ...,
-        cancel: threading.Event | None = ...,
-    ) -> RunReport: ...
-
-
-def _default_run() -> RunFunction:
-    from xencr.replication.jobs import run_configured
-
-    return run_configured
 
 
 def _quote(value: object) -> str:
@@ -111,9 +101,9 @@ class Daemon:
         """``load`` reads the configuration (again on reload); ``run`` is ``run_configured``
         unless a test injects another; ``metrics_listen`` overrides ``[daemon] metrics_listen``."""
         self._load = load
-        self.clock = clock or SystemClock()
+        self.clock = clock or clock_from_env() or SystemClock()
         self.log = EventLog(stream, self.clock)
-        self._run = run or _default_run()
+        self._run: RunFunction = run or run_configured
         self.config = load()
         self._metrics_listen = metrics_listen or self.config.daemon.metrics_listen
         self.scheduler = Scheduler(entries_of(self.config), self.clock.now())
@@ -127,6 +117,16 @@ class Daemon:
         self._server: http.server.ThreadingHTTPServer | None = None
         self.metrics_address: tuple[str, int] | None = None  # where /metrics is served, once started
         self.status_page: str | None = None  # how the status page is served beside it (None: not)
+        # A worker of a cluster with a PostgreSQL state; None: this host alone (SQLite).
+        self.cluster: ClusterWork | None = None
+        if self.config.state.engine == "postgresql":
+            self.cluster = ClusterWork(
+                lambda: self.config,
+                log=self.log,
+                run=self._run,
+                report=self._log_report,
+                after_task=self._write_textfile,
+            )
 
     # -- requests (signal handlers and tests)
 
@@ -147,6 +147,8 @@ class Daemon:
         handler = _LogHandler(self.log)
         logging.getLogger().addHandler(handler)
         try:
+            if self.cluster is not None:
+                self.cluster.start()
             self._start_metrics()
             self.log(
                 "started",
@@ -155,14 +157,16 @@ class Daemon:
                 config=self.config.path,
                 metrics=_address(self.metrics_address),
                 status_page=self.status_page,
+                worker=self.cluster.name if self.cluster is not None else None,
             )
             self._record_fires(tidy=True)
             self._write_textfile()
             while not self._stop_asked:
                 if self._take_reload():
                     self._reload()
+                scheduled = self.scheduler.next_fires()
                 for job_id, s in self.scheduler.due(self.clock.now()):
-                    self._fire(job_id, s.id)
+                    self._fire(job_id, s.id, scheduled[(job_id, s.id)])
                 self._record_fires()
                 wake = self.scheduler.next_wake() or self.clock.now() + _IDLE
                 if not self.clock.wait_until(wake, self._poke):
@@ -186,17 +190,26 @@ class Daemon:
         except Exception as err:  # whatever is wrong with the new file, the old config goes on
             self.log("reload_failed", error=str(err), kept=self.config.path)
             return
-        self.config = config
+        old, self.config = self.config, config
         self.scheduler.update(entries_of(config), self.clock.now())
         self.log("reloaded", jobs=len({j for j, _ in entries_of(config)}), schedules=len(entries_of(config)))
         self._record_fires(tidy=True)
         if config.daemon.metrics_listen and self._metrics_listen != config.daemon.metrics_listen:
             self.log("notice", msg="a new metrics_listen takes effect at the next start")
+        if self.cluster is not None and config.worker != old.worker:
+            self.log("notice", msg="a new [worker] table takes effect at the next start")
 
-    def _fire(self, job_id: str, schedule_id: str) -> None:
+    def _fire(self, job_id: str, schedule_id: str, fire_at: datetime) -> None:
+        """A due (job, schedule), scheduled at ``fire_at``: run now (one host), or claimed and its
+        tasks queued (a worker of a cluster)."""
         try:
             job = self.config.job(job_id)
         except ConfigError:
+            return
+        if self.cluster is not None:
+            self.cluster.fire(
+                job, schedule_id, fire_at, self.scheduler.next_fires().get((job_id, schedule_id))
+            )
             return
         now = self.clock.now()
         self._last[(job_id, schedule_id)] = now
@@ -218,31 +231,7 @@ class Daemon:
                 progress=lambda line: self.log("progress", job=job.name, msg=line),
                 cancel=self.cancel,
             )
-            counts: dict[str, int] = {}
-            for v in report.vms:
-                if v.error:
-                    self.log("vm_failed", job=job.name, vm=v.vm_name, error=v.error)
-                for t in v.targets:
-                    counts[t.outcome] = counts.get(t.outcome, 0) + 1
-                    self.log(
-                        "task",
-                        job=job.name,
-                        vm=v.vm_name,
-                        target=t.target,
-                        outcome=t.outcome,
-                        kind=t.kind if t.outcome == "success" else None,
-                        bytes=t.bytes_sent if t.outcome == "success" else None,
-                        restore_point=t.restore_point,
-                        error=t.error,
-                    )
-            self.log(
-                "run_finished",
-                job=job.name,
-                schedule=schedule_id,
-                outcome=report.outcome,
-                vms=len(report.vms),
-                **{f"tasks_{k}": n for k, n in sorted(counts.items())},
-            )
+            self._log_report(job, schedule_id, report)
         except Exception as err:  # a run's failure must not stop the daemon
             self.log("run_failed", job=job.name, schedule=schedule_id, error=str(err) or type(err).__name__)
         finally:
@@ -250,10 +239,50 @@ class Daemon:
             with self._lock:
                 self._workers.discard(threading.current_thread())
 
+    def _log_report(self, job: JobConfig, schedule_id: str, report: RunReport) -> None:
+        """A line per VM failure and per task of a finished run, then the run's line."""
+        counts: dict[str, int] = {}
+        for v in report.vms:
+            if v.error:
+                self.log("vm_failed", job=job.name, vm=v.vm_name, error=v.error)
+            for t in v.targets:
+                counts[t.outcome] = counts.get(t.outcome, 0) + 1
+                self.log(
+                    "task",
+                    job=job.name,
+                    vm=v.vm_name,
+                    target=t.target,
+                    outcome=t.outcome,
+                    kind=t.kind if t.outcome == "success" else None,
+                    bytes=t.bytes_sent if t.outcome == "success" else None,
+                    restore_point=t.restore_point,
+                    error=t.error,
+                )
+        self.log(
+            "run_finished",
+            job=job.name,
+            schedule=schedule_id,
+            outcome=report.outcome,
+            vms=len(report.vms),
+            **{f"tasks_{k}": n for k, n in sorted(counts.items())},
+        )
+
     def _record_fires(self, *, tidy: bool = False) -> None:
         """Write each pair's last and next fire for `xencr status`; ``tidy`` (at start and after a
         reload) also takes the last fires recorded before and clears the next fire of pairs no
         longer scheduled, so status does not promise runs that will not happen."""
+        if self.cluster is not None:
+            # Every worker computes the same next fires; the last fire is the winner's to write.
+            wanted: dict[tuple[str, str], datetime | None] = dict(self.scheduler.next_fires())
+            try:
+                if tidy:
+                    with open_state(self.config) as db:
+                        gone = [key for key, (_, nxt) in db.fires().items() if key not in wanted and nxt]
+                    wanted.update(dict.fromkeys(gone))
+                self.cluster.record_fires(wanted)
+            except Exception as err:
+                self.log("state_error", error=str(err))
+            return
         try:
             with open_state(self.config) as db:
                 nexts = self.scheduler.next_fires()
@@ -270,10 +299,13 @@ class Daemon:
 
     def _running(self) -> list[threading.Thread]:
         with self._lock:
-            return [w for w in self._workers if w.is_alive()]
+            running = [w for w in self._workers if w.is_alive()]
+        return running + (self.cluster.busy() if self.cluster is not None else [])
 
     def _shutdown(self) -> None:
         grace = self.config.daemon.grace
+        if self.cluster is not None:
+            self.cluster.stop_claiming()
         running = self._running()
         self.log("stopping", running=len(running), grace=grace)
         deadline = time.monotonic() + grace
@@ -283,10 +315,14 @@ class Daemon:
         if running:
             self.log("cancelling", running=len(running))
             self.cancel.set()
+            if self.cluster is not None:
+                self.cluster.cancel_for_stop()
             deadline = time.monotonic() + _CANCEL_WAIT
             for w in running:
                 w.join(max(0.0, deadline - time.monotonic()))
         left = self._running()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.log("stopped", abandoned=len(left) or None)
 
     # -- metrics

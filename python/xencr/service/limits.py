@@ -5,6 +5,9 @@ of a daemon do not pile streams onto one pool's storage and network.
 One condition guards all counters and a transfer takes its export and its import slots together
 (never one while waiting for the other), so no two transfers can wait on each other. The limit is
 read at each acquisition: after a configuration reload the new value applies to the next disk.
+
+The runner asks for slots through a `SlotProvider`: `IN_PROCESS` (these counters: one process), or
+with a PostgreSQL state the database's numbered slots (`xencr.coordination.slots`: every worker).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 _cond = threading.Condition()
 _in_use: dict[tuple[str, str], int] = {}  # ("export" | "import", pool name) -> transfers running
@@ -64,3 +68,24 @@ def transfer_slots(
                 if not _in_use[k]:
                     del _in_use[k]
             _cond.notify_all()
+
+
+class SlotProvider(Protocol):
+    """Where transfer slots are counted: `transfer_slots`' contract (all slots of a transfer
+    together, waiting with ``cancel`` and ``deadline``, `SlotCancelled` when given up)."""
+
+    def transfer_slots(
+        self, slots: list[Slot], *, cancel: threading.Event | None = None, deadline: float | None = None
+    ) -> AbstractContextManager[None]: ...
+
+
+class _InProcess:
+    """The counters of this process (`transfer_slots`)."""
+
+    def transfer_slots(
+        self, slots: list[Slot], *, cancel: threading.Event | None = None, deadline: float | None = None
+    ) -> AbstractContextManager[None]:
+        return transfer_slots(slots, cancel=cancel, deadline=deadline)
+
+
+IN_PROCESS: SlotProvider = _InProcess()

@@ -7,6 +7,9 @@ flock belongs to the open file description, so two holders in one process confli
 two processes do, and the kernel releases it when its holder dies (no stale lock after a kill).
 The holder writes who it is into the file so that a refused run can name it. The files are never
 deleted: unlinking a lock file races with a process that has just opened it.
+
+The runner takes its locks through a `Locker`: `FileLocker` (these files: one host), or with a
+PostgreSQL state the database's leases (`xencr.coordination.leases`: several hosts).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 
 def lock_dir(state_path: Path) -> Path:
@@ -32,16 +36,58 @@ def _path(directory: Path, vm_uuid: str, sr_uuid: str) -> Path:
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a lock: the job, its process, and since when."""
+    """Who holds a lock: the job, its process (or the cluster worker running it), and since when."""
 
     job_id: str
     job_name: str
     pid: int
     since: datetime
+    worker: str | None = None  # a database lease's holder (`coordination.leases`)
 
     def describe(self) -> str:
         since = self.since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        if self.worker is not None:
+            return f"job {self.job_name} on worker {self.worker} since {since}"
         return f"job {self.job_name} (pid {self.pid}) since {since}"
+
+
+class Held(Protocol):
+    """A lock taken: ``release()`` frees it (idempotent)."""
+
+    def release(self) -> None: ...
+
+
+class Locker(Protocol):
+    """Where the per-(VM, SR) locks live, as the runner uses them."""
+
+    def try_lock(self, vm_uuid: str, sr_uuid: str, job_name: str, *, job_id: str = "") -> Held | None:
+        """Take the lock without waiting; ``None`` when someone holds it."""
+        ...
+
+    def read_holder(self, vm_uuid: str, sr_uuid: str) -> Holder | None:
+        """Who holds it, or ``None`` if nobody says so."""
+        ...
+
+    def still_held(self, vm_uuid: str, sr_uuid: str) -> bool:
+        """Whether a lock this locker took is still its own (asked before a commit: a lease
+        can lapse, a flock cannot while its process lives)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FileLocker:
+    """The flock files of one host (`try_lock`, `read_holder` on ``directory``)."""
+
+    directory: Path
+
+    def try_lock(self, vm_uuid: str, sr_uuid: str, job_name: str, *, job_id: str = "") -> Held | None:
+        return try_lock(self.directory, vm_uuid, sr_uuid, job_name, job_id=job_id)
+
+    def read_holder(self, vm_uuid: str, sr_uuid: str) -> Holder | None:
+        return read_holder(self.directory, vm_uuid, sr_uuid)
+
+    def still_held(self, vm_uuid: str, sr_uuid: str) -> bool:
+        return True
 
 
 class Lock:

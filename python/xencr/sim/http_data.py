@@ -351,6 +351,7 @@ def _export(t: Transfer) -> None:
         sr = row["SR"]
         pool.gc.transfer(sr, +1)  # the chains just resolved must not be coalesced meanwhile
     vbds: list[str] = []
+    pool.transfers.begin("export")
     try:
         # The VDI (and base) are attached read-only to dom0 before the headers go out.
         vbds = [_dom0_attach(pool, t.host, vdi)] + ([_dom0_attach(pool, t.host, base)] if base else [])
@@ -374,6 +375,7 @@ def _export(t: Transfer) -> None:
             pool, req, task, row["uuid"], fmt, path, parents, base_path, base_parents, drop, flip, rate
         )
     finally:
+        pool.transfers.end("export")
         pool.gc.transfer(sr, -1)
         for vbd in vbds:
             _dom0_detach(pool, vbd)
@@ -515,6 +517,7 @@ def _import(t: Transfer) -> None:
         cbt_dir = pool.storage.sr_dir(sr_ref)
         virtual_size = int(row["virtual_size"])
         pool.gc.transfer(sr_ref, +1)
+    pool.transfers.begin("import")
     try:
         # xapi answers 200 before reading the body; the outcome is only in the task.
         _send_headers(
@@ -559,6 +562,7 @@ def _import(t: Transfer) -> None:
                 pool.log.info("import into %s: %s", row["uuid"], stats)
             _complete_or_fault_after(pool, task, "import_raw_vdi", wire_xmlrpc.value(vdi))
     finally:
+        pool.transfers.end("import")
         pool.gc.transfer(sr_ref, -1)
         with pool.db.lock:
             if pool.db.exists("SR", sr_ref):

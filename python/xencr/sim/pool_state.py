@@ -22,6 +22,7 @@ from xencr.sim.db import Database
 from xencr.sim.dispatch import TaskRunner
 from xencr.sim.errors import XapiError
 from xencr.sim.faults import Faults
+from xencr.sim.gauge import TransferGauge
 from xencr.sim.gc import Collector
 from xencr.sim.storage import Storage
 from xencr.sim.tls import host_certificate
@@ -92,6 +93,7 @@ class PoolState:
         self.faults = Faults(self.log)
         # Per VDI UUID: what the last VHD import received (bytes, blocks, sectors written).
         self.imports: dict[str, dict[str, int]] = {}
+        self.transfers = TransferGauge()  # exports/imports served at once (`sim.transfer_gauge`)
         self.tasks = TaskRunner(self)
         self.storage = Storage(self)
         self.gc = Collector(self)

@@ -24,9 +24,13 @@ from sqlalchemy import Connection, Table, func, insert, select, text
 
 from xencr.state.db import StateDB
 from xencr.state.engine import StateError
-from xencr.state.schema import TABLES
+from xencr.state.schema import COORDINATION_TABLES, TABLES
 
-CONTENT_TABLES: tuple[Table, ...] = tuple(t for t in TABLES if t.name != "schema_version")
+# Records, not the claims of running workers (leases, slots, the queue: they mean nothing to a
+# new database and would make an empty one look used).
+CONTENT_TABLES: tuple[Table, ...] = tuple(
+    t for t in TABLES if t.name != "schema_version" and t not in COORDINATION_TABLES
+)
 _BATCH = 500  # rows per INSERT; tables of block maps (up to 16 MiB each) go by fewer
 _BLOB_BATCH = 8
 

@@ -7,6 +7,9 @@ PostgreSQL, several hosts): see `engine` for how each engine is set up, `migrate
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
 import socket
 import threading
@@ -15,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -149,9 +152,47 @@ def _job(job: str) -> ColumnElement[bool]:
     return or_(runs.c.job_id == job, runs.c.job_name == job)
 
 
-def open_state(config: Config, *, clock: Callable[[], datetime] | None = None) -> StateDB:
-    """The state database the configuration names (SQLite file or PostgreSQL), migrated."""
-    return StateDB(config.state, clock=clock)
+class RolledBack(StateError):
+    """An operational error inside a PostgreSQL transaction before its commit (the server
+    dropped the connection, a deadlock): it did not happen. A `StateDB` with `patience` makes the
+    whole call again (every public method is one call's worth of transactions that may be made
+    again); others see a `StateError`. An error at the commit itself stays a plain `StateError`
+    (whether it happened is unknown)."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _again_when_rolled_back(
+    method: Callable[Concatenate[StateDB, P], R],
+) -> Callable[Concatenate[StateDB, P], R]:
+    @functools.wraps(method)
+    def call(self: StateDB, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + self.patience
+        delay = 0.1
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except RolledBack:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    return call
+
+
+def open_state(
+    config: Config,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    worker: str | None = None,
+    patience: float = 0.0,
+) -> StateDB:
+    """The state database the configuration names (SQLite file or PostgreSQL), migrated; see
+    `StateDB` for ``worker`` and ``patience``."""
+    return StateDB(config.state, clock=clock, worker=worker, patience=patience)
 
 
 class StateDB:
@@ -159,13 +200,23 @@ class StateDB:
     configured `StateLocation` (SQLite or PostgreSQL); migrated to the newest schema on open.
 
     Thread-safe (one transaction at a time per instance, behind a lock); ``clock`` returns aware
-    datetimes (tests pass a fake one).
+    datetimes (tests pass a fake one). ``worker``: the cluster worker recorded on the runs and
+    tasks this instance starts (`xencr.coordination`). ``patience``: seconds a PostgreSQL
+    transaction waits for an unreachable server to come back (a database restart) before it
+    fails; 0 fails at once, as a command should.
     """
 
     def __init__(
-        self, where: Path | str | StateLocation, *, clock: Callable[[], datetime] | None = None
+        self,
+        where: Path | str | StateLocation,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        worker: str | None = None,
+        patience: float = 0.0,
     ) -> None:
         self.location = where if isinstance(where, StateLocation) else StateLocation(path=Path(where))
+        self.worker = worker
+        self.patience = patience
         self.path = self.location.path  # None for PostgreSQL
         self._where = self.location.describe()  # the path, or "PostgreSQL user@host:port/db"
         self._clock = clock or _now
@@ -206,7 +257,10 @@ class StateDB:
     def _setup_with_retries(self, seconds: float = 30.0) -> None:
         """Switching a new file to WAL needs it to itself, and SQLite answers "locked" at once
         rather than waiting on the busy timeout: several processes opening a fresh database
-        together (a daemon and a manual run) take turns here."""
+        together (a daemon and a manual run) take turns here. PostgreSQL with `patience`: a
+        server restarting is waited for as long."""
+        if self.path is None:
+            seconds = self.patience
         deadline = time.monotonic() + seconds
         delay = 0.01
         while True:
@@ -219,7 +273,8 @@ class StateDB:
                         migrate.upgrade(conn, self._clock)
                 return
             except exc.OperationalError as err:
-                if self.path is None or not engines.is_transient(err) or time.monotonic() > deadline:
+                transient = self.path is None or engines.is_transient(err)
+                if not transient or time.monotonic() > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -272,13 +327,37 @@ class StateDB:
                     with self._conn.begin():
                         yield self._conn
                     return
-                with self._engine.connect() as conn:
+                with self._connect() as conn:
                     if isolation is not None:
                         conn.execution_options(isolation_level=isolation)
-                    with conn.begin():
+                    trans = conn.begin()
+                    try:
                         yield conn
+                    except BaseException as err:
+                        with contextlib.suppress(exc.SQLAlchemyError):
+                            trans.rollback()
+                        if isinstance(err, exc.OperationalError):
+                            # Before the commit (a connection the server dropped, a deadlock):
+                            # nothing of it happened, so the whole call may be made again.
+                            raise RolledBack(f"{self._where}: {self._reason(err)}") from None
+                        raise
+                    trans.commit()
             except exc.OperationalError as err:
                 raise StateError(f"{self._where}: {self._reason(err)}") from None
+
+    def _connect(self) -> Connection:
+        """A PostgreSQL connection, waited for up to `patience` seconds while the server does not
+        answer (each pooled connection is pinged first: one a restart broke is replaced)."""
+        deadline = time.monotonic() + self.patience
+        delay = 0.1
+        while True:
+            try:
+                return self._engine.connect()
+            except exc.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _read(self, query: Executable) -> list[Any]:
         """The rows of one query (each a `Row`: by position or column name)."""
@@ -320,6 +399,7 @@ class StateDB:
             "host": self._host,
             "pid": self._pid,
             "process_start": self._process_start,
+            "worker": self.worker,
         }
         with self.transaction() as db:
             return _new_id(db.execute(_INSERT_RUN, row))
@@ -363,6 +443,7 @@ class StateDB:
             "target_sr": target_sr,
             "target": target,
             "started_at": time_text(self._clock()),
+            "worker": self.worker,
         }
         with self.transaction() as db:
             return _new_id(db.execute(_INSERT_TASK, row))
@@ -437,6 +518,7 @@ class StateDB:
             "finished_at": now,
             "outcome": "skipped",
             "error": reason,
+            "worker": self.worker,
         }
         with self.transaction() as db:
             return _new_id(db.execute(_INSERT_TASK, row))
@@ -1140,6 +1222,18 @@ class StateDB:
             return len(dead)
 
 
+# Every public method of StateDB, made again when its transaction was rolled back by a dropped
+# connection (`RolledBack`; with `patience` 0 the deadline has passed at once: no retry).
+# `transaction` and `reading` hand the transaction to their caller, who decides.
+for _name, _method in list(vars(StateDB).items()):
+    if (
+        inspect.isfunction(_method)
+        and not _name.startswith("_")
+        and _name not in ("transaction", "reading", "close")
+    ):
+        setattr(StateDB, _name, _again_when_rolled_back(_method))
+
+
 def _new_id(result: CursorResult[Any]) -> int:
     key = result.inserted_primary_key
     assert key is not None
@@ -1169,6 +1263,7 @@ def _run_row(row: Any) -> RunRow:
         host=r["host"],
         pid=r["pid"],
         process_start=r["process_start"],
+        worker=r["worker"],
     )
 
 
@@ -1197,4 +1292,5 @@ def _task_row(row: Any, reasons: dict[str, str], maps: dict[str, str], paths: di
         maps=maps,
         health_check=r["health_check"],
         paths=paths,
+        worker=r["worker"],
     )

@@ -51,6 +51,7 @@ class RunRow:
     host: str
     pid: int
     process_start: str | None
+    worker: str | None = None  # the cluster worker that ran it (PostgreSQL state); None otherwise
 
     @property
     def duration(self) -> timedelta | None:
@@ -79,6 +80,7 @@ class TaskRow:
     maps: dict[str, str] = field(default_factory=dict)  # disk -> its block map's digest (schema 3)
     health_check: str | None = None  # "passed: ..." / "failed: ...", None: not checked (schema 5)
     paths: dict[str, str] = field(default_factory=dict)  # disk -> the path it took and why (schema 9)
+    worker: str | None = None  # the cluster worker that ran it (revision 0002); None otherwise
 
     @property
     def duration(self) -> timedelta | None:

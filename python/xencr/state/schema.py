@@ -26,6 +26,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.types import TypeEngine
@@ -85,6 +86,7 @@ runs = Table(
     _text("host", nullable=False),
     _int("pid"),
     _text("process_start"),
+    _text("worker"),  # the cluster worker that ran it (PostgreSQL state, `xencr daemon`); NULL otherwise
     Index("runs_by_job", "job_id", "started_at"),
     Index("runs_by_start", "started_at"),
     Index("runs_by_outcome", "outcome"),
@@ -111,6 +113,7 @@ tasks = Table(
     _int("detached", default=0),  # objects it found detached
     _text("target", nullable=False, default=""),  # pool/SR name at the time
     _text("health_check"),  # "passed: ..." / "failed: ...", NULL: not checked
+    _text("worker"),  # as its run's
     Index("tasks_by_run", "run_id"),
     Index("tasks_by_vm_target", "vm_uuid", "target_sr", "id"),
     sqlite_autoincrement=True,
@@ -298,6 +301,96 @@ resume_disks = Table(
         ondelete="CASCADE",
     ),
 )
+
+# Several workers sharing a PostgreSQL state (`xencr.coordination`). Every time here is the
+# database server's (one clock for every host), as fixed-width text like the others.
+workers = Table(
+    "workers",
+    metadata,
+    _text("name", nullable=False),
+    _text("host", nullable=False),
+    _int("pid"),
+    _text("pools", nullable=False, default=""),  # the pools it may touch, comma-separated ("": all)
+    _int("slots", default=1),  # tasks it runs at once
+    _int("lease_seconds", default=30),  # its claims last this long past each heartbeat
+    _text("started_at", nullable=False),
+    _text("heartbeat_at", nullable=False),
+    _text("stopped_at"),  # set by a clean stop (its claims released)
+    PrimaryKeyConstraint("name"),
+)
+
+# The per-(VM, target SR) lock across hosts: the twin of `service.locks`' flock files.
+leases = Table(
+    "leases",
+    metadata,
+    _text("vm_uuid", nullable=False),
+    _text("target_sr", nullable=False),
+    _text("job_id", nullable=False),
+    _text("job_name", nullable=False),
+    _text("worker", nullable=False),
+    _text("token", nullable=False),  # this one claim's, so a retried claim knows it already holds it
+    _text("since", nullable=False),
+    _text("expires_at", nullable=False),
+    PrimaryKeyConstraint("vm_uuid", "target_sr"),
+    Index("leases_by_worker", "worker"),
+)
+
+# Numbered places: ("export" | "import", pool, n < max_exports/max_imports) for transfers, ("job",
+# job id, n < concurrency) for a job's tasks at once, whichever worker runs them.
+slots = Table(
+    "slots",
+    metadata,
+    _text("kind", nullable=False),
+    _text("pool", nullable=False),
+    _int("n"),
+    _text("worker", nullable=False),
+    _text("token", nullable=False),
+    _text("expires_at", nullable=False),
+    PrimaryKeyConstraint("kind", "pool", "n"),
+    Index("slots_by_worker", "worker"),
+)
+
+# A schedule's fire, claimed once cluster-wide by the first worker to insert it.
+fire_claims = Table(
+    "fire_claims",
+    metadata,
+    _text("job_id", nullable=False),
+    _text("schedule_id", nullable=False),
+    _text("fire_at", nullable=False),  # the scheduled time (the same on every worker)
+    _text("worker", nullable=False),
+    _text("claimed_at", nullable=False),
+    PrimaryKeyConstraint("job_id", "schedule_id", "fire_at"),
+)
+
+# The (job, VM) tasks of each fire; vm_uuid "" stands for all the job's VMs, not resolved yet.
+queue = Table(
+    "queue",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    _text("job_id", nullable=False),
+    _text("schedule_id", nullable=False),
+    _text("fire_at", nullable=False),
+    _text("vm_uuid", nullable=False),
+    _text("vm_name", nullable=False),
+    _text("pools", nullable=False),  # every pool the task touches, comma-separated
+    _text("state", nullable=False, default="pending"),  # pending | claimed | done
+    _text("worker"),
+    _text("token"),
+    Column("slot", Integer),  # the job slot (`slots` "job") its claim holds
+    _text("enqueued_at", nullable=False),
+    _text("claimed_at"),
+    _text("expires_at"),
+    _text("finished_at"),
+    Column("run_id", ID),
+    _text("outcome"),
+    UniqueConstraint("job_id", "schedule_id", "fire_at", "vm_uuid"),
+    Index("queue_by_state", "state", "fire_at", "id"),  # the oldest pending first
+    Index("queue_by_worker", "worker"),
+    sqlite_autoincrement=True,
+)
+
+# Held only while workers run: never copied by `xencr state migrate` (`copy.CONTENT_TABLES`).
+COORDINATION_TABLES: tuple[Table, ...] = (workers, leases, slots, fire_claims, queue)
 
 # Every table holding xencr's records, parents before children (the order a copy inserts in).
 TABLES: tuple[Table, ...] = tuple(metadata.sorted_tables)

@@ -79,6 +79,13 @@ def _import_stats(pool: PoolState, vdi_uuid: str) -> dict[str, Any]:
     return dict(pool.imports.get(vdi_uuid, {}))
 
 
+@sim_call("sim.transfer_gauge")
+def _transfer_gauge(pool: PoolState) -> dict[str, int]:
+    """VDI exports and imports the pool serves now, and the most it served at once since it
+    was started (the simulator's own instrumentation, not XAPI's)."""
+    return pool.transfers.describe()
+
+
 @sim_call("sim.fault_fail_next_call")
 def _fail_next(pool: PoolState, method: str, description: list[str]) -> str:
     if not description:
