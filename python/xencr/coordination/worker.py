@@ -151,9 +151,12 @@ class Worker:
             if found is not None:
                 other = _row(found)
                 if other.alive(now) and (other.host, other.pid) != (host, pid):
+                    # Not taken over even on this host with that pid gone: hosts may share a name.
+                    free_in = max(1, round(other.lease_seconds - other.heartbeat_age(now)))
                     raise WorkerNameInUse(
                         f"worker {self.name} is running on host {other.host} (pid {other.pid}, heartbeat "
-                        f"{other.heartbeat_age(now):.0f}s ago): give this one another [worker] name"
+                        f"{other.heartbeat_age(now):.0f}s ago): give this one another [worker] name "
+                        f"(if that worker is dead, its name is free in {free_in}s)"
                     )
                 conn.execute(delete(workers).where(workers.c.name == self.name))
                 # Whatever that earlier life of this name held is no longer held by anyone, and

@@ -96,6 +96,12 @@ CANCELLED = "cancelled: shutting down"
 SAME_JOB_BUSY = "skipped: previous run still running"
 
 
+class LeaseLost(TransferCancelled):
+    """The (VM, target) lock lapsed before the commit (a cluster worker cut from the state
+    database for longer than its lease): another worker may be at it, so this attempt is not
+    committed; it is kept for a resume. ``str()`` says so."""
+
+
 @dataclass
 class Target:
     name: str
@@ -531,7 +537,8 @@ def _attempts(run: _VmRun, t: Target, tr: TargetResult) -> None:
             return
         except RETRYABLE as err:
             if _cancelled(job) or isinstance(err, TransferCancelled):
-                tr.outcome, tr.error = "interrupted", CANCELLED
+                tr.outcome = "interrupted"
+                tr.error = str(err) if isinstance(err, LeaseLost) else CANCELLED
                 run.progress(f"{name} -> {t.name}: {CANCELLED}")
                 return
             timed_out = isinstance(err, TransferTimeout) or (
@@ -742,7 +749,10 @@ def _to_target(run: _VmRun, t: Target, tr: TargetResult) -> None:
         if job.locker is not None and not job.locker.still_held(rec["uuid"], t.sr_uuid):
             # A lease lapsed (this worker lost the database for longer than it lasts): another
             # worker may be at this VM and target now; only one attempt may ever commit.
-            raise TransferCancelled(f"{rec['name_label']} -> {t.name}: lock lost before the commit")
+            raise LeaseLost(
+                "not committed: the lease on this VM and target lapsed (the state database was out of "
+                "reach longer than the lease); the attempt is kept for a resume"
+            )
         tgt.commit(ts, replica, new_vdis, keys | {md.BYTES: str(total)}, name, description)
         if job.resumes is not None:
             job.resumes.forget_resume(job.id, rec["uuid"], t.sr_uuid, keys[md.ATTEMPT])
