@@ -450,6 +450,9 @@ class SmtpConfig:
         )
 
 
+KEEP_HISTORY = 90 * 86400  # seconds: `[daemon] keep_history`'s default
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """``xencr daemon``: where it serves and writes metrics, and how long a stop waits for transfers."""
@@ -457,6 +460,9 @@ class DaemonConfig:
     metrics_listen: str | None = None  # "HOST:PORT"
     metrics_textfile: Path | None = None
     grace: int = 60  # seconds between SIGTERM and cancelling what still runs
+    # Runs older than this are forgotten (`StateDB.prune_history`: counters kept, and the newest
+    # run of each VM and target); None: kept forever ("forever").
+    keep_history: int | None = KEEP_HISTORY
 
 
 @dataclass(frozen=True)
@@ -1176,11 +1182,18 @@ def _read_daemon(path: Path, t: _Table) -> DaemonConfig:
             )
     textfile = t.get("metrics_textfile", str, None)
     grace = t.converted("grace", parse_duration, minimum=0)
+    keep: str | int | None = t.get("keep_history", (str, int), None)
+    keep_history: int | None = KEEP_HISTORY
+    if isinstance(keep, str) and keep.strip().lower() == "forever":
+        keep_history = None
+    elif keep is not None:
+        keep_history = t.converted("keep_history", parse_duration, minimum=3600)
     t.finish()
     return DaemonConfig(
         metrics_listen=listen.strip() if listen is not None else None,
         metrics_textfile=_resolve_path(path.parent, textfile) if textfile else None,
         grace=60 if grace is None else grace,
+        keep_history=keep_history,
     )
 
 
@@ -1417,6 +1430,7 @@ SAMPLE_CONFIG = """\
 grace = "60s"                   # on SIGTERM, transfers still running after this are cancelled
 # metrics_listen = "127.0.0.1:9464"                       # serve Prometheus /metrics here
 # metrics_textfile = "/var/lib/node_exporter/xencr.prom"  # node-exporter textfile, after each run
+# keep_history = "90d"          # older runs are forgotten hourly (counters kept); "forever": never
 
 # ---------------------------------------------------------------------------------------------
 # With a PostgreSQL state, `xencr daemon` on several hosts shares the work: each is a worker.

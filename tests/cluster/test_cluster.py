@@ -255,6 +255,13 @@ def test_tasks_no_live_worker_may_take_are_reported_until_one_comes(
         assert {t.worker for t in db.all_tasks()} == {"u2"}, "u1 may not touch pool c"
     code, out = cli("history", "--config", str(cfg))
     assert code == 0 and "on worker u2" in out, out
+    code, out = cli("metrics", "--config", str(cfg))
+    assert code == 0 and 'xencr_worker_tasks_total{worker="u2",outcome="success"} 1\n' in out, out
+    assert 'xencr_worker_tasks_total{worker="u1"' not in out, "u1 ran nothing"
+    (sent,) = [
+        line for line in out.splitlines() if line.startswith('xencr_worker_bytes_sent_total{worker="u2"}')
+    ]
+    assert float(sent.split()[1]) > 0
     code, out = cli("worker", "list", "--config", str(cfg))
     assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == ["u1", "u2"], out
     assert all(line.split()[5] == "stopped" for line in out.splitlines()[1:]), out

@@ -298,3 +298,50 @@ def test_metrics_address_in_use_is_one_clear_error(tmp_path: Path) -> None:
         with pytest.raises(OSError) as err:
             daemon.run_forever()
     assert err.value.filename == f"metrics listen address 127.0.0.1:{port}"
+
+
+def test_old_history_is_forgotten_at_start_and_every_hour(
+    running: Callable[..., Running], tmp_path: Path
+) -> None:
+    """The ages are the state's clock's (the real one, which stamps the runs); the hourly
+    cadence is the loop's (the fake clock)."""
+    text = config_text(tmp_path, daemon='grace = 0\nkeep_history = "30d"')
+    (tmp_path / "xencr.toml").write_text(text)
+    job = load_config(tmp_path / "xencr.toml").job("ten")
+    real = datetime.now(UTC)
+
+    def record(age: timedelta, outcome: str = "failure") -> int:
+        with StateDB(tmp_path / "state.sqlite", clock=lambda: real - age) as db:
+            run = db.start_run(job.id, "ten", "ten", "schedule")
+            db.finish_task(db.start_task(run, "vm-1", "vm1", "sr"), outcome, bytes_sent=5)
+            db.finish_run(run, outcome)
+        return run
+
+    def runs_left() -> list[int]:
+        with StateDB(tmp_path / "state.sqlite") as db:
+            return [run.id for run in db.runs()]
+
+    record(timedelta(days=100))
+    record(timedelta(days=40))
+    recent = record(timedelta(days=29))
+    newest = record(timedelta(days=20), "success")
+    with StateDB(tmp_path / "state.sqlite") as db:
+        totals = db.job_totals()
+
+    r = running(text)
+    assert "runs=2 older_than=30d" in r.wait_event("history_pruned")  # 100 and 40 days old
+    assert runs_left() == [recent, newest]
+    late = record(timedelta(days=50))  # recorded late (another process's): the next hour's
+    latest = record(timedelta(days=1), "success")
+    r.step(timedelta(minutes=50))
+    assert len(r.events("history_pruned")) == 1 and late in runs_left(), "once an hour"
+    r.step(timedelta(minutes=15))
+    deadline = time.monotonic() + 10
+    while late in runs_left():
+        assert time.monotonic() < deadline, r.out.getvalue()
+        time.sleep(0.05)
+    assert runs_left() == [recent, newest, latest]
+    with StateDB(tmp_path / "state.sqlite") as db:
+        assert {j.job_id: j.tasks for j in db.job_totals()} == {job.id: {"failure": 4, "success": 2}}
+        assert totals[0].tasks == {"failure": 3, "success": 1}
+    assert r.stop() == 0

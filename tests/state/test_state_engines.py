@@ -100,6 +100,23 @@ def test_a_schema_1_sqlite_file_is_upgraded_and_stamped(tmp_path: Path) -> None:
     con.close()
 
 
+def test_resume_of_reads_one_attempt_and_its_disks_only(state_where: StateLocation) -> None:
+    with StateDB(state_where) as db:
+        for job, vm, sr, attempt in [
+            ("j", "v1", "s1", "a1"),
+            ("j", "v1", "s2", "a2"),
+            ("k", "v1", "s1", "a3"),
+        ]:
+            disks = (ResumeDisk("0", f"{attempt}-d0", 5), ResumeDisk("1", f"{attempt}-d1", 7))
+            db.record_resume(ResumeRow(job, vm, sr, attempt, "snap", "rep", "shape", disks))
+        got = db.resume_of("j", "v1", "s2")
+        assert got is not None and got.attempt == "a2"
+        assert got.disks == (ResumeDisk("0", "a2-d0", 5), ResumeDisk("1", "a2-d1", 7))
+        assert db.resume_of("j", "v2", "s1") is None
+        assert [(r.attempt, len(r.disks)) for r in db.resumes("j")] == [("a1", 2), ("a2", 2)]
+        assert sorted(r.attempt for r in db.resumes()) == ["a1", "a2", "a3"]
+
+
 def test_a_newer_revision_is_refused(state_where: StateLocation) -> None:
     with StateDB(state_where) as db, db.transaction() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999_later'")

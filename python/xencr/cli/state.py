@@ -1,8 +1,10 @@
-"""`xencr state info` and `xencr state migrate --to postgresql://...`: where the state database
-is, and moving an SQLite state to PostgreSQL without losing a record."""
+"""`xencr state info`, `xencr state migrate --to postgresql://...` and `xencr state prune`: where
+the state database is, moving an SQLite state to PostgreSQL without losing a record, and
+forgetting old history."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +12,7 @@ import typer
 
 from xencr.cli.common import ConfigOption, JsonFlag, columns, load, print_json, reported
 from xencr.cli.errors import CliError
-from xencr.config import STATE_PASSWORD_ENV, StateLocation, postgresql_url
+from xencr.config import STATE_PASSWORD_ENV, StateLocation, format_duration, parse_duration, postgresql_url
 from xencr.state import StateDB, open_state
 from xencr.state.copy import copy_all, counts
 
@@ -119,3 +121,44 @@ def migrate_command(
         )
         setting = f'a [state] table: url = "{shown}", {secret_from}'
     typer.echo(f"next: in {cfg.path}, replace the state setting by {setting}; then restart the daemon")
+
+
+@state_app.command("prune")
+@reported
+def prune_command(
+    keep: Annotated[
+        str | None,
+        typer.Option(
+            "--keep",
+            metavar="DURATION",
+            help="Forget runs started longer ago than this (90d, 12w; default: [daemon] keep_history).",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Forget old runs now, as the daemon does every hour: runs started longer ago than
+    ``--keep`` (default ``[daemon] keep_history``, 90 days) go with their tasks, while the metrics'
+    counters keep what they counted. Kept whatever their age: each job's newest run, and the run
+    of each VM and target's newest task and newest successful task (the RPO is read there).
+    Restore points and replicas are never touched: this is history only.
+
+    Example:  xencr state prune --keep 30d
+    """
+    cfg = load(config)
+    if keep is not None:
+        try:
+            seconds = parse_duration(keep)
+        except ValueError as err:
+            raise CliError(f"--keep: {err}") from None
+    elif cfg.daemon.keep_history is not None:
+        seconds = cfg.daemon.keep_history
+    else:
+        raise CliError(f'{cfg.path}: [daemon] keep_history is "forever": give --keep DURATION')
+    if not cfg.state.exists():
+        typer.echo(f"{cfg.state.describe()}: not created yet, nothing to forget")
+        return
+    before = datetime.now(UTC) - timedelta(seconds=seconds)
+    with open_state(cfg) as db:
+        forgotten = db.prune_history(timedelta(seconds=seconds))
+    when = before.strftime("%Y-%m-%d %H:%M:%SZ")
+    typer.echo(f"forgot {forgotten} run(s) started before {when} (older than {format_duration(seconds)})")

@@ -120,6 +120,8 @@ def _declare_cluster(e: Exposition) -> None:
     )
     e.declare("xencr_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat.")
     e.declare("xencr_worker_tasks_running", "gauge", "Tasks (one VM of one job) the worker has claimed.")
+    e.declare("xencr_worker_tasks_total", "counter", "Tasks the worker finished, by outcome.")
+    e.declare("xencr_worker_bytes_sent_total", "counter", "Bytes the worker's tasks sent to targets.")
     e.declare(
         "xencr_tasks_unserved",
         "gauge",
@@ -136,6 +138,11 @@ def _cluster(e: Exposition, db: StateDB) -> None:
         e.add("xencr_worker_up", labels, int(w.alive))
         e.add("xencr_worker_heartbeat_age_seconds", labels, round(w.heartbeat_age, 3))
         e.add("xencr_worker_tasks_running", labels, w.tasks_running)
+    # Counters for every worker that ever ran a task, alive or not (a counter must not vanish).
+    for t in db.worker_totals():
+        for outcome, n in sorted(t.tasks.items()):
+            e.add("xencr_worker_tasks_total", {"worker": t.worker, "outcome": outcome}, n)
+        e.add("xencr_worker_bytes_sent_total", {"worker": t.worker}, t.bytes_sent)
     e.add("xencr_tasks_unserved", {}, len(view.unserved))
 
 

@@ -10,6 +10,9 @@ flight is recorded ``skipped`` by the new run). Signals only set events; the loo
   tasks ``interrupted``), wait for the workers and return. A second stop skips the grace.
 - reload (SIGHUP): read the configuration again; a bad one is logged and the old one kept.
 
+Every hour (and at start), a thread of its own forgets the runs older than ``[daemon]
+keep_history`` (`StateDB.prune_history`: the counters keep what they counted).
+
 Logs are one ``key=value`` line per event on the given stream (stdout: journald keeps them),
 built only from our own fields and error messages, which never carry a password.
 
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
-from xencr.config import Config, ConfigError, JobConfig
+from xencr.config import Config, ConfigError, JobConfig, format_duration
 from xencr.replication.jobs import run_configured
 from xencr.replication.runner import RunReport
 from xencr.schedule import Clock, Scheduler, SystemClock
@@ -44,6 +47,8 @@ from xencr.web import server as web
 _IDLE = timedelta(days=1)
 # After the cancel, how long to wait for workers before leaving anyway (they are daemon threads).
 _CANCEL_WAIT = 120.0
+# How often old history is forgotten (`[daemon] keep_history`).
+_PRUNE_EVERY = timedelta(hours=1)
 
 
 def _quote(value: object) -> str:
@@ -115,6 +120,8 @@ class Daemon:
         self._workers: set[threading.Thread] = set()
         self._last: dict[tuple[str, str], datetime] = {}
         self._server: http.server.ThreadingHTTPServer | None = None
+        self._next_prune = self.clock.now()  # `_forget_old_history`
+        self._pruner: threading.Thread | None = None
         self.metrics_address: tuple[str, int] | None = None  # where /metrics is served, once started
         self.status_page: str | None = None  # how the status page is served beside it (None: not)
         # A worker of a cluster with a PostgreSQL state; None: this host alone (SQLite).
@@ -168,7 +175,12 @@ class Daemon:
                 for job_id, s in self.scheduler.due(self.clock.now()):
                     self._fire(job_id, s.id, scheduled[(job_id, s.id)])
                 self._record_fires()
-                wake = self.scheduler.next_wake() or self.clock.now() + _IDLE
+                self._forget_old_history()
+                wakes = [
+                    self.scheduler.next_wake(),
+                    self._next_prune if self.config.daemon.keep_history else None,
+                ]
+                wake = min((w for w in wakes if w is not None), default=self.clock.now() + _IDLE)
                 if not self.clock.wait_until(wake, self._poke):
                     with self._lock:
                         if not self._stop_asked:
@@ -296,6 +308,30 @@ class Daemon:
                     db.set_fire(*key, last=self._last.get(key), next=nxt)
         except Exception as err:
             self.log("state_error", error=str(err))
+
+    def _forget_old_history(self) -> None:
+        """Once `_PRUNE_EVERY`, in a thread of its own (a first prune of a long history takes a
+        while, and fires must not wait for it): forget the runs started longer ago than
+        ``[daemon] keep_history``. Every worker of a cluster does it; they take turns."""
+        keep, now = self.config.daemon.keep_history, self.clock.now()
+        if keep is None or now < self._next_prune or (self._pruner is not None and self._pruner.is_alive()):
+            return
+        self._next_prune = now + _PRUNE_EVERY
+        config = self.config
+
+        def prune() -> None:
+            # The age is the state's own clock's (it stamps the runs), the cadence the loop's.
+            try:
+                with open_state(config) as db:
+                    forgotten = db.prune_history(timedelta(seconds=keep))
+            except Exception as err:  # logged; the next hour tries again
+                self.log("state_error", error=str(err))
+                return
+            if forgotten:
+                self.log("history_pruned", runs=forgotten, older_than=format_duration(keep))
+
+        self._pruner = threading.Thread(target=prune, name="prune-history", daemon=True)
+        self._pruner.start()
 
     def _running(self) -> list[threading.Thread]:
         with self._lock:

@@ -42,6 +42,7 @@ from xencr.state.rows import (
     RunRow,
     RunSums,
     TaskRow,
+    WorkerTotals,
 )
 
 __all__ = [
@@ -73,5 +74,6 @@ __all__ = [
     "StateDB",
     "StateError",
     "TaskRow",
+    "WorkerTotals",
     "open_state",
 ]

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -25,6 +25,7 @@ from sqlalchemy import (
     Connection,
     CursorResult,
     Executable,
+    Select,
     Table,
     and_,
     bindparam,
@@ -37,6 +38,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     union_all,
     update,
 )
@@ -74,6 +76,7 @@ from xencr.state.rows import (
     RunRow,
     RunSums,
     TaskRow,
+    WorkerTotals,
     text_time,
     time_text,
 )
@@ -81,6 +84,8 @@ from xencr.state.schema import (
     block_maps,
     failbacks,
     failovers,
+    history_fulls,
+    history_totals,
     map_refs,
     native_recoveries,
     planned_failovers,
@@ -97,6 +102,9 @@ from xencr.state.schema import (
 
 # Ids per `IN (...)` query: under SQLite's and PostgreSQL's limits on bound parameters.
 _CHUNK = 5000
+# pg_advisory_xact_lock key for "forgetting old history" (any fixed number): two workers pruning
+# at once take turns, so no forgotten task is counted twice.
+_PRUNE_LOCK = 0x78656E6372_01
 
 # The statements every run makes many of, built once: values go in as parameters (building an
 # expression with its values costs more than SQLite takes to run it).
@@ -644,7 +652,7 @@ class StateDB:
 
     def job_totals(self) -> list[JobTotals]:
         """Per job id ever recorded, the sums of its history, in job id order."""
-        t, r, d = tasks.c, runs.c, task_disks.c
+        r = runs.c
         with self._lock:
             per_job = self._read(
                 select(
@@ -655,52 +663,59 @@ class StateDB:
                 .group_by(r.job_id)
                 .order_by(r.job_id)
             )
-            counts = self._read(
-                select(
-                    r.job_id,
-                    t.outcome,
-                    func.coalesce(t.transfer, ""),
-                    func.count(),
-                    func.sum(t.bytes_sent),
-                    func.sum(t.cleaned),
-                )
-                .select_from(tasks.join(runs, t.run_id == r.id))
-                .where(t.outcome != RUNNING)
-                .group_by(r.job_id, t.outcome, t.transfer)
-            )
+            counts = self._read(_counts(None))
             # A disk's reason is "delta" (or continues a Xen Orchestra chain) unless it went full.
-            fulls = self._read(
-                select(r.job_id, d.reason, func.count())
-                .select_from(task_disks.join(tasks, d.task_id == t.id).join(runs, t.run_id == r.id))
-                .where(
-                    t.outcome == "success",
-                    d.reason != "delta",
-                    d.reason.not_like("continues Xen Orchestra replica %"),
+            fulls = self._read(_fulls(None))
+            # What forgotten runs added up to (`prune_history`).
+            h, hf = history_totals.c, history_fulls.c
+            counts += self._read(
+                select(h.job_id, h.worker, h.outcome, h.transfer, h.tasks, h.bytes_sent, h.cleaned).where(
+                    h.tasks > 0
                 )
-                .group_by(r.job_id, d.reason)
             )
+            fulls += self._read(select(hf.job_id, hf.reason, hf.disks))
         out = []
         for job_id, newest_id, done_id in per_job:
             newest = self.run(newest_id)
             job_counts = [c for c in counts if c[0] == job_id]
             tasks_by: dict[str, int] = {}
             sent: dict[str, int] = {}
-            for _, outcome, transfer, n, sent_bytes, _cleaned in job_counts:
+            full_disks: dict[str, int] = {}
+            for _, _worker, outcome, transfer, n, sent_bytes, _cleaned in job_counts:
                 tasks_by[outcome] = tasks_by.get(outcome, 0) + int(n)
                 sent[transfer] = sent.get(transfer, 0) + int(sent_bytes)
+            for _, reason, n in (f for f in fulls if f[0] == job_id):
+                full_disks[reason] = full_disks.get(reason, 0) + int(n)
             out.append(
                 JobTotals(
                     job_id=job_id,
                     job_name=newest.job_name,
                     tasks=tasks_by,
                     bytes_sent=sent,
-                    full_disks={f[1]: int(f[2]) for f in fulls if f[0] == job_id},
-                    cleaned=sum(int(c[5]) for c in job_counts),
+                    full_disks=full_disks,
+                    cleaned=sum(int(c[6]) for c in job_counts),
                     last_started=newest.started_at,
                     last_finished=self.run(done_id) if done_id is not None else None,
                 )
             )
         return out
+
+    def worker_totals(self) -> list[WorkerTotals]:
+        """Per cluster worker ever recorded (tasks run by a host alone are not counted here), what
+        its finished tasks add up to, forgotten history included, in worker name order."""
+        h = history_totals.c
+        with self._lock:
+            rows = self._read(_counts(None)) + self._read(
+                select(h.job_id, h.worker, h.outcome, h.transfer, h.tasks, h.bytes_sent, h.cleaned)
+            )
+        out: dict[str, WorkerTotals] = {}
+        for _job, worker, outcome, _transfer, n, sent, _cleaned in rows:
+            if not worker:
+                continue
+            w = out.setdefault(worker, WorkerTotals(worker, {}, 0))
+            w.tasks[outcome] = w.tasks.get(outcome, 0) + int(n)
+            w.bytes_sent += int(sent)
+        return [out[name] for name in sorted(out)]
 
     def _tasks(self, where: ColumnElement[bool]) -> list[TaskRow]:
         """The tasks ``where`` selects, in id order, with their disks."""
@@ -1143,35 +1158,45 @@ class StateDB:
 
     def resumes(self, job_id: str | None = None) -> list[ResumeRow]:
         """The incomplete attempts recorded (of one job), oldest first."""
-        query = select(resumes).order_by(resumes.c.started_at)
-        if job_id is not None:
-            query = query.where(resumes.c.job_id == job_id)
+        return self._resumes(None if job_id is None else resumes.c.job_id == job_id)
+
+    def resume_of(self, job_id: str, vm_uuid: str, target_sr: str) -> ResumeRow | None:
+        r = resumes.c
+        found = self._resumes(and_(r.job_id == job_id, r.vm_uuid == vm_uuid, r.target_sr == target_sr))
+        return found[0] if found else None
+
+    def _resumes(self, where: ColumnElement[bool] | None) -> list[ResumeRow]:
+        # The disks of the chosen attempts only: a run asks this for each VM and target.
+        r, d = resumes.c, resume_disks.c
+        query = select(resumes).order_by(r.started_at)
+        disk_query = select(resume_disks).order_by(d.userdevice)
+        if where is not None:
+            query = query.where(where)
+            chosen = select(r.job_id, r.vm_uuid, r.target_sr).where(where)
+            disk_query = disk_query.where(tuple_(d.job_id, d.vm_uuid, d.target_sr).in_(chosen))
         disks: dict[tuple[str, str, str], list[ResumeDisk]] = {}
         with self._lock:
-            for d in self._read(select(resume_disks).order_by(resume_disks.c.userdevice)):
-                disks.setdefault((d.job_id, d.vm_uuid, d.target_sr), []).append(
-                    ResumeDisk(d.userdevice, d.vdi, int(d.position), int(d.blocks), int(d.stream_bytes))
+            for row in self._read(disk_query):
+                disks.setdefault((row.job_id, row.vm_uuid, row.target_sr), []).append(
+                    ResumeDisk(
+                        row.userdevice, row.vdi, int(row.position), int(row.blocks), int(row.stream_bytes)
+                    )
                 )
             found = self._read(query)
         return [
             ResumeRow(
-                job_id=r.job_id,
-                vm_uuid=r.vm_uuid,
-                target_sr=r.target_sr,
-                attempt=r.attempt,
-                snapshot=r.snapshot,
-                replica=r.replica,
-                shape=r.shape,
-                disks=tuple(disks.get((r.job_id, r.vm_uuid, r.target_sr), ())),
-                started_at=text_time(r.started_at),
+                job_id=x.job_id,
+                vm_uuid=x.vm_uuid,
+                target_sr=x.target_sr,
+                attempt=x.attempt,
+                snapshot=x.snapshot,
+                replica=x.replica,
+                shape=x.shape,
+                disks=tuple(disks.get((x.job_id, x.vm_uuid, x.target_sr), ())),
+                started_at=text_time(x.started_at),
             )
-            for r in found
+            for x in found
         ]
-
-    def resume_of(self, job_id: str, vm_uuid: str, target_sr: str) -> ResumeRow | None:
-        return next(
-            (r for r in self.resumes(job_id) if (r.vm_uuid, r.target_sr) == (vm_uuid, target_sr)), None
-        )
 
     def forget_resume(self, job_id: str, vm_uuid: str, target_sr: str, attempt: str | None = None) -> None:
         """Drop the record (only if it is still ``attempt``'s, when given)."""
@@ -1181,6 +1206,68 @@ class StateDB:
             stmt = stmt.where(r.attempt == attempt)
         with self.transaction() as db:
             db.execute(stmt)
+
+    # -- retention
+
+    def prune_history(self, older_than: timedelta, *, batch: int = _CHUNK) -> int:
+        """Forget the finished runs started longer than ``older_than`` ago, by the clock that
+        stamps this database's records (``clock``), with their tasks, disks and DR-test
+        records with them), adding what their tasks counted to ``history_totals`` in the same
+        transaction: `job_totals`, the metrics' counters, is the same after as before. Kept
+        whatever their age (`_prunable`): each job's newest run and newest finished run, and the
+        runs of each (job, VM, target)'s newest task and newest successful task, which the RPO,
+        `xencr status` and the status page read. ``batch`` runs per transaction; two processes
+        pruning at once take turns (PostgreSQL: an advisory lock; SQLite: its one writer), so
+        nothing is counted twice. Returns how many runs were forgotten."""
+        cut = time_text(self._clock() - older_than)
+        forgotten = 0
+        while True:
+            with self.transaction() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(select(func.pg_advisory_xact_lock(_PRUNE_LOCK)))
+                ids = [int(row[0]) for row in conn.execute(_prunable(cut).limit(batch))]
+                if not ids:
+                    return forgotten
+                dialect = pg if conn.dialect.name == "postgresql" else lite
+                h, hf = history_totals.c, history_fulls.c
+                for job_id, worker, outcome, transfer, n, sent, cleaned in conn.execute(_counts(ids)).all():
+                    stmt = dialect.insert(history_totals).values(
+                        job_id=job_id,
+                        worker=worker,
+                        outcome=outcome,
+                        transfer=transfer,
+                        tasks=n,
+                        bytes_sent=sent,
+                        cleaned=cleaned,
+                    )
+                    conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=[h.job_id, h.worker, h.outcome, h.transfer],
+                            set_={
+                                "tasks": h.tasks + stmt.excluded.tasks,
+                                "bytes_sent": h.bytes_sent + stmt.excluded.bytes_sent,
+                                "cleaned": h.cleaned + stmt.excluded.cleaned,
+                            },
+                        )
+                    )
+                for job_id, reason, n in conn.execute(_fulls(ids)).all():
+                    stmt = dialect.insert(history_fulls).values(job_id=job_id, reason=reason, disks=n)
+                    conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=[hf.job_id, hf.reason],
+                            set_={"disks": hf.disks + stmt.excluded.disks},
+                        )
+                    )
+                # Children first: the same on both engines, whatever their foreign keys cascade.
+                of_runs = select(tasks.c.id).where(tasks.c.run_id.in_(ids))
+                conn.execute(delete(task_disks).where(task_disks.c.task_id.in_(of_runs)))
+                conn.execute(delete(tasks).where(tasks.c.run_id.in_(ids)))
+                conn.execute(delete(rehearsal_vms).where(rehearsal_vms.c.run_id.in_(ids)))
+                conn.execute(delete(rehearsals).where(rehearsals.c.run_id.in_(ids)))
+                conn.execute(delete(runs).where(runs.c.id.in_(ids)))
+                forgotten += len(ids)
+            if len(ids) < batch:
+                return forgotten
 
     # -- recovery
 
@@ -1232,6 +1319,66 @@ for _name, _method in list(vars(StateDB).items()):
         and _name not in ("transaction", "reading", "close")
     ):
         setattr(StateDB, _name, _again_when_rolled_back(_method))
+
+
+def _counts(run_ids: list[int] | None) -> Select[Any]:
+    """Per (job, worker, task outcome, transfer) of the finished tasks (of ``run_ids``; None:
+    all): how many, bytes sent, orphans cleaned (`job_totals`, `worker_totals`, `prune_history`).
+    The worker and the transfer are "" when none."""
+    t, r = tasks.c, runs.c
+    worker, transfer = func.coalesce(t.worker, ""), func.coalesce(t.transfer, "")
+    query = (
+        select(
+            r.job_id, worker, t.outcome, transfer, func.count(), func.sum(t.bytes_sent), func.sum(t.cleaned)
+        )
+        .select_from(tasks.join(runs, t.run_id == r.id))
+        .where(t.outcome != RUNNING)
+        .group_by(r.job_id, worker, t.outcome, transfer)
+    )
+    return query if run_ids is None else query.where(r.id.in_(run_ids))
+
+
+def _fulls(run_ids: list[int] | None) -> Select[Any]:
+    """Per (job, reason): disks sent in full by successful tasks (of ``run_ids``; None: all). A
+    disk's reason is "delta" (or continues a Xen Orchestra chain) unless it went full."""
+    t, r, d = tasks.c, runs.c, task_disks.c
+    query = (
+        select(r.job_id, d.reason, func.count())
+        .select_from(task_disks.join(tasks, d.task_id == t.id).join(runs, t.run_id == r.id))
+        .where(
+            t.outcome == "success",
+            d.reason != "delta",
+            d.reason.not_like("continues Xen Orchestra replica %"),
+        )
+        .group_by(r.job_id, d.reason)
+    )
+    return query if run_ids is None else query.where(r.id.in_(run_ids))
+
+
+def _prunable(cut: str) -> Select[Any]:
+    """The finished runs started before ``cut`` that `prune_history` may forget, oldest first:
+    not a job's newest run or newest finished run, nor the run of a (job, VM, target)'s newest
+    task or newest successful task."""
+    r, t = runs.c, tasks.c
+    per_target = (
+        select(func.max(t.id))
+        .select_from(tasks.join(runs, t.run_id == r.id))
+        .group_by(r.job_id, t.vm_uuid, t.target_sr)
+    )
+    kept_by_tasks = select(t.run_id).where(
+        or_(t.id.in_(per_target), t.id.in_(per_target.where(t.outcome == "success")))
+    )
+    return (
+        select(r.id)
+        .where(
+            r.started_at < cut,
+            r.outcome != RUNNING,
+            r.id.not_in(select(func.max(r.id)).group_by(r.job_id)),
+            r.id.not_in(select(func.max(r.id)).where(r.outcome != RUNNING).group_by(r.job_id)),
+            r.id.not_in(kept_by_tasks),
+        )
+        .order_by(r.id)
+    )
 
 
 def _new_id(result: CursorResult[Any]) -> int:

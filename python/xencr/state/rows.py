@@ -253,6 +253,15 @@ class JobTotals:
     last_finished: RunRow | None  # the newest finished run
 
 
+@dataclass
+class WorkerTotals:
+    """What the tasks a cluster worker ran add up to (its metrics' counters)."""
+
+    worker: str
+    tasks: dict[str, int]  # outcome -> finished tasks
+    bytes_sent: int
+
+
 @dataclass(frozen=True)
 class RunSums:
     """What one run's finished tasks add up to (the status page's chart of a run)."""

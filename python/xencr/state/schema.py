@@ -302,6 +302,30 @@ resume_disks = Table(
     ),
 )
 
+# What forgotten history added up to (`StateDB.prune_history`): the metrics' counters add it to
+# what is still recorded, so that forgetting old runs never moves a counter backwards.
+history_totals = Table(
+    "history_totals",
+    metadata,
+    _text("job_id", nullable=False),
+    _text("worker", nullable=False),  # the cluster worker that ran the tasks ("" for a host alone)
+    _text("outcome", nullable=False),
+    _text("transfer", nullable=False),  # "" when none
+    _int("tasks", BIG, default=0),
+    _int("bytes_sent", BIG, default=0),
+    _int("cleaned", BIG, default=0),
+    PrimaryKeyConstraint("job_id", "worker", "outcome", "transfer"),
+)
+
+history_fulls = Table(
+    "history_fulls",
+    metadata,
+    _text("job_id", nullable=False),
+    _text("reason", nullable=False),
+    _int("disks", BIG, default=0),
+    PrimaryKeyConstraint("job_id", "reason"),
+)
+
 # Several workers sharing a PostgreSQL state (`xencr.coordination`). Every time here is the
 # database server's (one clock for every host), as fixed-width text like the others.
 workers = Table(
