@@ -27,7 +27,9 @@ pgenv="$(.venv/bin/python tests/pgcluster.py start "$pgdir")"
 eval "$pgenv"
 export XENCR_TEST_PG XENCR_TEST_PG_PASSWORD
 set +e
-.venv/bin/python -m pytest -q "$@" 2>&1 | tee "$log"
+# Two processes (the machine's two cores): a test file stays in one (`--dist loadfile`), since a
+# module's tests share its simulator and build on each other. XENCR_TEST_PROCESSES=0: one process.
+.venv/bin/python -m pytest -q -n "${XENCR_TEST_PROCESSES:-2}" --dist loadfile "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 closing="$(grep -E '^=*.* in [0-9.]+s' "$log" | tail -1 || true)"
