@@ -253,3 +253,27 @@ def test_history_shows_skips_interruptions_and_cleanups(tmp_path: Path) -> None:
     assert "    error: cancelled: shutting down" in lines
     code, out, _ = run("history", "--config", str(cfg_path), "--since", "1h", "--json")
     assert code == 0 and [r["id"] for r in json.loads(out)] == [ids["r2"]]
+
+
+def test_history_shows_the_newest_runs_unless_asked_for_all(tmp_path: Path) -> None:
+    cfg_path = write_config(tmp_path)
+    fill(cfg_path, datetime.now(UTC))
+    with StateDB(load_config(cfg_path).state) as db:
+        extra = []
+        for i in range(3):
+            run_id = db.start_run("job-x", "x", None, "manual")
+            db.finish_task(db.start_task(run_id, f"vm-{i}", f"x-{i}", "sr"), "success", bytes_sent=i)
+            db.finish_run(run_id, "success")
+            extra.append(run_id)
+        every = [r.id for r in db.runs()]
+    code, out, _ = run("history", "--config", str(cfg_path), "--last", "2", "--json")
+    shown = json.loads(out)
+    assert code == 0 and [r["id"] for r in shown] == extra[-2:], "the newest, oldest first"
+    assert [[t["vm_name"] for t in r["tasks"]] for r in shown] == [["x-1"], ["x-2"]]
+    code, out, _ = run("history", "--config", str(cfg_path), "--last", "2")
+    assert code == 0 and out.count("\nrun ") + out.startswith("run ") == 2
+    assert out.endswith("(the newest 2 runs; --last 0 shows all, --since narrows)\n"), out
+    code, out, _ = run("history", "--config", str(cfg_path), "--last", "0", "--json")
+    assert code == 0 and [r["id"] for r in json.loads(out)] == every
+    code, out, _ = run("history", "--config", str(cfg_path))
+    assert code == 0 and "--last 0 shows all" not in out, "100 by default: all of these"

@@ -81,6 +81,10 @@ def history_command(
             "--since", metavar="WHEN", help="Only runs started since: 2h, 1d, or an ISO date (UTC)."
         ),
     ] = None,
+    last: Annotated[
+        int,
+        typer.Option("--last", metavar="N", min=0, help="Only the newest N runs (default 100; 0: all)."),
+    ] = 100,
     json: JsonFlag = False,
     config: ConfigOption = None,
     state: Annotated[
@@ -91,9 +95,10 @@ def history_command(
     ] = None,
 ) -> None:
     """Show past runs, oldest first, each with its tasks (one per VM and target): outcome, full or
-    delta and why per disk, bytes, duration, errors.
+    delta and why per disk, bytes, duration, errors. The newest 100 unless ``--last`` says
+    otherwise (a cluster records one run per VM and fire).
 
-    Example:  xencr history web --since 1d
+    Example:  xencr history web --since 1d --last 0
     """
     now = datetime.now(UTC)
     try:
@@ -120,7 +125,8 @@ def history_command(
         return
     with StateDB(where) as db:
         db.mark_interrupted()  # a run whose process died shows as interrupted, not running
-        found = runs_with_tasks(db, job_ref, since_t)
+        found = runs_with_tasks(db, job_ref, since_t, last=last or None)
+        more = bool(last) and len(found) == last and len(db.runs(job_ref, since_t, limit=last + 1)) > last
         if json:
             print_json([run_json(r, tasks) for r, tasks in found])
             return
@@ -135,3 +141,5 @@ def history_command(
             if i:
                 typer.echo("")
             typer.echo("\n".join(run_lines(r, tasks)))
+        if more:
+            typer.echo(f"\n(the newest {last} runs; --last 0 shows all, --since narrows)")

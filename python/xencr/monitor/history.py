@@ -24,15 +24,17 @@ def parse_since(text: str, now: datetime) -> datetime:
 
 
 def runs_with_tasks(
-    db: StateDB, job: str | None = None, since: datetime | None = None
+    db: StateDB, job: str | None = None, since: datetime | None = None, *, last: int | None = None
 ) -> list[tuple[RunRow, list[TaskRow]]]:
-    """The runs of ``job`` (name or id; all jobs when None) started at or after ``since``, oldest
-    first, each with its tasks."""
-    runs = db.runs(job=job, since=since)
-    # One query for all their tasks rather than one per run (a long history has thousands).
+    """The runs of ``job`` (name or id; all jobs when None) started at or after ``since`` (only
+    the newest ``last`` of them, when given), oldest first, each with its tasks."""
+    runs = db.runs(job=job, since=since, limit=last)
+    # One query for all their tasks rather than one per run (a long history has thousands), from
+    # the oldest run shown on (a cluster records a run per VM: millions before it).
     tasks: dict[int, list[TaskRow]] = {r.id: [] for r in runs}
-    for t in db.all_tasks(job=job, since=since):
-        tasks.setdefault(t.run_id, []).append(t)
+    for t in db.all_tasks(job=job, since=runs[0].started_at if runs else since):
+        if t.run_id in tasks:
+            tasks[t.run_id].append(t)
     return [(r, tasks[r.id]) for r in runs]
 
 
