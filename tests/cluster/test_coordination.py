@@ -6,7 +6,7 @@ database's view of a worker that stopped heartbeating), never by waiting."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,11 +14,13 @@ from sqlalchemy import select, update
 
 from xencr.config import StateLocation, WorkerConfig
 from xencr.coordination import Holding, Worker, WorkerNameInUse
+from xencr.coordination import leases as leasemod
 from xencr.coordination import queue as q
+from xencr.coordination import slots as slotsmod
 from xencr.coordination.slots import in_use
 from xencr.coordination.view import cluster_view
-from xencr.service.limits import Slot, SlotCancelled
-from xencr.state import StateDB
+from xencr.service.limits import Slot, SlotCancelled, SlotsUnavailable
+from xencr.state import StateDB, StateError
 from xencr.state.rows import time_text
 from xencr.state.schema import leases, queue, slots, workers
 
@@ -83,6 +85,55 @@ def test_a_lapsed_or_stopped_holders_lease_is_taken_over_and_never_committed_by_
     assert c.locker.try_lock(VM, "sr-2", "web") is not None
     c.worker.stop()
     assert b.locker.try_lock(VM, "sr-2", "web") is not None
+
+
+def test_a_lapsed_lease_is_lost_even_when_nobody_took_it(db: StateDB) -> None:
+    a = Holding.of(worker(db, "A"))
+    assert a.locker.try_lock(VM, SR, "web") is not None
+    lapse(db, "A")
+    assert not a.locker.still_held(VM, SR), "its task may be running again elsewhere"
+
+
+def test_a_worker_whose_name_was_taken_over_renews_nothing(db: StateDB) -> None:
+    old = worker(db, "A")
+    lapse(db, "A")  # cut off past its lease: the name is free
+    new = worker(db, "A")  # another process takes it
+    assert Holding.of(new).locker.try_lock(VM, SR, "web") is not None
+    past = time_text(datetime(2000, 1, 1, tzinfo=UTC))
+    with db.transaction() as conn:
+        conn.execute(update(leases).values(expires_at=past))
+    assert not old.renew(), "the old life's claims are gone; the new one's are not its to renew"
+    with db.reading() as conn:
+        assert conn.execute(select(leases.c.expires_at)).scalar_one() == past
+    assert new.renew()
+    with db.reading() as conn:
+        assert conn.execute(select(leases.c.expires_at)).scalar_one() > past
+
+
+def test_a_claim_whose_answer_was_lost_is_given_back(db: StateDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease or slots taken in a commit whose answer never came (the database went away for
+    longer than the retries): given back at the next heartbeat, never renewed for ever."""
+
+    def answer_lost(attempt: Callable[[], object], **_: object) -> object:
+        attempt()  # committed...
+        raise StateError("PostgreSQL test: server closed the connection unexpectedly")  # ...unanswered
+
+    w = worker(db, "A")
+    h = Holding.of(w)
+    monkeypatch.setattr(leasemod, "retried", answer_lost)
+    monkeypatch.setattr(slotsmod, "retried", answer_lost)
+    with pytest.raises(StateError):
+        h.locker.try_lock(VM, SR, "web")
+    unavailable = pytest.raises(SlotsUnavailable, match="transfer slots unavailable: PostgreSQL test")
+    with unavailable, h.slots.transfer_slots([Slot("export", "a", 1)]):
+        pass
+    with db.reading() as conn:
+        assert conn.execute(select(leases.c.worker)).scalars().all() == ["A"]
+        assert conn.execute(select(slots.c.worker)).scalars().all() == ["A"]
+    assert w.renew()
+    with db.reading() as conn:
+        assert conn.execute(select(leases.c.worker)).scalars().all() == []
+        assert conn.execute(select(slots.c.worker)).scalars().all() == []
 
 
 def test_a_worker_name_in_use_by_a_live_worker_elsewhere_is_refused(db: StateDB) -> None:
@@ -182,6 +233,12 @@ def test_a_fire_is_claimed_once_and_records_the_last_fire(db: StateDB) -> None:
         t.join()
     assert len(won) == 1
     assert db.fires() == {("job-a", "tick"): (T0, T0 + timedelta(minutes=1))}
+    # The fire's one task for the whole job came with the claim (a winner that dies loses no
+    # fire), and the winner asking again (its commit's answer lost) finds its own claim.
+    assert [(r.vm_uuid, r.state) for r in q.rows(db)] == [(q.WHOLE_JOB, "pending")]
+    assert q.claim_fire(db, fire(), won[0], T0 + timedelta(minutes=1))
+    assert not q.claim_fire(db, fire(), "another", T0 + timedelta(minutes=1))
+    assert len(q.rows(db)) == 1
     # A worker recording only next fires never moves the last one back.
     with db.transaction() as conn:
         q.record_fires(
@@ -205,7 +262,8 @@ def test_claims_keep_job_concurrency_and_affinity_across_workers(db: StateDB) ->
     assert got is not None and got.job_id == "job-c" and got.worker == "C"
     first = claimed[0]
     assert first is not None and q.finish(db, first, "success")
-    assert not q.finish(db, first, "success"), "finished once"
+    assert q.finish(db, first, "success"), "a finish retried (its answer lost) finds it done"
+    assert [r.outcome for r in q.rows(db, state="done") if r.id == first.id] == ["success"]
     nxt = q.claim_next(db, wb, jobs_a)
     assert nxt is not None and nxt.vm_name == "vm2"
     view = cluster_view(db)

@@ -14,11 +14,12 @@ Rules:
   of ``every`` since the epoch); the first to insert (job, schedule, fire time) owns the fire,
   so a schedule fires once cluster-wide. The owner records the last fire for everyone (status
   shows the same next and last fire from any host).
-- **Tasks** (`queue`). The owner of a fire that may touch the job's pools asks the source pool
-  for the job's VMs and queues one task per VM; one that may not queues one task for the whole
-  job, which a worker that may touch them expands (or which stays, reported, until one comes).
-  A newer fire of the same (job, schedule, VM) supersedes a task still pending: missed ticks are
-  not queued, as on one host.
+- **Tasks** (`queue`). The owner of a fire queues, in the transaction that claims it, one task
+  for the whole job; a worker that may touch the job's pools claims it like any task, asks the
+  source pool for the job's VMs and queues one task per VM (a winner or an expander that dies
+  loses no fire: its claim lapses and another worker expands the task); while no live worker
+  may touch the pools it stays, reported. A newer fire of the same (job, schedule, VM)
+  supersedes a task still pending: missed ticks are not queued, as on one host.
 - **Claims** (`queue.claim_next`). A worker claims the oldest pending task of a job whose pools it
   may all touch (``[worker] pools``; empty: all) with ``SELECT ... FOR UPDATE SKIP LOCKED``, and
   a numbered job slot with it (`slots`: ``n < concurrency``), so a job's concurrency holds across

@@ -3,9 +3,9 @@ daemon, or unregistered for a manual run), its `LeaseLocker` and its `DbSlots`."
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,8 +16,6 @@ from xencr.coordination.slots import DbSlots
 from xencr.coordination.worker import Worker
 from xencr.service.locks import FileLocker, Locker, lock_dir
 from xencr.state import StateDB, open_state
-
-_runs = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -38,9 +36,9 @@ def holding(db: StateDB, settings: WorkerConfig) -> Iterator[Holding]:
     """Leases and slots for one manual run (`xencr run` with a PostgreSQL state): held under
     ``<hostname>-<pid>`` (no worker row), renewed by a heartbeat while the block runs, all given
     back at its end."""
-    # Several runs of one process hold apart: one's end must not release another's claims.
-    n = next(_runs)
-    name = f"{socket.gethostname()}-{os.getpid()}" + (f"-{n}" if n > 1 else "")
+    # Several runs of one process hold apart (one's end must not release another's claims), and
+    # so do processes of hosts that share a name and pids (containers): a random part.
+    name = f"{socket.gethostname()}-{os.getpid()}-run-{uuid.uuid4().hex[:6]}"
     worker = Worker(db, WorkerConfig(name=name, lease=settings.lease, slots=1), register=False)
     worker.start()
     try:

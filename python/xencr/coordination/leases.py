@@ -9,12 +9,13 @@ worker that lost it (cut off from the database longer than the lease) never comm
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 
 from sqlalchemy import delete, select, update
 
-from xencr.coordination.sql import insert, lapsed, now_text, retried
+from xencr.coordination.sql import insert, lapsed, now_text, retried, standing
 from xencr.coordination.worker import Worker
 from xencr.service.locks import Held, Holder
 from xencr.state import StateError
@@ -86,7 +87,14 @@ class LeaseLocker:
                 got: str | None = conn.execute(stmt).scalar()
                 return got
 
-        if retried(attempt, seconds=self.worker.lease / 2) != token:
+        try:
+            got = retried(attempt, seconds=self.worker.lease / 2)
+        except StateError:
+            # It may have committed with its answer lost: a lease nobody holds must not stay
+            # (the heartbeat would renew it for ever).
+            self.worker.defer_release(functools.partial(self._delete, token))
+            raise
+        if got != token:
             return None
         with self._lock:
             self._held[(vm, sr)] = token
@@ -116,8 +124,14 @@ class LeaseLocker:
 
         def attempt() -> bool:
             with self.worker.db.transaction() as conn:
-                until = now_text(conn, self.worker.lease)
-                renewed = conn.execute(update(leases).where(leases.c.token == token).values(expires_at=until))
+                until, c = now_text(conn, self.worker.lease), leases.c
+                # Only while it stands: a lapsed lease nobody took yet is lost all the same (the
+                # task may have gone back to the queue, to run again elsewhere).
+                renewed = conn.execute(
+                    update(leases)
+                    .where(c.token == token, standing(c.expires_at, c.worker, now_text(conn)))
+                    .values(expires_at=until)
+                )
                 return renewed.rowcount == 1
 
         try:
@@ -130,11 +144,11 @@ class LeaseLocker:
             if self._held.get(lease.key) == lease.token:
                 del self._held[lease.key]
 
-        def attempt() -> None:
-            with self.worker.db.transaction() as conn:
-                conn.execute(delete(leases).where(leases.c.token == lease.token))
-
         try:
-            attempt()
+            self._delete(lease.token)
         except StateError:
-            self.worker.defer_release(attempt)
+            self.worker.defer_release(functools.partial(self._delete, lease.token))
+
+    def _delete(self, token: str) -> None:
+        with self.worker.db.transaction() as conn:
+            conn.execute(delete(leases).where(leases.c.token == token))

@@ -100,17 +100,32 @@ def _row(r: Any) -> QueueRow:
 
 def claim_fire(db: StateDB, fire: Fire, worker: str, next_fire: datetime | None) -> bool:
     """Whether ``worker`` is the first to claim this fire; the winner records it as the
-    schedule's last fire (and ``next_fire``) for every host's status."""
+    schedule's last fire (and ``next_fire``) for every host's status, and queues, in the same
+    transaction, one task for the whole job, which a worker that may touch its pools expands
+    into one task per VM: a winner that dies at once loses no fire."""
     with db.transaction() as conn:
         key = {"job_id": fire.job_id, "schedule_id": fire.schedule_id, "fire_at": time_text(fire.fire_at)}
-        stmt = insert(conn, fire_claims).values(**key, worker=worker, claimed_at=now_text(conn))
-        won = conn.execute(stmt.on_conflict_do_nothing().returning(fire_claims.c.worker)).scalar() == worker
+        conn.execute(
+            insert(conn, fire_claims)
+            .values(**key, worker=worker, claimed_at=now_text(conn))
+            .on_conflict_do_nothing()
+        )
+        # Read back rather than trust RETURNING: a retry after a commit whose answer was lost
+        # finds its own claim (the insert then does nothing).
+        c = fire_claims.c
+        owner = conn.execute(
+            select(c.worker).where(
+                c.job_id == fire.job_id, c.schedule_id == fire.schedule_id, c.fire_at == key["fire_at"]
+            )
+        ).scalar()
+        won = owner == worker
         if won:
             record_fires(
                 conn,
                 {(fire.job_id, fire.schedule_id): next_fire},
                 last={(fire.job_id, fire.schedule_id): fire.fire_at},
             )
+            _enqueue(conn, fire, [QueuedVm(WHOLE_JOB, "all VMs of the job")])
     return won
 
 
@@ -152,20 +167,24 @@ def enqueue(db: StateDB, fire: Fire, vms: Iterable[QueuedVm]) -> int:
     """Queue one task per VM of the fire (a task already queued for it stays as it is); a pending
     task of an older fire of the same (job, schedule, VM) is superseded. How many were queued."""
     with db.transaction() as conn:
-        added = 0
-        for vm in vms:
-            stmt = insert(conn, queue).values(
-                job_id=fire.job_id,
-                schedule_id=fire.schedule_id,
-                fire_at=time_text(fire.fire_at),
-                vm_uuid=vm.uuid,
-                vm_name=vm.name,
-                pools=pools_text(fire.pools),
-                state=PENDING,
-                enqueued_at=now_text(conn),
-            )
-            added += conn.execute(stmt.on_conflict_do_nothing().returning(queue.c.id)).first() is not None
-        _supersede(conn, [fire.job_id])
+        return _enqueue(conn, fire, vms)
+
+
+def _enqueue(conn: Connection, fire: Fire, vms: Iterable[QueuedVm]) -> int:
+    added = 0
+    for vm in vms:
+        stmt = insert(conn, queue).values(
+            job_id=fire.job_id,
+            schedule_id=fire.schedule_id,
+            fire_at=time_text(fire.fire_at),
+            vm_uuid=vm.uuid,
+            vm_name=vm.name,
+            pools=pools_text(fire.pools),
+            state=PENDING,
+            enqueued_at=now_text(conn),
+        )
+        added += conn.execute(stmt.on_conflict_do_nothing().returning(queue.c.id)).first() is not None
+    _supersede(conn, [fire.job_id])
     return added
 
 
@@ -245,7 +264,9 @@ def claim_next(db: StateDB, worker: Worker, jobs: Mapping[str, int]) -> QueueRow
 def set_run(db: StateDB, row: QueueRow, run_id: int) -> None:
     """The run that runs a claimed task (closed as interrupted if its worker stops heartbeating)."""
     with db.transaction() as conn:
-        conn.execute(update(queue).where(queue.c.token == row.token).values(run_id=run_id))
+        conn.execute(
+            update(queue).where(queue.c.id == row.id, queue.c.token == row.token).values(run_id=run_id)
+        )
 
 
 def finish(db: StateDB, row: QueueRow, outcome: str) -> bool:
@@ -254,11 +275,16 @@ def finish(db: StateDB, row: QueueRow, outcome: str) -> bool:
     with db.transaction() as conn:
         done = conn.execute(
             update(queue)
-            .where(queue.c.token == row.token, queue.c.state == CLAIMED)
+            .where(queue.c.id == row.id, queue.c.token == row.token, queue.c.state == CLAIMED)
             .values(state=DONE, outcome=outcome, finished_at=now_text(conn), expires_at=None)
         )
         slotmod.release(conn, row.token or "")
-        return done.rowcount == 1
+        if done.rowcount == 1:
+            return True
+        # Still this claim's and done: a retry of a finish whose answer was lost.
+        q = queue.c
+        state = conn.execute(select(q.state).where(q.id == row.id, q.token == row.token)).scalar()
+        return bool(state == DONE)
 
 
 def requeue(db: StateDB, row: QueueRow) -> None:
@@ -266,7 +292,7 @@ def requeue(db: StateDB, row: QueueRow) -> None:
     with db.transaction() as conn:
         conn.execute(
             update(queue)
-            .where(queue.c.token == row.token, queue.c.state == CLAIMED)
+            .where(queue.c.id == row.id, queue.c.token == row.token, queue.c.state == CLAIMED)
             .values(state=PENDING, worker=None, token=None, slot=None, claimed_at=None, expires_at=None)
         )
         slotmod.release(conn, row.token or "")

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, delete, func, select
 
 from xencr.coordination.sql import insert, lapsed, now_text, retried, standing
 from xencr.coordination.worker import Worker
-from xencr.service.limits import Slot, SlotCancelled
+from xencr.service.limits import Slot, SlotCancelled, SlotsUnavailable
 from xencr.state import StateError
 from xencr.state.schema import slots
 
@@ -152,13 +152,22 @@ class DbSlots:
         try:
             return retried(attempt, seconds=self.worker.lease, stop=stop)
         except StateError as err:
-            raise SlotCancelled(f"transfer slots unavailable: {err}") from None
+            # A take may have committed with its answer lost: its slots must not stay held (the
+            # heartbeat would renew them for ever).
+            self._release(token, now=False)
+            raise SlotsUnavailable(f"transfer slots unavailable: {err}") from None
 
-    def _release(self, token: str) -> None:
+    def _release(self, token: str, *, now: bool = True) -> None:
+        """Give back the slots of ``token``; if the database does not answer (or ``now`` is off),
+        before the worker's next renewal (`Worker.defer_release`)."""
+
         def attempt() -> None:
             with self.worker.db.transaction() as conn:
                 release(conn, token)
 
+        if not now:
+            self.worker.defer_release(attempt)
+            return
         try:
             attempt()
         except StateError:

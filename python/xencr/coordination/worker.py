@@ -128,6 +128,7 @@ class Worker:
         self._renewed = time.monotonic()  # when the last successful renewal was sent
         self._releases: list[Callable[[], None]] = []  # releases that failed, retried each beat
         self._lock = threading.Lock()
+        self._started = ""  # the registered row's started_at (`_register`)
 
     @property
     def period(self) -> float:
@@ -150,8 +151,8 @@ class Worker:
             found = conn.execute(select(workers).where(workers.c.name == self.name).with_for_update()).first()
             if found is not None:
                 other = _row(found)
-                if other.alive(now) and (other.host, other.pid) != (host, pid):
-                    # Not taken over even on this host with that pid gone: hosts may share a name.
+                if other.alive(now):
+                    # Refused even from this host and pid: containers share hostnames and pids.
                     free_in = max(1, round(other.lease_seconds - other.heartbeat_age(now)))
                     raise WorkerNameInUse(
                         f"worker {self.name} is running on host {other.host} (pid {other.pid}, heartbeat "
@@ -173,6 +174,7 @@ class Worker:
                             error=func.coalesce(table.c.error, why),
                         )
                     )
+            self._started = time_text(now)  # this life's mark: `renew` renews only its own row
             conn.execute(
                 workers.insert().values(
                     name=self.name,
@@ -181,7 +183,7 @@ class Worker:
                     pools=pools_text(self.pools),
                     slots=self.capacity,
                     lease_seconds=max(1, round(self.lease)),
-                    started_at=time_text(now),
+                    started_at=self._started,
                     heartbeat_at=time_text(now),
                     stopped_at=None,
                 )
@@ -207,13 +209,14 @@ class Worker:
             log.warning("worker %s: claims not released (they lapse after the lease): %s", self.name, err)
 
     def _release_all(self, conn: Connection) -> None:
-        conn.execute(delete(leases).where(leases.c.worker == self.name))
-        conn.execute(delete(slots).where(slots.c.worker == self.name))
+        # In `renew`'s order (see there).
         conn.execute(
             update(queue)
             .where(queue.c.worker == self.name, queue.c.state == CLAIMED)
             .values(state=PENDING, worker=None, token=None, slot=None, claimed_at=None, expires_at=None)
         )
+        conn.execute(delete(slots).where(slots.c.worker == self.name))
+        conn.execute(delete(leases).where(leases.c.worker == self.name))
 
     # -- the heartbeat
 
@@ -226,16 +229,26 @@ class Worker:
             with self.db.transaction() as conn:
                 until = now_text(conn, self.lease)
                 if self.register:
-                    conn.execute(
-                        update(workers).where(workers.c.name == self.name).values(heartbeat_at=now_text(conn))
+                    w = workers.c
+                    mine = conn.execute(
+                        update(workers)
+                        .where(w.name == self.name, w.started_at == self._started, w.stopped_at.is_(None))
+                        .values(heartbeat_at=now_text(conn))
                     )
-                conn.execute(update(leases).where(leases.c.worker == self.name).values(expires_at=until))
-                conn.execute(update(slots).where(slots.c.worker == self.name).values(expires_at=until))
+                    if mine.rowcount != 1:
+                        # Another process registered this name after this one's lease lapsed:
+                        # its claims are not ours to renew.
+                        log.warning("worker %s: its row belongs to another process now", self.name)
+                        return False
+                # Queue rows, then slots, then leases: the order `queue.finish` locks them in (the
+                # other order deadlocks with a task finishing on this worker).
                 conn.execute(
                     update(queue)
                     .where(queue.c.worker == self.name, queue.c.state == CLAIMED)
                     .values(expires_at=until)
                 )
+                conn.execute(update(slots).where(slots.c.worker == self.name).values(expires_at=until))
+                conn.execute(update(leases).where(leases.c.worker == self.name).values(expires_at=until))
         except StateError as err:
             log.warning("worker %s: heartbeat failed: %s", self.name, err)
             return False

@@ -236,7 +236,8 @@ def run_configured(
             spec = dataclasses.replace(spec, locker=h.locker, slots=h.slots)
         else:
             spec = dataclasses.replace(spec, locker=FileLocker(lock_dir(config.state.local_path)))
-        db.mark_interrupted()
+        if placement is None:  # a cluster's housekeeping closes the runs of dead workers
+            db.mark_interrupted()
         run_id = db.start_run(job.id, job.name, spec.schedule_id, trigger)
         try:
             if placement is not None:

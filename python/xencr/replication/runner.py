@@ -546,7 +546,8 @@ def _attempts(run: _VmRun, t: Target, tr: TargetResult) -> None:
             )
             tr.outcome = "failure"
             if timed_out:
-                tr.error = f"timed out after {job.vm_timeout:g}s ({_error_line(err)})"
+                limit = f" after {job.vm_timeout:g}s" if job.vm_timeout is not None else ""
+                tr.error = f"timed out{limit} ({_error_line(err)})"
                 run.progress(f"{name} -> {t.name}: {tr.error}")
                 return
             tr.error = _error_line(err)
@@ -895,6 +896,8 @@ def _send(
     try:
         with job.slots.transfer_slots(slots, cancel=job.cancel, deadline=deadline):
             return _copy(src, t.session, dp, vdi, job, deadline, hook, start, recorder)
+    except limits.SlotsUnavailable as err:  # a cluster's state database out of reach
+        raise TransferError(f"{name}: {err}") from None
     except limits.SlotCancelled as err:
         raise (TransferCancelled if _cancelled(job) else TransferTimeout)(str(err)) from None
     finally:

@@ -1,8 +1,9 @@
 """The daemon as a worker of a cluster (a PostgreSQL state; the rules are `xencr.coordination`'s):
-it registers, heartbeats, claims the fires that come due and queues their tasks, runs
-``[worker] slots`` consumer threads that claim tasks and run each as one run of its job for one
-VM (database leases and slots, the run and its tasks naming the worker), and on every heartbeat
-puts back the tasks of workers that stopped answering and reports tasks no live worker may take.
+it registers, heartbeats, claims the fires that come due (each with one task for the whole job),
+and runs ``[worker] slots`` consumer threads that claim tasks: a whole job's task is expanded
+into one task per VM, each of those run as one run of its job for one VM (database leases and
+slots, the run and its tasks naming the worker). On every heartbeat it puts back the tasks of
+workers that stopped answering and reports tasks no live worker may take.
 
 A state database that stops answering is waited for (`PATIENCE` seconds per statement, retried
 with backoff); a task that could not start for that reason goes back to the queue. A stop gives
@@ -81,7 +82,11 @@ class ClusterWork:
         # longer than a heartbeat period, so that losing the database is noticed within a lease.
         self.db: StateDB = open_state(cfg, worker=self.name, patience=PATIENCE)
         self._beat_db: StateDB = open_state(cfg, patience=cfg.worker.lease / 3)
-        self.worker = Worker(self._beat_db, cfg.worker, on_lost=self._lost, on_beat=self._housekeeping)
+        # Housekeeping after each heartbeat, on a thread and connection of its own: its
+        # statements, slow or failing, never hold up the next renewal.
+        self._chores_db: StateDB = open_state(cfg, patience=cfg.worker.lease / 3)
+        self._chores = threading.Event()
+        self.worker = Worker(self._beat_db, cfg.worker, on_lost=self._lost, on_beat=self._chores.set)
         self.holding = Holding.of(self.worker)
         self._stopping = threading.Event()
         self._wake = threading.Condition()
@@ -90,7 +95,6 @@ class ClusterWork:
         self._cancelled = False  # the daemon's stop cancelled what runs: so is what starts
         self._consumers: list[threading.Thread] = []
         self._busy: set[threading.Thread] = set()
-        self._helpers: set[threading.Thread] = set()  # queueing a fire's VMs
         self._reported: set[int] = set()  # unserved tasks already logged
         self._claimed: set[int] = set()  # queue ids the consumers run now
         self._pruned = 0.0
@@ -110,6 +114,7 @@ class ClusterWork:
             t = threading.Thread(target=self._consume, name=f"task-{i}", daemon=True)
             self._consumers.append(t)
             t.start()
+        threading.Thread(target=self._keep_house, name="housekeeping", daemon=True).start()
         self.log(
             "worker_started",
             worker=self.name,
@@ -130,9 +135,9 @@ class ClusterWork:
             self._wake.notify_all()
 
     def busy(self) -> list[threading.Thread]:
-        """Threads running a task or queueing a fire now."""
+        """Threads running a task (or expanding a fire's whole-job task) now."""
         with self._lock:
-            return [t for t in self._busy | self._helpers if t.is_alive()]
+            return [t for t in self._busy if t.is_alive()]
 
     def cancel_all(self) -> None:
         """Cut every task running now (and any that starts from now on, until a heartbeat renews
@@ -151,12 +156,14 @@ class ClusterWork:
     def close(self) -> None:
         self.db.close()
         self._beat_db.close()
+        self._chores_db.close()
 
     # -- fires
 
     def fire(self, job: JobConfig, schedule_id: str, fire_at: datetime, next_fire: datetime | None) -> None:
-        """A due fire: claimed once cluster-wide; the winner queues its tasks (a thread asks the
-        source pool for the VMs, so that the loop goes on)."""
+        """A due fire: claimed once cluster-wide, with one task for the whole job that a
+        consumer of any worker that may touch its pools claims and expands into one task per VM
+        (reported, while none may)."""
         f = Fire(job.id, schedule_id, fire_at, job_pools(job))
         try:
             won = retried(lambda: tasks.claim_fire(self.db, f, self.name, next_fire), seconds=PATIENCE)
@@ -166,24 +173,8 @@ class ClusterWork:
         if not won:
             return
         self.log("fired", job=job.name, schedule=schedule_id, fire_at=fire_at, worker=self.name)
-        if not self.serves(f.pools):
-            # This worker may not touch the job's pools: one task for the whole job, for a worker
-            # that may (or reported, if none may).
-            self._queue(f, [QueuedVm(tasks.WHOLE_JOB, f"all VMs of job {job.name}")])
-            return
-        helper = threading.Thread(target=self._queue_vms, args=(job, f), name=f"fire-{job.name}", daemon=True)
-        with self._lock:
-            self._helpers.add(helper)
-        helper.start()
-
-    def _queue_vms(self, job: JobConfig, f: Fire) -> None:
-        try:
-            vms = self._vms(job, f.schedule_id)
-            if vms is not None:
-                self._queue(f, vms)
-        finally:
-            with self._lock:
-                self._helpers.discard(threading.current_thread())
+        with self._wake:
+            self._wake.notify_all()
 
     def _vms(self, job: JobConfig, schedule_id: str) -> list[QueuedVm] | None:
         """The job's VMs now, or None when the source pool could not be asked (recorded as a
@@ -199,15 +190,17 @@ class ClusterWork:
                 self.log("state_error", job=job.name, error=str(again))
             return None
 
-    def _queue(self, f: Fire, vms: list[QueuedVm]) -> None:
+    def _queue(self, f: Fire, vms: list[QueuedVm]) -> bool:
+        """Queue the VMs' tasks; False when the database did not take them (logged)."""
         try:
             n = retried(lambda: tasks.enqueue(self.db, f, vms), seconds=PATIENCE)
         except StateError as err:
             self.log("state_error", job=self._name(f.job_id), schedule=f.schedule_id, error=str(err))
-            return
+            return False
         self.log("queued", job=self._name(f.job_id), schedule=f.schedule_id, fire_at=f.fire_at, tasks=n)
         with self._wake:
             self._wake.notify_all()
+        return True
 
     def record_fires(self, nexts: dict[tuple[str, str], datetime | None]) -> None:
         """Every pair's next fire (the same on every worker); the last fire stays the winner's."""
@@ -257,9 +250,12 @@ class ClusterWork:
             return
         if row.whole_job:
             vms = self._vms(job, row.schedule_id)
-            if vms is not None:
-                self._queue(Fire(row.job_id, row.schedule_id, row.fire_at, row.pools), vms)
-            self._done(row, tasks.EXPANDED if vms is not None else "failure")
+            if vms is None:
+                self._done(row, "failure")  # recorded as a failed run of the job
+            elif self._queue(Fire(row.job_id, row.schedule_id, row.fire_at, row.pools), vms):
+                self._done(row, tasks.EXPANDED)
+            else:
+                self._again(row)  # the database is out of reach: expanded later, here or elsewhere
             return
         cancel = threading.Event()
         with self._lock:
@@ -328,25 +324,34 @@ class ClusterWork:
         self.log("worker_lost_claims", worker=self.name, msg=why + "; cancelling its tasks")
         self.cancel_all()
 
-    def _housekeeping(self) -> None:
-        """On the heartbeat's thread and connection (which waits no longer than a heartbeat
-        period): a database out of reach must not hold up the next renewal."""
+    def _keep_house(self) -> None:
+        while not self._stopping.is_set():
+            if not self._chores.wait(self.worker.period):
+                continue
+            self._chores.clear()
+            try:
+                self._housekeeping(self._chores_db)
+            except Exception as err:  # logged; the next heartbeat's turn tries again
+                self.log("state_error", worker=self.name, msg="housekeeping failed", error=str(err))
+
+    def _housekeeping(self, db: StateDB) -> None:
+        """After each renewal: tasks of workers that stopped answering put back, claims this
+        worker made without hearing the answer given back, runs of dead workers closed, tasks no
+        live worker may take reported, old queue rows pruned."""
         cfg = self._config()
-        for r in tasks.requeue_expired(self._beat_db):
+        for r in tasks.requeue_expired(db):
             self.log(
                 "task_requeued", job=self._name(r.job_id), vm=r.vm_name, fire_at=r.fire_at, worker=r.worker
             )
         with self._lock:
             running = set(self._claimed)
-        stray = tasks.requeue_strays(
-            self._beat_db, self.name, running, older_than=timedelta(seconds=self.worker.lease)
-        )
+        stray = tasks.requeue_strays(db, self.name, running, older_than=timedelta(seconds=self.worker.lease))
         if stray:
             self.log("task_requeued", worker=self.name, tasks=stray, msg="claimed without an answer")
-        tasks.close_dead_runs(self._beat_db)
+        tasks.close_dead_runs(db)
         enabled = [j.id for j in cfg.jobs.values() if j.enabled]
-        tasks.drop_unscheduled(self._beat_db, enabled, older_than=_STALE)
-        waiting = tasks.unserved(self._beat_db)
+        tasks.drop_unscheduled(db, enabled, older_than=_STALE)
+        waiting = tasks.unserved(db)
         for r in waiting:
             if r.id not in self._reported:
                 self.log(
@@ -359,7 +364,7 @@ class ClusterWork:
                 )
         self._reported = {r.id for r in waiting}
         if time.monotonic() - self._pruned > _PRUNE_EVERY:
-            tasks.prune(self._beat_db)
+            tasks.prune(db)
             self._pruned = time.monotonic()
         with self._wake:
             self._wake.notify_all()

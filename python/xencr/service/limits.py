@@ -27,6 +27,11 @@ class SlotCancelled(Exception):
     """Waiting for a transfer slot was given up (the run was cancelled or its deadline passed)."""
 
 
+class SlotsUnavailable(SlotCancelled):
+    """Where the slots are counted did not answer (a cluster's state database out of reach):
+    ``str()`` is one line naming it."""
+
+
 @dataclass(frozen=True)
 class Slot:
     """One side of a transfer: which pool, which direction, and how many may run at once there."""

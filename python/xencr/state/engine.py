@@ -9,7 +9,8 @@ statements are the only ones that open transactions.
 
 PostgreSQL (psycopg 3): the password is handed to the driver apart from the URL, so that neither
 the URL, the engine's ``repr`` nor an error carries it; a pooled connection is checked before use
-(a restarted server costs one failed ping, not a failed write).
+(a restarted server costs one failed ping, not a failed write); TCP keepalives and a user timeout
+bound how long a silent server goes unnoticed.
 """
 
 from __future__ import annotations
@@ -41,11 +42,26 @@ def create(location: StateLocation, password: Secret | None) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     assert location.url is not None
-    args: dict[str, Any] = {"connect_timeout": 10, "application_name": "xencr"}
+    url = make_url(location.url)
+    # A server gone silent (a partition, a host lost) is noticed in about half a minute rather
+    # than the kernel's 15: keepalives for idle connections, and a bound on unacknowledged data
+    # (a worker must see it lost the database before its lease lapses). The URL may say otherwise.
+    args: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("connect_timeout", 10),
+            ("keepalives", 1),
+            ("keepalives_idle", 10),
+            ("keepalives_interval", 5),
+            ("keepalives_count", 3),
+            ("tcp_user_timeout", 30_000),
+        )
+        if k not in url.query
+    } | {"application_name": "xencr"}
     if password is not None:
         args["password"] = password.reveal()
     try:
-        return create_engine(make_url(location.url), connect_args=args, pool_pre_ping=True, pool_size=2)
+        return create_engine(url, connect_args=args, pool_pre_ping=True, pool_size=2)
     except ImportError:
         raise StateError(
             f"{location.describe()}: PostgreSQL needs psycopg 3: pip install 'xencr[postgresql]'"

@@ -409,7 +409,7 @@ queue = Table(
     _text("outcome"),
     UniqueConstraint("job_id", "schedule_id", "fire_at", "vm_uuid"),
     Index("queue_by_state", "state", "fire_at", "id"),  # the oldest pending first
-    Index("queue_by_worker", "worker"),
+    Index("queue_by_worker", "worker", "state"),  # a worker's claims, not its day of done rows
     sqlite_autoincrement=True,
 )
 

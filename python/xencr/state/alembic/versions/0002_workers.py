@@ -101,7 +101,7 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
     )
     op.create_index("queue_by_state", "queue", ["state", "fire_at", "id"])
-    op.create_index("queue_by_worker", "queue", ["worker"])
+    op.create_index("queue_by_worker", "queue", ["worker", "state"])
 
 
 def downgrade() -> None:
