@@ -122,6 +122,33 @@ def test_kill_at_any_point(pools: Pools, cfg: Path, tmp_path: Path, point: str) 
     assert len(snaps) == 1, "only the next delta's base stays on the source"
 
 
+def test_a_kill_inside_the_commit_leaves_no_half_made_commit_snapshot(
+    pools: Pools, cfg: Path, tmp_path: Path
+) -> None:
+    """Killed between a commit snapshot and its marking (the commit's first steps are replayed
+    here, after a kill right before the commit): the snapshot still carries its disk's
+    `xencr:self`, like a copy. The next run resumes the attempt and that snapshot goes with
+    the attempt's garbage; it is never left alone as a user's copy."""
+    _write(pools, "kill-in-commit")
+    proc, marker = _spawn(cfg, "before-commit", tmp_path)
+    _wait_for(marker.exists, "the run to reach before-commit")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    t = pools.session(1)
+    (disk,) = [
+        ref
+        for ref, r in t.api.VDI.get_all_records().items()
+        if r["other_config"].get(md.COMPLETE) == "false" and r["other_config"].get(md.ROLE) == "replica-disk"
+    ]
+    t.api.VDI.set_other_config(disk, dict(t.api.VDI.get_other_config(disk)) | {md.COMPLETE: "true"})
+    half_made = t.api.VDI.get_uuid(t.api.VDI.snapshot(disk, {}))
+    report = run_configured(load_config(cfg), JOB)
+    tr = report.vms[0].targets[0]
+    assert tr.outcome == "success", tr.error
+    assert not tr.detached, tr.detached
+    assert half_made not in {r["uuid"] for r in t.api.VDI.get_all_records().values()}
+
+
 def test_mid_transfer_kill(pools: Pools, cfg: Path, tmp_path: Path) -> None:
     s, t = pools.session(0), pools.session(1)
     before_points, _, _, _ = _state(pools, cfg)

@@ -9,7 +9,8 @@ xencr destroys an object only when
     (`xencr:cloning`), and in the name of the source snapshot (`... #<attempt>`), written before the
     call. An attempt has committed when a replica VM carrying its id is marked complete. The object
     must also be the one xencr made, not a copy of it (`xencr:self`, written right after creation,
-    is absent or its own UUID), and be unused: a VM halted and never started, a VDI attached to no
+    is absent or its own UUID; a snapshot of one of the attempt's disks cut before the commit
+    marked it is the attempt's too), and be unused: a VM halted and never started, a VDI attached to no
     VM but that attempt's replica. One such attempt is kept instead while the state database
     records it as resumable (`resume`: a transfer cut by a kill, a timeout or a dropped link):
     its replica and disks are set aside for the next try, which resumes them or, when anything
@@ -331,6 +332,7 @@ def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str, keep: str | 
 
     # --- their disks, parents before snapshots
     garbage_vdis: set[str] = set()
+    kept_vdis: set[str] = set()  # the kept attempt's own disks (resumed, not destroyed)
     for ref, rec in sorted(vdis.items(), key=lambda x: bool(x[1]["is_a_snapshot"])):
         oc = rec["other_config"]
         if ref in seen_vdis:
@@ -343,8 +345,9 @@ def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str, keep: str | 
         cloned = md.CLONING in oc and not rec["is_a_snapshot"]  # a clone of a base, made by an attempt
         attempt = oc.get(md.CLONING) if cloned else oc.get(md.ATTEMPT)
         copy = _is_copy(rec)
-        # A snapshot the commit was taking of one of the attempt's own disks carries its self.
-        snap_of_garbage = rec["is_a_snapshot"] and str(rec["snapshot_of"]) in garbage_vdis
+        # A snapshot the commit was taking of one of the attempt's own disks carries its self
+        # (cut before it was marked): the attempt's, whether its disk goes or is kept to resume.
+        snap_of_garbage = rec["is_a_snapshot"] and str(rec["snapshot_of"]) in garbage_vdis | kept_vdis
         users = p.users.get(ref, set())
         if (
             out.kept is not None
@@ -353,6 +356,7 @@ def survey(t: XapiSession, job_id: str, vm_uuid: str, sr_uuid: str, keep: str | 
             and copy is None
             and users <= {out.kept.vm}
         ):
+            kept_vdis.add(ref)
             continue  # the kept replica's disk (`kept_disks` below)
         if (
             attempt is not None
