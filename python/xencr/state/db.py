@@ -1214,20 +1214,33 @@ class StateDB:
         stamps this database's records (``clock``), with their tasks, disks and DR-test
         records with them), adding what their tasks counted to ``history_totals`` in the same
         transaction: `job_totals`, the metrics' counters, is the same after as before. Kept
-        whatever their age (`_prunable`): each job's newest run and newest finished run, and the
+        whatever their age (`_kept_runs`): each job's newest run and newest finished run, and the
         runs of each (job, VM, target)'s newest task and newest successful task, which the RPO,
         `xencr status` and the status page read. ``batch`` runs per transaction; two processes
         pruning at once take turns (PostgreSQL: an advisory lock; SQLite: its one writer), so
         nothing is counted twice. Returns how many runs were forgotten."""
         cut = time_text(self._clock() - older_than)
-        forgotten = 0
+        # Read once: a run kept now stays kept (newer runs only make fewer runs the newest), and
+        # the grouping reads the whole `tasks` table, too much for every batch of a long history.
+        kept = {int(row[0]) for row in self._read(_kept_runs())}
+        forgotten, after = 0, 0
         while True:
             with self.transaction() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execute(select(func.pg_advisory_xact_lock(_PRUNE_LOCK)))
-                ids = [int(row[0]) for row in conn.execute(_prunable(cut).limit(batch))]
-                if not ids:
+                r = runs.c
+                window = conn.execute(
+                    select(r.id)
+                    .where(r.started_at < cut, r.outcome != RUNNING, r.id > after)
+                    .order_by(r.id)
+                    .limit(batch)
+                ).all()
+                if not window:
                     return forgotten
+                after = int(window[-1][0])
+                ids = [int(row[0]) for row in window if int(row[0]) not in kept]
+                if not ids:
+                    continue
                 dialect = pg if conn.dialect.name == "postgresql" else lite
                 h, hf = history_totals.c, history_fulls.c
                 for job_id, worker, outcome, transfer, n, sent, cleaned in conn.execute(_counts(ids)).all():
@@ -1266,7 +1279,7 @@ class StateDB:
                 conn.execute(delete(rehearsals).where(rehearsals.c.run_id.in_(ids)))
                 conn.execute(delete(runs).where(runs.c.id.in_(ids)))
                 forgotten += len(ids)
-            if len(ids) < batch:
+            if len(window) < batch:
                 return forgotten
 
     # -- recovery
@@ -1355,30 +1368,21 @@ def _fulls(run_ids: list[int] | None) -> Select[Any]:
     return query if run_ids is None else query.where(r.id.in_(run_ids))
 
 
-def _prunable(cut: str) -> Select[Any]:
-    """The finished runs started before ``cut`` that `prune_history` may forget, oldest first:
-    not a job's newest run or newest finished run, nor the run of a (job, VM, target)'s newest
-    task or newest successful task."""
+def _kept_runs() -> Executable:
+    """The runs `prune_history` keeps whatever their age: each job's newest run and newest
+    finished run, and the run of each (job, VM, target)'s newest task and newest successful task."""
     r, t = runs.c, tasks.c
     per_target = (
         select(func.max(t.id))
         .select_from(tasks.join(runs, t.run_id == r.id))
         .group_by(r.job_id, t.vm_uuid, t.target_sr)
     )
-    kept_by_tasks = select(t.run_id).where(
+    newest_tasks = select(t.run_id).where(
         or_(t.id.in_(per_target), t.id.in_(per_target.where(t.outcome == "success")))
     )
-    return (
-        select(r.id)
-        .where(
-            r.started_at < cut,
-            r.outcome != RUNNING,
-            r.id.not_in(select(func.max(r.id)).group_by(r.job_id)),
-            r.id.not_in(select(func.max(r.id)).where(r.outcome != RUNNING).group_by(r.job_id)),
-            r.id.not_in(kept_by_tasks),
-        )
-        .order_by(r.id)
-    )
+    newest_runs = select(func.max(r.id)).group_by(r.job_id)
+    newest_done = select(func.max(r.id)).where(r.outcome != RUNNING).group_by(r.job_id)
+    return union_all(newest_tasks, newest_runs, newest_done)
 
 
 def _new_id(result: CursorResult[Any]) -> int:
